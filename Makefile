@@ -1,0 +1,46 @@
+# netfilter: the two Quick start targets, plus their pieces.
+# Works on a fresh Debian/Ubuntu machine with Python >= 3.11 and make.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed; installing python3-venv (needs root)"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+## demo: set up, then check sample URLs against the bundled, signed demo list
+demo: $(STAMP)
+	$(BIN)/netfilter check --config netfilter.demo.yaml --explain \
+	  http://sub.blocked.example/any/page \
+	  http://partly.example/dir/page.html \
+	  http://partly.example/elsewhere.html \
+	  http://cleared.blocked.example/ \
+	  http://gambling.example/ \
+	  https://www.clean.example/
+
+## test: set up, lint, type-check, run the whole test suite
+test: $(STAMP) lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks addons
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -1,0 +1,219 @@
+"""The `netfilter` command. User mistakes end in one line on stderr and exit 1 (2 for usage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from typing import Any
+
+from netfilter import __version__
+from netfilter.canonical import InvalidURL, canonicalize
+from netfilter.config import load_config
+from netfilter.digest import read_hmac_key
+from netfilter.errors import NetfilterError
+from netfilter.keys import generate_keypair, load_private_key, load_public_key
+from netfilter.listfile import build_bundle, open_bundle
+from netfilter.lists import ListSource, Lists, load_lists
+
+__all__ = ["main"]
+
+
+class _Ordered(argparse.Action):
+    """Keeps --list/--trust/--hmac-key in the order given, so each --trust pairs with its list."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = getattr(namespace, "ordered", None) or []
+        items.append((self.dest, values))
+        namespace.ordered = items
+
+
+def _expires(text: str) -> datetime:
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time") from e
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netfilter", description=__doc__)
+    p.add_argument("--version", action="version", version=f"netfilter {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="Ed25519 keys").add_subparsers(dest="keys_cmd",
+                                                                         required=True)
+    gen = keys.add_parser("generate", help="write NAME.key (0600) and NAME.pub")
+    gen.add_argument("--out", required=True, metavar="DIR/NAME")
+
+    lst = sub.add_parser("list", help="build, verify and inspect list bundles")
+    lsub = lst.add_subparsers(dest="list_cmd", required=True)
+    build = lsub.add_parser("build", help="hash a YAML/CSV source into a signed bundle")
+    build.add_argument("source")
+    build.add_argument("--key", required=True, help="authority private key (NAME.key)")
+    build.add_argument("--list-id", required=True)
+    build.add_argument("--version", required=True, type=int, dest="list_version")
+    build.add_argument("--out", required=True)
+    build.add_argument("--hash", choices=["sha256", "hmac-sha256"], default="sha256")
+    build.add_argument("--hmac-key", help="list key file (with --hash hmac-sha256)")
+    build.add_argument("--expires", type=_expires, help="ISO date or time (UTC if no zone)")
+    build.add_argument("--no-host-index", action="store_true",
+                       help="leave out the host index (matching then expands every host)")
+    verify = lsub.add_parser("verify", help="verify a bundle against trusted keys")
+    verify.add_argument("bundle")
+    verify.add_argument("--trust", action="append", required=True, metavar="PUB")
+    verify.add_argument("--allow-expired", action="store_true")
+    info = lsub.add_parser("info", help="show a bundle's manifest")
+    info.add_argument("bundle")
+    info.add_argument("--trust", action="append", metavar="PUB",
+                      help="verify too (without it the signature is not checked)")
+
+    check = sub.add_parser("check", help="check URLs against lists")
+    check.add_argument("urls", nargs="+", metavar="URL")
+    check.add_argument("--config", help="use the lists and local lists of this config")
+    check.add_argument("--list", action=_Ordered, dest="list", metavar="BUNDLE")
+    check.add_argument("--trust", action=_Ordered, dest="trust", metavar="PUB")
+    check.add_argument("--hmac-key", action=_Ordered, dest="hmac_key", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="one JSON object per line")
+    check.add_argument("--explain", action="store_true",
+                       help="show the canonical URL and every expression tried")
+    return p
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    key_path, pub_path = generate_keypair(args.out)
+    pub = load_public_key(pub_path)
+    print(f"wrote {key_path} (private, mode 0600) and {pub_path}; key id {pub.id}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.list_cmd == "build":
+        if (args.hash == "hmac-sha256") != bool(args.hmac_key):
+            raise NetfilterError("--hmac-key", "required with --hash hmac-sha256, and only then")
+        if args.list_version < 1:
+            raise NetfilterError("--version", "must be 1 or more")
+        key = load_private_key(args.key)
+        hmac_key = read_hmac_key(args.hmac_key) if args.hmac_key else None
+        manifest, dups = build_bundle(
+            args.source, args.out, key=key, list_id=args.list_id, version=args.list_version,
+            hash_name=args.hash, hmac_key=hmac_key, expires=args.expires,
+            host_index=not args.no_host_index, progress=sys.stderr.isatty(),
+        )
+        note = f", {dups} duplicate entries dropped" if dups else ""
+        print(f"wrote {args.out}: list={manifest.list_id} version={manifest.version} "
+              f"entries={manifest.entries}{note}; signed by {key.public.id}")
+        return 0
+    if args.list_cmd == "verify":
+        bundle = open_bundle(args.bundle, [load_public_key(k) for k in args.trust],
+                             allow_expired=args.allow_expired)
+        print(f"OK {args.bundle}: {bundle.summary()}")
+        return 0
+    if args.trust:
+        bundle = open_bundle(args.bundle, [load_public_key(k) for k in args.trust],
+                             allow_expired=True)
+        manifest, verified = bundle.manifest, f"verified, key {bundle.signer.id}"
+    else:
+        from netfilter.listfile import read_manifest_unverified
+
+        manifest, verified = read_manifest_unverified(args.bundle), "signature NOT checked"
+    print(f"# {args.bundle} ({verified})")
+    sys.stdout.write(manifest.to_yaml().decode())
+    return 0
+
+
+def _lists_from_args(args: argparse.Namespace) -> Lists:
+    if args.config:
+        if getattr(args, "ordered", None):
+            raise NetfilterError("--config", "use either --config or --list/--trust, not both")
+        from netfilter.engine import Engine
+
+        return Engine(load_config(args.config)).lists
+    sources: list[dict[str, Any]] = []
+    for dest, value in getattr(args, "ordered", None) or []:
+        if dest == "list":
+            sources.append({"path": value, "trusted_keys": [], "hmac_key": None})
+        elif not sources:
+            raise NetfilterError(f"--{dest.replace('_', '-')}", "must follow a --list")
+        elif dest == "trust":
+            sources[-1]["trusted_keys"].append(value)
+        else:
+            sources[-1]["hmac_key"] = value
+    if not sources:
+        raise NetfilterError("check", "no lists: give --config FILE or --list BUNDLE --trust PUB")
+    for source in sources:
+        if not source["trusted_keys"]:
+            raise NetfilterError(source["path"], "no --trust key given for this --list")
+    return load_lists([ListSource(**s) for s in sources])
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    lists = _lists_from_args(args)
+    status = 0
+    for url in args.urls:
+        tried: list[str] = []
+        try:
+            match = lists.check_url(url, tried)
+            canonical = canonicalize(url)
+        except InvalidURL as e:
+            print(f"netfilter: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        blocked = match is not None and match.blocks
+        tried = list(dict.fromkeys(tried))
+        if args.json:
+            record: dict[str, Any] = {
+                "url": url, "verdict": "block" if blocked else "allow",
+                "list": match.list_id if match else None, "ref": match.ref if match else None,
+                "category": match.category if match else None,
+                "kind": match.kind if match else None,
+            }
+            if match is not None and not match.blocks:
+                record["exception"] = match.allowed_by
+            if args.explain:
+                record.update(canonical=canonical, expressions=tried,
+                              matched=match.expression if match else None)
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        if match is None:
+            print(f"ALLOW {url}")
+        elif match.blocks:
+            print(f"BLOCK {url} list={match.list_id} ref={match.ref}")
+        else:
+            print(f"ALLOW {url} exception={match.allowed_by} "
+                  f"(lifts list={match.list_id} ref={match.ref})")
+        if args.explain:
+            print(f"  canonical: {canonical}")
+            print(f"  tried:     {' '.join(tried)}")
+            if match is not None:
+                print(f"  matched:   {match.expression} ({match.kind}-level entry, "
+                      f"category {match.category}, list version {match.list_version}, "
+                      f"{match.source})")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="netfilter: %(levelname)s: %(message)s")
+    handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check}
+    try:
+        return handlers[args.command](args)
+    except NetfilterError as e:
+        print(f"netfilter: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

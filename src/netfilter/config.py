@@ -1,0 +1,183 @@
+"""The one YAML configuration file, loaded into typed, validated settings.
+
+A part (dns, proxy, stoppage, audit, metrics) runs when its section is present.
+Unknown keys are errors, not silently ignored: a typo in a security setting must not
+fall back to a default. Relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from netfilter.errors import ConfigError, SourceError
+from netfilter.listsource import read_yaml_file
+
+__all__ = [
+    "AuditSettings",
+    "DnsSettings",
+    "ListSettings",
+    "LocalSettings",
+    "MetricsSettings",
+    "NodeSettings",
+    "ProxySettings",
+    "Settings",
+    "StoppageSettings",
+    "load_config",
+    "parse_hostport",
+]
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """`127.0.0.1:53`, `[::1]:53` or (with a default port) a bare address."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r} is not [address]:port")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from e
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{value!r} has no port")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
+def _hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _upstream(value: str) -> str:
+    parse_hostport(value, default_port=53)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_hostport)]
+Upstream = Annotated[str, AfterValidator(_upstream)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    id: str = Field("node", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # audit origin
+    key: Path = Path("var/node.key")  # Ed25519 node key; created on first start
+
+
+class ListSettings(_Section):
+    path: Path  # a signed bundle (.nfl)
+    trust: list[Path] = Field(min_length=1)  # authority public keys accepted for it
+    action: Literal["nxdomain", "stoppage", "refused"] = "stoppage"  # DNS answer on a block
+    hmac_key: Path | None = None  # list key file, for hmac-sha256 lists
+    source: str | None = None  # URL or directory that `list update` pulls from
+    on_expiry: Literal["enforce", "stop"] = "enforce"  # after `expires`: alarm, then this
+
+
+class LocalSettings(_Section):
+    block: Path | None = None  # operator's own plain domains/URLs, hashed at load
+    allow: Path | None = None  # operator's exceptions; each use is logged
+    action: Literal["nxdomain", "stoppage", "refused"] = "stoppage"  # DNS answer, local blocks
+
+
+class DnsSettings(_Section):
+    listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:5353"])  # UDP + TCP
+    upstreams: list[Upstream] = Field(default_factory=lambda: ["127.0.0.1:53"], min_length=1)
+    timeout: float = Field(2.0, gt=0, le=30)  # seconds per query before SERVFAIL
+    ede: Literal[15, 16, 17] = 16  # RFC 8914: 16 Censored (authority), 15/17 operator
+    block_ttl: int = Field(300, ge=0, le=86400)
+    stoppage_ipv4: ipaddress.IPv4Address = ipaddress.IPv4Address("127.0.0.1")
+    stoppage_ipv6: ipaddress.IPv6Address = ipaddress.IPv6Address("::1")
+    route_url_hosts_to_proxy: bool = False  # answer host-index names with the proxy
+
+
+class ProxySettings(_Section):
+    listen: HostPort = "127.0.0.1:8080"
+    intercept: Literal["none", "selective", "all"] = "selective"
+
+
+class StoppageSettings(_Section):
+    listen: HostPort = "127.0.0.1:8081"
+    default_language: str = Field("en", pattern=r"^[a-z]{2,3}$")
+
+
+class AuditSettings(_Section):
+    path: Path = Path("var/audit.sqlite")
+    client: Literal["none", "truncated", "pseudonym", "full"] = "pseudonym"
+    retention_days: int = Field(90, ge=1, le=3650)
+    checkpoint_interval: float = Field(60, gt=0)  # seconds
+
+
+class MetricsSettings(_Section):
+    listen: HostPort = "127.0.0.1:9108"
+
+
+class Settings(_Section):
+    """The whole file; `base` is the directory relative paths are resolved against."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)  # type: ignore[arg-type]
+    lists: list[ListSettings] = Field(default_factory=list)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    dns: DnsSettings | None = None
+    proxy: ProxySettings | None = None
+    stoppage: StoppageSettings | None = None
+    audit: AuditSettings | None = None
+    metrics: MetricsSettings | None = None
+    base: Path = Field(Path("."), exclude=True)
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative to the config file's directory."""
+        return path if path.is_absolute() else self.base / path
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        else:
+            parts.append(item)
+    return ".".join(parts) or "(top level)"
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate; any problem is one ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        raw: Any = read_yaml_file(path)
+    except SourceError as e:
+        raise ConfigError(e.where, e.reason) from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "expected a mapping of sections (node, lists, dns, ...)")
+    if "base" in raw:
+        raise ConfigError(f"{path}: base", "unknown key")
+    # A present but empty section (`dns:`) means "run it with defaults".
+    sections = ("node", "local", "dns", "proxy", "stoppage", "audit", "metrics")
+    data = {k: ({} if v is None and k in sections else v) for k, v in raw.items()}
+    try:
+        return Settings.model_validate({**data, "base": path.resolve().parent})
+    except ValidationError as e:
+        err = e.errors()[0]
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        value = err.get("input")
+        if err["type"] != "extra_forbidden" and isinstance(value, str | int | float):
+            reason = f"{reason} (got {value!r})"
+        raise ConfigError(f"{path}: {_where(tuple(err['loc']))}", reason) from e

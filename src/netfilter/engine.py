@@ -1,0 +1,172 @@
+"""The one object front-ends talk to: a URL or host in, a Verdict out.
+
+The engine decides, records and reloads; front-ends only translate a Verdict into
+their protocol (an RCODE and EDE, an HTTP status and stop page). Lists are swapped
+atomically on reload; a bundle that fails verification leaves the old lists in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+
+from netfilter.config import Settings
+from netfilter.errors import NetfilterError
+from netfilter.events import Event, EventSink, NullSink
+from netfilter.listfile import Transparency
+from netfilter.lists import ListSource, Lists, load_lists
+from netfilter.matcher import Match
+from netfilter.privacy import ClientRecorder
+
+__all__ = ["Action", "Answer", "Engine", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    BLOCK = "block"
+
+
+class Answer(StrEnum):
+    """How a resolver answers a blocked name (per list, from the configuration)."""
+
+    NXDOMAIN = "nxdomain"
+    STOPPAGE = "stoppage"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Allow, or block with the matching entry, how to answer and the list's own text.
+
+    An allowed verdict may still carry a `match`: a block lifted by a local exception.
+    """
+
+    action: Action
+    match: Match | None = None
+    answer: Answer | None = None
+    transparency: Transparency | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK
+
+
+ALLOW = Verdict(Action.ALLOW)
+
+
+@dataclass(frozen=True)
+class _State:
+    lists: Lists
+    answers: dict[str, Answer]
+
+
+class Engine:
+    """Checks and records; thread-safe (the state is one immutable object)."""
+
+    def __init__(self, settings: Settings, sink: EventSink | None = None) -> None:
+        self.settings = settings
+        self.sink: EventSink = sink or NullSink()
+        self.node_id = settings.node.id
+        form = settings.audit.client if settings.audit else "pseudonym"
+        self.clients = ClientRecorder(form)
+        self._reload_lock = threading.Lock()
+        self._state = self._load(installed={})
+
+    # ------------------------------------------------------------ lists
+
+    def _sources(self) -> list[ListSource]:
+        s = self.settings
+        return [
+            ListSource(
+                path=s.resolve(item.path),
+                trusted_keys=[s.resolve(k) for k in item.trust],
+                hmac_key=s.resolve(item.hmac_key) if item.hmac_key else None,
+                on_expiry=item.on_expiry,
+            )
+            for item in s.lists
+        ]
+
+    def _load(self, installed: dict[str, int]) -> _State:
+        s = self.settings
+        try:
+            lists = load_lists(
+                self._sources(),
+                local_block=s.resolve(s.local.block) if s.local.block else None,
+                local_allow=s.resolve(s.local.allow) if s.local.allow else None,
+                installed=installed,
+            )
+        except NetfilterError as e:
+            self._emit(Event("list-refused", self.node_id, detail=str(e)[:500]))
+            raise
+        by_path = {s.resolve(item.path): Answer(item.action) for item in s.lists}
+        answers = {b.manifest.list_id: by_path.get(b.path, Answer.STOPPAGE)
+                   for b in lists.bundles}
+        answers["local"] = Answer(s.local.action)
+        for bundle in lists.bundles:
+            m = bundle.manifest
+            self._emit(Event("list-loaded", self.node_id, list=m.list_id, version=m.version,
+                             detail=f"entries={m.entries} key={bundle.signer.id}"))
+        for warning in lists.warnings:
+            self._emit(Event("list-expired", self.node_id, detail=warning))
+        return _State(lists, answers)
+
+    @property
+    def lists(self) -> Lists:
+        return self._state.lists
+
+    def reload(self) -> bool:
+        """Load the configured lists again; on any failure keep the lists in force."""
+        with self._reload_lock:
+            try:
+                state = self._load(installed=self._state.lists.versions())
+            except NetfilterError as e:
+                log.error("list reload refused, previous lists stay in force: %s", e)
+                return False
+            self._state = state
+            return True
+
+    # ------------------------------------------------------------ checks
+
+    def _verdict(self, match: Match | None, state: _State, frontend: str,
+                 client: str | None, detail: str | None) -> Verdict:
+        if match is None:
+            return ALLOW
+        transparency = next((m.transparency for m in state.lists.blocking
+                             if m.list_id == match.list_id), None)
+        event = Event("block" if match.blocks else "override", self.node_id,
+                      frontend=frontend, list=match.list_id, version=match.list_version,
+                      ref=match.ref, category=match.category,
+                      action="block" if match.blocks else "allow",
+                      client=self.clients.record(client),
+                      detail=detail if match.blocks else f"exception={match.allowed_by}")
+        self._emit(event)
+        if not match.blocks:
+            return Verdict(Action.ALLOW, match)
+        answer = state.answers.get(match.list_id, Answer.STOPPAGE)
+        return Verdict(Action.BLOCK, match, answer, transparency)
+
+    def check_url(self, url: str | bytes, *, frontend: str = "proxy",
+                  client: str | None = None, detail: str | None = None) -> Verdict:
+        """Verdict for a full URL; raises InvalidURL when it has no host."""
+        state = self._state
+        return self._verdict(state.lists.check_url(url), state, frontend, client, detail)
+
+    def check_host(self, name: str, *, frontend: str = "dns",
+                   client: str | None = None, detail: str | None = None) -> Verdict:
+        """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
+        state = self._state
+        return self._verdict(state.lists.check_host(name), state, frontend, client, detail)
+
+    def host_has_url_entries(self, name: str) -> bool:
+        """First stage: should this host's URLs be looked at (proxy, DNS routing)?"""
+        return self._state.lists.host_has_url_entries(name)
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink.record(event)
+        except Exception:  # a failing sink must never take a front-end down
+            log.exception("event sink failed")

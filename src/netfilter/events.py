@@ -1,0 +1,81 @@
+"""Events the engine hands to a sink: blocks, overrides, list loads and refusals.
+
+The sink is a one-method protocol so the audit log can replace the interim JSON-lines
+writer without the engine changing. Events carry no blocked URL in plain text: the
+list and entry reference identify what was blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+__all__ = ["Event", "EventSink", "EventType", "JsonLinesSink", "MemorySink", "NullSink"]
+
+EventType = Literal["block", "override", "list-loaded", "list-refused", "list-expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: EventType
+    node: str
+    time: str = ""
+    frontend: str | None = None  # dns | proxy | cli
+    list: str | None = None
+    version: int | None = None
+    ref: str | None = None
+    category: str | None = None
+    action: str | None = None
+    client: str | None = None  # in the configured form (privacy.py)
+    detail: str | None = None  # non-personal protocol detail: qtype, HTTP method, reason
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        data["time"] = self.time or datetime.now(UTC).isoformat(timespec="milliseconds")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class EventSink(Protocol):
+    def record(self, event: Event) -> None:
+        """Take an event; must not block the caller on disk for long."""
+
+
+class NullSink:
+    """Records nothing (a `check` from the command line)."""
+
+    def record(self, event: Event) -> None:
+        return None
+
+
+class MemorySink:
+    """Keeps events in a list (tests, `--explain`)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def record(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class JsonLinesSink:
+    """One JSON object per line, appended and flushed per event (interim audit log)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def record(self, event: Event) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

@@ -18,7 +18,7 @@ from netfilter.errors import (
     NetfilterError,
     SourceError,
 )
-from netfilter.lists import ListSource, Lists, load_lists
+from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.matcher import Match
 
 __version__ = "0.1.0"

@@ -112,6 +112,9 @@ def _make_probe(blocks: list[int], nblocks: int) -> Callable[[bytes], bool]:
     low = _TABLE_SIZE - 1
 
     def contains(digest: bytes) -> bool:
+        where: int
+        a: int
+        b: int
         where, a, b = unpack(digest)
         mask = first[a & low] | second[b & low]
         return blocks[where % nblocks] & mask == mask

@@ -61,9 +61,12 @@ _PORT_AFTER_COLON = re.compile(rb"[0-9]+(?:[/?]|\Z)")
 _AUTHORITY_END = re.compile(rb"[/?]")
 _ESCAPE_SEQ = re.compile(rb"%[0-9A-Fa-f]{2}")
 _IPV4_FORM = re.compile(r"(?:(?:0x[0-9a-f]+|[0-9]+)\.){0,3}(?:0x[0-9a-f]+|[0-9]+)")
-_DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-                          r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_DOTTED_QUAD = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+)
 _IPV6_ZONE = re.compile(r"[a-z0-9_.\-]+")
+_IP_LAST_CHARS = frozenset("0123456789]")
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 # Bytes the guide wants percent-escaped: <= 0x20, >= 0x7f, '#' and '%'.
 _ESCAPES = {b: f"%{b:02X}" for b in range(256) if b <= 0x20 or b >= 0x7F or b in b"#%"}
@@ -95,8 +98,9 @@ def _unescape_stack(data: bytes) -> bytes:
     out = bytearray()
     for byte in data:
         out.append(byte)
-        while len(out) >= 3 and out[-3] == 0x25 and out[-2] in _HEX_DIGITS \
-                and out[-1] in _HEX_DIGITS:
+        while (
+            len(out) >= 3 and out[-3] == 0x25 and out[-2] in _HEX_DIGITS and out[-1] in _HEX_DIGITS
+        ):
             value = int(out[-2:], 16)
             del out[-3:]
             out.append(value)
@@ -139,7 +143,7 @@ def _split_scheme(data: bytes, url: object) -> tuple[str, bytes]:
     match = _SCHEME.match(data)
     if match is None:
         return "http", data
-    after = data[match.end():]
+    after = data[match.end() :]
     if after.startswith(b"//"):
         return match.group(1).decode("ascii").lower(), after[2:]
     if _PORT_AFTER_COLON.match(after):
@@ -151,7 +155,7 @@ def _authority_host(authority: bytes) -> bytes:
     """Strip userinfo and port, keeping a bracketed IPv6 literal whole."""
     at = authority.rfind(b"@")
     if at >= 0:
-        authority = authority[at + 1:]
+        authority = authority[at + 1 :]
     return _strip_port(authority)
 
 
@@ -159,7 +163,7 @@ def _strip_port(hostport: bytes) -> bytes:
     """Drop ':port' from 'host:port' or '[v6]:port'."""
     if hostport.startswith(b"["):
         close = hostport.find(b"]")
-        return hostport if close < 0 else hostport[:close + 1]
+        return hostport if close < 0 else hostport[: close + 1]
     colon = hostport.find(b":")
     return hostport if colon < 0 else hostport[:colon]
 
@@ -236,7 +240,7 @@ def _format_ipv6(text: str) -> str | None:
             start = -1
     if best_start >= 0:
         head = ":".join(groups[:best_start])
-        tail = ":".join(groups[best_start + best_len:])
+        tail = ":".join(groups[best_start + best_len :])
         text = f"{head}::{tail}"
     else:
         text = ":".join(groups)
@@ -280,7 +284,7 @@ def _canon_path(path: bytes) -> bytes:
             segments.append(segment)
     if not segments:
         return b"/"
-    last = path[path.rfind(b"/") + 1:]
+    last = path[path.rfind(b"/") + 1 :]
     trailing = b"/" if last in (b"", b".", b"..") else b""
     return b"/" + b"/".join(segments) + trailing
 
@@ -356,19 +360,28 @@ def is_ip_literal(host: str) -> bool:
 
 
 def host_suffixes(host: str) -> list[str]:
-    """The up-to-5 lookup hosts: exact host, then the last 5..2 components (never a TLD)."""
-    last = host[-1:]
-    if ("0" <= last <= "9" or last == "]") and is_ip_literal(host):
+    """The up-to-5 lookup hosts: exact host, then the last 5..2 components (never a TLD).
+
+    Unrolled rfind calls: this runs for every request.
+    """
+    if host[-1:] in _IP_LAST_CHARS and is_ip_literal(host):
         return [host]
-    dots: list[int] = []
-    end = len(host)
-    for _ in range(5):
-        end = host.rfind(".", 0, end)
-        if end < 0:
-            break
-        dots.append(end)
-    # host[dots[k] + 1:] holds the last k + 1 components; k = 0 would be the TLD.
-    return [host, *(host[dots[k] + 1:] for k in range(len(dots) - 1, 0, -1))]
+    d1 = host.rfind(".")
+    if d1 < 0:
+        return [host]
+    d2 = host.rfind(".", 0, d1)
+    if d2 < 0:
+        return [host]
+    d3 = host.rfind(".", 0, d2)
+    if d3 < 0:
+        return [host, host[d2 + 1 :]]
+    d4 = host.rfind(".", 0, d3)
+    if d4 < 0:
+        return [host, host[d3 + 1 :], host[d2 + 1 :]]
+    d5 = host.rfind(".", 0, d4)
+    if d5 < 0:
+        return [host, host[d4 + 1 :], host[d3 + 1 :], host[d2 + 1 :]]
+    return [host, host[d5 + 1 :], host[d4 + 1 :], host[d3 + 1 :], host[d2 + 1 :]]
 
 
 def path_prefixes(path_with_query: str) -> list[str]:
@@ -382,13 +395,14 @@ def path_prefixes(path_with_query: str) -> list[str]:
         path = path_with_query[:query_at]
         out = [path_with_query, path]
     slash = path.find("/")
-    for _ in range(4):
-        if slash < 0:
-            break
-        prefix = path[:slash + 1]
-        if prefix != path:
-            out.append(prefix)
-        slash = path.find("/", slash + 1)
+    count = 0
+    while slash >= 0 and count < 4:
+        slash += 1
+        if slash == len(path):
+            break  # the prefix is the whole path, already in out
+        out.append(path[:slash])
+        slash = path.find("/", slash)
+        count += 1
     return out
 
 

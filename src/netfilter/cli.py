@@ -17,7 +17,7 @@ from netfilter.digest import read_hmac_key
 from netfilter.errors import NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
 from netfilter.listfile import build_bundle, open_bundle
-from netfilter.lists import ListSource, Lists, load_lists
+from netfilter.lists import Lists, ListSource, load_lists
 
 __all__ = ["main"]
 

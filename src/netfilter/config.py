@@ -129,7 +129,7 @@ class MetricsSettings(_Section):
 class Settings(_Section):
     """The whole file; `base` is the directory relative paths are resolved against."""
 
-    node: NodeSettings = Field(default_factory=NodeSettings)  # type: ignore[arg-type]
+    node: NodeSettings = Field(default_factory=NodeSettings)
     lists: list[ListSettings] = Field(default_factory=list)
     local: LocalSettings = Field(default_factory=LocalSettings)
     dns: DnsSettings | None = None

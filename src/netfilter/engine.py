@@ -16,7 +16,7 @@ from netfilter.config import Settings
 from netfilter.errors import NetfilterError
 from netfilter.events import Event, EventSink, NullSink
 from netfilter.listfile import Transparency
-from netfilter.lists import ListSource, Lists, load_lists
+from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.matcher import Match
 from netfilter.privacy import ClientRecorder
 

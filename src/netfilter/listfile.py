@@ -22,6 +22,7 @@ and order, expiry. Anything off raises BundleError naming the part.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import mmap
@@ -29,11 +30,11 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -56,7 +57,7 @@ __all__ = [
     "write_bundle",
 ]
 
-FORMAT = "netfilter-list/1"
+FORMAT: Literal["netfilter-list/1"] = "netfilter-list/1"
 SIGNED_PREFIX = b"netfilter-list-manifest v1\n"
 ENTRY_DTYPE = np.dtype(
     [("ref_offset", "<u4"), ("ref_length", "<u2"), ("category", "u1"), ("kind", "u1")]
@@ -232,7 +233,8 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nfl", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with (os.fdopen(fd, "wb") as f,
+              tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar):
             mtime = int(issued.timestamp())
             _tar_member(tar, "manifest.yaml", manifest_bytes, mtime)
             _tar_member(tar, "signature", sig_line, mtime)
@@ -339,9 +341,11 @@ def _first_error(e: Exception) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def _members(path: Path) -> dict[str, tarfile.TarInfo]:
+def _members(path: Path, fileobj: IO[bytes] | None = None) -> dict[str, tarfile.TarInfo]:
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        if fileobj is not None:
+            fileobj.seek(0)
+        with tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj) as tar:
             infos = tar.getmembers()
     except FileNotFoundError as e:
         raise BundleError(path, "file not found") from e
@@ -445,6 +449,36 @@ def _check_arrays(path: Path, m: Manifest, digests: npt.NDArray[np.uint8],
             raise BundleError(path, "entries.bin: url entry count differs from the manifest")
 
 
+@contextlib.contextmanager
+def _private_copy(path: Path) -> Iterator[IO[bytes]]:
+    """An unlinked copy of the bundle that only this process can reach.
+
+    Verification and matching then read the same bytes, and an operator who
+    overwrites the bundle in place (`cp new.nfl old.nfl`) can neither change a list
+    in force nor truncate a mapped file under it (SIGBUS).
+    """
+    try:
+        source = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError as e:
+        raise BundleError(path, "file not found") from e
+    except IsADirectoryError as e:
+        raise BundleError(path, "is a directory, not a bundle") from e
+    except OSError as e:
+        raise BundleError(path, f"cannot read ({e.strerror})") from e
+    with source, tempfile.TemporaryFile(prefix="netfilter-bundle-") as copy:
+        size = os.fstat(source.fileno()).st_size
+        if size == 0:
+            raise BundleError(path, "empty file")
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(copy.fileno(), source.fileno(), offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+        copy.seek(0)
+        yield copy
+
+
 def open_bundle(
     path: str | Path,
     trusted: Sequence[PublicKey],
@@ -456,8 +490,8 @@ def open_bundle(
     path = Path(path)
     if not trusted:
         raise BundleError(path, "no trusted key configured")
-    members = _members(path)
-    with open(path, "rb") as f:
+    with _private_copy(path) as f:
+        members = _members(path, f)
         file_size = os.fstat(f.fileno()).st_size
         for info in members.values():
             if info.offset_data + info.size > file_size:
@@ -481,9 +515,7 @@ def open_bundle(
                 raise BundleError(path, f"{name}: size {info.size} != signed size {expected.size}")
             if _hash_member(f, info.offset_data, info.size) != expected.sha256:
                 raise BundleError(path, f"{name}: SHA-256 does not match the signed manifest")
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if file_size else None
-    if mapped is None:
-        raise BundleError(path, "empty file")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def array(name: str, dtype: Any) -> npt.NDArray[Any]:
         info = members[name]

@@ -103,7 +103,8 @@ def _load_bundle(source: ListSource, installed: Mapping[str, int]) -> tuple[Bund
         assert m.expires is not None
         enforced = ("still enforced (on_expiry: enforce)" if source.on_expiry == "enforce"
                     else "NOT enforced (on_expiry: stop)")
-        warning = f"list {m.list_id} version {m.version} expired at {m.expires.isoformat()}; {enforced}"
+        warning = (f"list {m.list_id} version {m.version} expired at "
+                   f"{m.expires.isoformat()}; {enforced}")
         log.warning("%s", warning)
     return bundle, warning
 

@@ -88,12 +88,12 @@ def _entry(item: object, default_category: str | None, default_ref: bool) -> Sou
         raise ValueError(f"`{key}` must be a string")
     as_domain = {"domain": True, "url": False, "target": None}[key]
     expression, host, kind = parse_target(target, as_domain=as_domain)
-    ref = item.get("ref", target.strip() if default_ref else None)
+    ref = _check_text(item.get("ref", target.strip() if default_ref else None), "ref", MAX_REF)
     category = item.get("category", default_category)
     category = _check_text(category, "category", MAX_CATEGORY).lower()
     if not _CATEGORY.match(category):
         raise ValueError("category must be lowercase letters, digits, '.', '_' or '-'")
-    return SourceEntry(expression, host, kind, _check_text(ref, "ref", MAX_REF), category)
+    return SourceEntry(expression, host, kind, ref, category)
 
 
 def read_yaml_file(path: str | Path) -> Any:

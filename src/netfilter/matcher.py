@@ -111,7 +111,6 @@ class ListMatcher:
         all_digests: Sequence[npt.NDArray[np.uint8]],
         transparency: Transparency,
         source: Source,
-        bloom_blocks: int | None = None,
     ) -> None:
         self.list_id = list_id
         self.version = version
@@ -125,7 +124,7 @@ class ListMatcher:
         self._categories = list(categories)
         self._hosts = hosts
         union = np.concatenate(all_digests) if len(all_digests) > 1 else all_digests[0]
-        self.bloom = BlockedBloom(union, nblocks=bloom_blocks)
+        self.bloom = BlockedBloom(union)
         self._has_url_entries = bool(len(meta)) and bool(np.any(meta["kind"]))
 
     def __repr__(self) -> str:
@@ -143,8 +142,7 @@ class ListMatcher:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, hmac_key: bytes | None = None,
-                    *, bloom_blocks: int | None = None) -> ListMatcher:
+    def from_bundle(cls, bundle: Bundle, hmac_key: bytes | None = None) -> ListMatcher:
         m = bundle.manifest
         if m.hash == "hmac-sha256":
             if hmac_key is None:
@@ -164,13 +162,11 @@ class ListMatcher:
             entries=DigestTable(bundle.buffer, offset, m.entries),
             meta=bundle.entries, refs=bundle.refs, categories=m.categories, hosts=hosts,
             all_digests=digests, transparency=m.transparency, source="authority",
-            bloom_blocks=bloom_blocks,
         )
 
     @classmethod
     def from_entries(cls, list_id: str, entries: Iterable[SourceEntry], *,
-                     source: Source = "local", version: int = 1,
-                     bloom_blocks: int | None = None) -> ListMatcher:
+                     source: Source = "local", version: int = 1) -> ListMatcher:
         """A list hashed at load from plaintext entries (operators' local lists)."""
         hasher = make_hasher("sha256")
         digests, meta, refs, categories, hosts, _ = pack_entries(entries, hasher)
@@ -181,7 +177,6 @@ class ListMatcher:
             entries=DigestTable(flat, 0, len(digests)), meta=meta, refs=refs,
             categories=categories, hosts=DigestTable(host_bytes, 0, len(hosts)),
             all_digests=[digests, hosts], transparency=Transparency(), source=source,
-            bloom_blocks=bloom_blocks,
         )
 
     # ------------------------------------------------------------ matching

@@ -1,0 +1,109 @@
+"""The set of lists: precedence, local lists, exceptions, rollback and expiry policy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import netfilter
+from netfilter.errors import BundleError, SourceError
+from tests.conftest import BuildBundle
+
+SECOND = """\
+entries:
+  - {domain: second.example, ref: S-1, category: other}
+  - {domain: blocked.example, ref: S-2, category: other}
+"""
+
+
+def _source(path: Path, pub: Path, **kw: object) -> netfilter.ListSource:
+    return netfilter.ListSource(path=path, trusted_keys=[pub], **kw)  # type: ignore[arg-type]
+
+
+def test_public_api_example(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    lists = netfilter.load_lists([_source(build(), authority[1])])
+    m = lists.check_url("http://sub.blocked.example/any/page")
+    assert m is not None
+    assert (m.list_id, m.ref, m.category, m.kind) == ("test", "T-1", "csam", "domain")
+    assert lists.check_host("sub.blocked.example") is not None
+    assert lists.check_host("partly.example") is None
+    assert lists.host_has_url_entries("partly.example")
+    assert not lists.host_has_url_entries("clean.example")
+    assert lists.check_url("http://clean.example/") is None
+    assert len(lists) == 8 and lists.versions() == {"test": 1}
+
+
+def test_first_list_in_order_wins(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    first, second = build(), build(SECOND, list_id="second")
+    lists = netfilter.load_lists([_source(first, authority[1]), _source(second, authority[1])])
+    assert lists.check_url("http://blocked.example/").ref == "T-1"  # type: ignore[union-attr]
+    assert lists.check_url("http://second.example/").ref == "S-1"  # type: ignore[union-attr]
+    swapped = netfilter.load_lists([_source(second, authority[1]),
+                                    _source(first, authority[1])])
+    assert swapped.check_url("http://blocked.example/").ref == "S-2"  # type: ignore[union-attr]
+
+
+def test_same_list_twice_is_refused(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    path = build()
+    with pytest.raises(BundleError, match="loaded twice"):
+        netfilter.load_lists([_source(path, authority[1]), _source(path, authority[1])])
+
+
+def test_local_block_and_exceptions(build: BuildBundle, authority: tuple[Path, Path],
+                                    tmp_path: Path) -> None:
+    block = tmp_path / "block.yaml"
+    block.write_text("- gambling.example\n- {url: 'http://school.example/no/', ref: P-1,"
+                     " category: policy}\n", encoding="utf-8")
+    allow = tmp_path / "allow.yaml"
+    allow.write_text("entries:\n  - {domain: ok.blocked.example, ref: APPEAL-1,"
+                     " category: appeal}\n  - gambling.example\n", encoding="utf-8")
+    lists = netfilter.load_lists([_source(build(), authority[1])],
+                                 local_block=block, local_allow=allow)
+    local = lists.check_url("http://www.gambling.example/")
+    assert local is not None and local.source == "local" and local.ref == "gambling.example"
+    assert local.allowed_by == "gambling.example" and not local.blocks
+    policy = lists.check_url("http://school.example/no/x")
+    assert (policy.ref, policy.category, policy.kind, policy.blocks) == (  # type: ignore[union-attr]
+        "P-1", "policy", "url", True)
+    lifted = lists.check_url("http://ok.blocked.example/page")
+    assert lifted is not None and lifted.ref == "T-1" and lifted.allowed_by == "APPEAL-1"
+    assert not lifted.blocks
+    host = lists.check_host("ok.blocked.example")
+    assert host is not None and host.allowed_by == "APPEAL-1"
+    still = lists.check_url("http://other.blocked.example/")
+    assert still is not None and still.blocks
+
+
+def test_bad_local_list(build: BuildBundle, authority: tuple[Path, Path],
+                        tmp_path: Path) -> None:
+    block = tmp_path / "block.yaml"
+    block.write_text("- http:///nohost\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"block.yaml: entry 1"):
+        netfilter.load_lists([_source(build(), authority[1])], local_block=block)
+
+
+def test_rollback_is_refused(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    old = build(version=3)
+    with pytest.raises(BundleError, match="older than the installed version 4"):
+        netfilter.load_lists([_source(old, authority[1])], installed={"test": 4})
+    same = netfilter.load_lists([_source(old, authority[1])], installed={"test": 3})
+    assert same.versions() == {"test": 3}
+
+
+def test_expiry_policy(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    path = build(expires=datetime.now(UTC) - timedelta(hours=1))
+    enforced = netfilter.load_lists([_source(path, authority[1])])
+    assert enforced.check_url("http://blocked.example/") is not None
+    assert "still enforced" in enforced.warnings[0]
+    stopped = netfilter.load_lists([_source(path, authority[1], on_expiry="stop")])
+    assert stopped.check_url("http://blocked.example/") is None
+    assert "NOT enforced" in stopped.warnings[0]
+
+
+def test_invalid_url_raises_invalid_url(build: BuildBundle, authority: tuple[Path, Path]) -> None:
+    lists = netfilter.load_lists([_source(build(), authority[1])])
+    for bad in ("/asdf", "mailto:x@y", ""):
+        with pytest.raises(netfilter.InvalidURL):
+            lists.check_url(bad)

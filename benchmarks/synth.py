@@ -43,6 +43,7 @@ from netfilter.listsource import SourceEntry, parse_target
 
 __all__ = [
     "CATEGORIES",
+    "SYNTH_VERSION",
     "Query",
     "Spec",
     "clean_host",
@@ -64,6 +65,7 @@ __all__ = [
     "write_plaintext_bundle",
 ]
 
+SYNTH_VERSION = 1  # bump when the generated lists change (cached bundles are named by it)
 CATEGORIES = ("phishing", "malware", "fraud", "gambling")
 REF_LENGTH = 15  # len("NF-2026-0001234")
 _DOMAIN_SHAPES = 3

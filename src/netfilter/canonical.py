@@ -65,7 +65,7 @@ _DOTTED_QUAD = re.compile(
     r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
     r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 )
-_IPV6_ZONE = re.compile(r"[a-z0-9_.\-]+")
+_IPV6_ZONE = re.compile(r"[a-z0-9_\-]+")
 _IP_LAST_CHARS = frozenset("0123456789]")
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 # Bytes the guide wants percent-escaped: <= 0x20, >= 0x7f, '#' and '%'.
@@ -123,9 +123,14 @@ def _escape(data: bytes) -> str:
     return data.decode("latin-1").translate(_ESCAPES)
 
 
+def _strip_whitespace(data: bytes) -> bytes:
+    """Drop tab/CR/LF anywhere and spaces at both ends."""
+    return data.translate(None, b"\t\r\n").strip(b" ")
+
+
 def _clean_input(data: bytes) -> bytes:
     """Drop tab/CR/LF, surrounding spaces and the fragment, then fully unescape."""
-    data = data.translate(None, b"\t\r\n").strip(b" ")
+    data = _strip_whitespace(data)
     hash_at = data.find(b"#")
     if hash_at >= 0:
         data = data[:hash_at]
@@ -166,6 +171,16 @@ def _strip_port(hostport: bytes) -> bytes:
         return hostport if close < 0 else hostport[: close + 1]
     colon = hostport.find(b":")
     return hostport if colon < 0 else hostport[:colon]
+
+
+def _strip_header_port(name: bytes) -> bytes:
+    """Drop a numeric ':port' only, so no other ':' can cut a DNS name short."""
+    head, colon, port = name.rpartition(b":")
+    if not colon or (port and not port.isdigit()):
+        return name
+    if head.startswith(b"["):
+        return head if head.endswith(b"]") else name
+    return name if b":" in head else head
 
 
 def _collapse_dots(host: bytes) -> bytes:
@@ -260,7 +275,7 @@ def _canon_ipv6(host: bytes) -> str:
 def _canon_host(host: bytes) -> str:
     """Canonical host: lowercase, dots cleaned, IDNA, IPv4 normalised, escaped."""
     host = host.lower()
-    if host.startswith(b"[") and host.endswith(b"]") and len(host) > 1:
+    if host.startswith(b"[") and host.endswith(b"]"):
         return _canon_ipv6(host)
     host = _collapse_dots(host)
     if not host.isascii():
@@ -320,6 +335,24 @@ def _fast_parts(url: str | bytes) -> tuple[str, str, str] | None:
 def _parts(url: str | bytes) -> tuple[str, str, str]:
     """(scheme, host, path_with_query) of the canonical URL."""
     return _fast_parts(url) or _slow_parts(url)
+
+
+def _slow_host(name: str | bytes) -> str:
+    """canonical_host without the fast path: the literal rules, on bytes."""
+    data = _strip_whitespace(_to_bytes(name))
+    if b"%" in data:
+        data = _unescape(data)
+    if not data.startswith(b"["):
+        data = _collapse_dots(data)  # first, so that "h:80." reads as "h:80"
+        if b":" in data:
+            # A bare IPv6 address (from a resolver or CONNECT) rather than host:port.
+            text = _format_ipv6(data.lower().decode("latin-1"))
+            if text is not None:
+                return _escape(f"[{text}]".encode("latin-1"))
+    host = _canon_host(_strip_header_port(data))
+    if not host:
+        raise _invalid(name, "empty host name")
+    return host
 
 
 # --------------------------------------------------------------------------- public API
@@ -415,21 +448,17 @@ def expressions(url: str | bytes) -> list[str]:
 
 def canonical_host(name: str) -> str:
     """A DNS name or Host header in the same canonical form as a URL's host, so a
-    resolver and a proxy look the same site up under the same expressions."""
+    resolver and a proxy look the same site up under the same expressions.
+
+    Unlike a URL, a DNS name may hold any byte, so nothing that could cut a real
+    suffix off is honoured: no fragment, no userinfo, and only a numeric ':port'
+    (or a whole '[v6]' literal) is split off. "x#.evil.com" keeps "evil.com".
+    """
     if isinstance(name, str) and name.isascii():
         match = _FAST_HOST.fullmatch(name.lower())
         if match is not None:
             return match.group(1)
-    data = _clean_input(_to_bytes(name))
-    if b":" in data and not data.startswith(b"["):
-        # A bare IPv6 address (from a resolver or CONNECT) rather than host:port.
-        text = _format_ipv6(data.lower().decode("latin-1"))
-        if text is not None:
-            return _escape(f"[{text}]".encode("latin-1"))
-    host = _canon_host(_strip_port(data))
-    if not host:
-        raise _invalid(name, "empty host name")
-    return host
+    return _slow_host(name)
 
 
 def host_expressions(name: str) -> list[str]:

@@ -1,0 +1,146 @@
+"""Run by test_memory.py in a fresh interpreter: load one bundle, report RSS and times.
+
+    python benchmarks/loadchild.py CONFIG.json   ->  one JSON object on stdout
+
+Config: bundle, pub, warm_bundle (a tiny bundle loaded first, so imports, lazily built
+tables and allocator arenas are not counted), mode ("load" or "profile"), urls/hosts
+(lists of [item, expected ref or null]), clean_urls (timed), profile_out.
+
+RSS is read from /proc/self/status: VmRSS = RssAnon (heap: Bloom blocks, index, Python
+objects) + RssFile (pages of the memory-mapped bundle that were touched) + RssShmem.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import sys
+import time
+from typing import Any
+
+
+def status() -> dict[str, int]:
+    """Resident set fields of this process, in bytes."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def read_and_hash(path: str, buffer: bytearray) -> str:
+    """The floor of a verified load: read every byte of the file once and SHA-256 it."""
+    digest = hashlib.sha256()
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def verdicts(check: Any, items: list[list[Any]]) -> list[str | None]:
+    out = []
+    for item, _ in items:
+        match = check(item)
+        out.append(None if match is None else match.ref)
+    return out
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
+    import numpy  # noqa: F401  (imported before the baseline reading)
+
+    import netfilter
+    from netfilter.canonical import canonical_parts, host_suffixes
+    from netfilter.keys import load_public_key
+    from netfilter.listfile import open_bundle
+    from netfilter.lists import ListSource, load_lists
+    from netfilter.matcher import ListMatcher
+
+    source = ListSource(cfg["bundle"], [cfg["pub"]])
+    warm = load_lists([ListSource(cfg["warm_bundle"], [cfg["pub"]])])
+    warm.check_url("http://warm.example/a/b?c")
+    warm.check_host("warm.example")
+    del warm
+    buffer = bytearray(1 << 23)
+    read_and_hash(cfg["bundle"], buffer)  # page cache warm for both timings below
+    result: dict[str, Any] = {"version": netfilter.__version__}
+
+    if cfg["mode"] == "profile":
+        import cProfile
+
+        gc.collect()
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.enable()
+        bundle = open_bundle(cfg["bundle"], [load_public_key(cfg["pub"])],
+                             allow_expired=True)
+        opened = time.perf_counter()
+        ListMatcher.from_bundle(bundle)
+        profile.disable()
+        built = time.perf_counter()
+        profile.dump_stats(cfg["profile_out"])
+        result.update(open_bundle=opened - start, matcher=built - opened)
+        print(json.dumps(result))
+        return
+
+    floors = []
+    for _ in range(2):
+        start = time.perf_counter()
+        read_and_hash(cfg["bundle"], buffer)
+        floors.append(time.perf_counter() - start)
+    gc.collect()
+    before = status()
+    start = time.perf_counter()
+    lists = load_lists([source])
+    load_seconds = time.perf_counter() - start
+    after_load = status()
+
+    clean = cfg["clean_urls"]
+    check_url, sha256 = lists.check_url, hashlib.sha256
+
+    def netfilter_checks() -> None:
+        for url in clean:
+            check_url(url)
+
+    def hashing_floor() -> None:
+        """The work no lookup structure saves: canonicalize, hash `host/` per suffix."""
+        for url in clean:
+            host, _ = canonical_parts(url)
+            for suffix in host_suffixes(host):
+                sha256((suffix + "/").encode()).digest()
+
+    best = {"netfilter": float("inf"), "floor": float("inf")}
+    for _ in range(3):
+        for name, fn in (("netfilter", netfilter_checks), ("floor", hashing_floor)):
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    result.update(
+        floor_seconds=min(floors),
+        load_seconds=load_seconds,
+        clean_check_seconds=best["netfilter"] / max(1, len(clean)),
+        clean_floor_seconds=best["floor"] / max(1, len(clean)),
+        url_refs=verdicts(lists.check_url, cfg["urls"]),
+        host_refs=verdicts(lists.check_host, cfg["hosts"]),
+        host_indexed=[lists.host_has_url_entries(h) for h, _ in cfg["hosts"]],
+        entries=len(lists),
+    )
+    after_checks = status()
+    result.update(before=before, after_load=after_load, after_checks=after_checks)
+    try:  # how much of the heap growth is freed memory the allocator kept (glibc only)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        result["after_trim"] = status()
+    except (OSError, AttributeError):
+        pass
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""check_url / check_host throughput on a 200k-entry list, against the baseline.
+
+Baseline (see baseline.py): per expression of the URL, hashlib SHA-256, pybloom-live,
+then a set, stopping at the first hit; check_host: hashlib + set over host_expressions.
+Both sides canonicalize with netfilter.canonical. "netfilter+rbloom" is netfilter with
+its BlockedBloom swapped for an rbloom filter over the same digests (benchmark only), to
+show what the filter choice is worth end to end.
+
+Workloads of 20,000 URLs: "clean" (no URL on a listed host) and "mix" (1% blocked, 10% on
+hosts of the host index, the rest clean), all built by synth.py from reserved names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import rbloom
+
+import netfilter
+from baseline import PybloomBaseline, digest_objects
+from netfilter.canonical import expressions
+from support import Figures, LoadedList, best_of
+from synth import Query, host_queries, near_miss_urls, url_queries
+
+BATCH = 20_000
+IMPLS = ("pybloom-live baseline", "netfilter", "netfilter+rbloom")
+
+
+def _rbloom_lists(loaded: LoadedList) -> netfilter.Lists:
+    """The same list loaded again, each matcher's filter replaced by rbloom (1e-4)."""
+    lists = netfilter.load_lists([netfilter.ListSource(loaded.path,
+                                                       [loaded.authority.public_path])])
+    for matcher, bundle in zip(lists.blocking, lists.bundles, strict=True):
+        parts = [bundle.digests] + ([bundle.hosts] if bundle.hosts is not None else [])
+        union = np.concatenate(parts)
+        bloom = rbloom.Bloom(max(1, len(union)), 1e-4)
+        bloom.update(digest_objects(union))
+        matcher.bloom = SimpleNamespace(contains=bloom.__contains__)  # type: ignore[assignment]
+    return lists
+
+
+@pytest.fixture(scope="module")
+def checkers(list200k: LoadedList) -> dict[str, SimpleNamespace]:
+    """name -> (check_url, check_host), each returning a truthy value when blocked."""
+    baseline = PybloomBaseline(np.array(list200k.lists.bundles[0].digests))
+    out = {"pybloom-live baseline": SimpleNamespace(url=baseline.check_url,
+                                                     host=baseline.check_host)}
+    for name, lists in (("netfilter", list200k.lists),
+                        ("netfilter+rbloom", _rbloom_lists(list200k))):
+        out[name] = SimpleNamespace(url=lists.check_url, host=lists.check_host)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workloads(list200k: LoadedList) -> dict[str, list[Query]]:
+    spec = list200k.spec
+    return {
+        "mix": url_queries(spec, BATCH, seed=1),
+        "clean": url_queries(spec, BATCH, hit_share=0, indexed_share=0, seed=2),
+        "hosts": host_queries(spec, BATCH, seed=3),
+    }
+
+
+def test_workload_shape(workloads: dict[str, list[Query]]) -> None:
+    kinds = [q.kind for q in workloads["mix"]]
+    assert kinds.count("hit") == BATCH // 100
+    assert kinds.count("indexed") == BATCH // 10
+    assert all(q.kind == "clean" for q in workloads["clean"])
+
+
+@pytest.mark.parametrize("workload", ["mix", "clean"])
+def test_url_verdicts_agree(workload: str, workloads: dict[str, list[Query]],
+                            checkers: dict[str, SimpleNamespace],
+                            list200k: LoadedList) -> None:
+    """Baseline, netfilter and the generator's ground truth agree on all 20,000 URLs."""
+    lists = list200k.lists
+    for q in workloads[workload]:
+        base = checkers["pybloom-live baseline"].url(q.url)
+        match = lists.check_url(q.url)
+        swapped = checkers["netfilter+rbloom"].url(q.url)
+        assert (base is not None) == q.blocked, q
+        assert (match is not None) == q.blocked, q
+        assert (swapped is not None) == q.blocked, q
+        if match is not None:
+            assert match.blocks and match.ref == q.ref, (q, match)
+            assert match.expression in expressions(q.url)
+            assert swapped.ref == q.ref
+
+
+def test_near_misses_pass(checkers: dict[str, SimpleNamespace], list200k: LoadedList) -> None:
+    """URLs shaped exactly like entries but not listed are never blocked."""
+    for url in near_miss_urls(list200k.spec, 5_000):
+        assert list200k.lists.check_url(url) is None, url
+        assert checkers["pybloom-live baseline"].url(url) is None, url
+
+
+def test_host_verdicts_agree(workloads: dict[str, list[Query]],
+                             checkers: dict[str, SimpleNamespace],
+                             list200k: LoadedList) -> None:
+    lists = list200k.lists
+    for q in workloads["hosts"]:
+        match = lists.check_host(q.url)
+        assert (checkers["pybloom-live baseline"].host(q.url) is not None) == q.blocked, q
+        assert (match is not None) == q.blocked, q
+        assert (checkers["netfilter+rbloom"].host(q.url) is not None) == q.blocked, q
+        if match is not None:
+            assert match.ref == q.ref
+        assert lists.host_has_url_entries(q.url) == (q.kind == "indexed"), q
+
+
+def _run(check: Callable[[str], Any], items: list[str]) -> int:
+    blocked = 0
+    for item in items:
+        if check(item) is not None:
+            blocked += 1
+    return blocked
+
+
+@pytest.mark.parametrize("workload", ["clean", "mix"])
+@pytest.mark.parametrize("name", IMPLS)
+def test_check_url(benchmark: Any, name: str, workload: str,
+                   checkers: dict[str, SimpleNamespace],
+                   workloads: dict[str, list[Query]], figures: Figures) -> None:
+    """check_url over 20,000 URLs per round."""
+    benchmark.group = f"check_url-{workload}"
+    urls = [q.url for q in workloads[workload]]
+    expected = sum(q.blocked for q in workloads[workload])
+    rounds = 5 if name.startswith("pybloom") else 10
+    blocked = benchmark.pedantic(_run, args=(checkers[name].url, urls), rounds=rounds,
+                                 warmup_rounds=1)
+    assert blocked == expected
+    per = best_of(benchmark, len(urls))
+    table = f"check_url, {workload} URLs, 200k entries"
+    if per is not None:
+        figures.time(table, name, per, baseline=name.startswith("pybloom"), unit="URL")
+    if name == "netfilter" and workload == "clean":
+        figures.target(">= 200,000 clean-URL check_url per second", table, name, "rate",
+                       200_000)
+        figures.target(">= 8x the pybloom-live baseline (clean URLs)", table, name, "ratio", 8)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_check_host(benchmark: Any, name: str, checkers: dict[str, SimpleNamespace],
+                    workloads: dict[str, list[Query]], figures: Figures) -> None:
+    """check_host over 20,000 DNS names per round (1% blocked, 10% indexed hosts)."""
+    benchmark.group = "check_host"
+    names = [q.url for q in workloads["hosts"]]
+    expected = sum(q.blocked for q in workloads["hosts"])
+    blocked = benchmark.pedantic(_run, args=(checkers[name].host, names), rounds=10,
+                                 warmup_rounds=1)
+    assert blocked == expected
+    per = best_of(benchmark, len(names))
+    table = "check_host, DNS names, 200k entries"
+    if per is not None:
+        figures.time(table, name.replace("pybloom-live baseline", "hashlib+set baseline"),
+                     per, baseline=name.startswith("pybloom"), unit="name")
+    if name == "netfilter":
+        figures.target(">= 400,000 check_host per second", table, name, "rate", 400_000)

@@ -2,9 +2,7 @@
 
 Baseline (see baseline.py): per expression of the URL, hashlib SHA-256, pybloom-live,
 then a set, stopping at the first hit; check_host: hashlib + set over host_expressions.
-Both sides canonicalize with netfilter.canonical. "netfilter+rbloom" is netfilter with
-its BlockedBloom swapped for an rbloom filter over the same digests (benchmark only), to
-show what the filter choice is worth end to end.
+Both sides canonicalize with netfilter.canonical.
 
 Workloads of 20,000 URLs: "clean" (no URL on a listed host) and "mix" (1% blocked, 10% on
 hosts of the host index, the rest clean), all built by synth.py from reserved names.
@@ -16,42 +14,25 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
-import rbloom
 
-import netfilter
-from baseline import PybloomBaseline, digest_objects
+from baseline import PybloomBaseline
 from netfilter.canonical import expressions
 from support import Figures, LoadedList, best_of
 from synth import Query, host_queries, near_miss_urls, url_queries
 
 BATCH = 20_000
-IMPLS = ("pybloom-live baseline", "netfilter", "netfilter+rbloom")
-
-
-def _rbloom_lists(loaded: LoadedList) -> netfilter.Lists:
-    """The same list loaded again, each matcher's filter replaced by rbloom (1e-4)."""
-    lists = netfilter.load_lists([netfilter.ListSource(loaded.path,
-                                                       [loaded.authority.public_path])])
-    for matcher, bundle in zip(lists.blocking, lists.bundles, strict=True):
-        parts = [bundle.digests] + ([bundle.hosts] if bundle.hosts is not None else [])
-        union = np.concatenate(parts)
-        bloom = rbloom.Bloom(max(1, len(union)), 1e-4)
-        bloom.update(digest_objects(union))
-        matcher.bloom = SimpleNamespace(contains=bloom.__contains__)  # type: ignore[assignment]
-    return lists
+IMPLS = ("pybloom-live baseline", "netfilter")
 
 
 @pytest.fixture(scope="module")
 def checkers(list200k: LoadedList) -> dict[str, SimpleNamespace]:
     """name -> (check_url, check_host), each returning a truthy value when blocked."""
-    baseline = PybloomBaseline(np.array(list200k.lists.bundles[0].digests))
+    baseline = PybloomBaseline(list200k.lists.bundles[0].array("digests.bin"))
     out = {"pybloom-live baseline": SimpleNamespace(url=baseline.check_url,
                                                      host=baseline.check_host)}
-    for name, lists in (("netfilter", list200k.lists),
-                        ("netfilter+rbloom", _rbloom_lists(list200k))):
-        out[name] = SimpleNamespace(url=lists.check_url, host=lists.check_host)
+    lists = list200k.lists
+    out["netfilter"] = SimpleNamespace(url=lists.check_url, host=lists.check_host)
     return out
 
 
@@ -81,14 +62,11 @@ def test_url_verdicts_agree(workload: str, workloads: dict[str, list[Query]],
     for q in workloads[workload]:
         base = checkers["pybloom-live baseline"].url(q.url)
         match = lists.check_url(q.url)
-        swapped = checkers["netfilter+rbloom"].url(q.url)
         assert (base is not None) == q.blocked, q
         assert (match is not None) == q.blocked, q
-        assert (swapped is not None) == q.blocked, q
         if match is not None:
             assert match.blocks and match.ref == q.ref, (q, match)
             assert match.expression in expressions(q.url)
-            assert swapped.ref == q.ref
 
 
 def test_near_misses_pass(checkers: dict[str, SimpleNamespace], list200k: LoadedList) -> None:
@@ -106,7 +84,6 @@ def test_host_verdicts_agree(workloads: dict[str, list[Query]],
         match = lists.check_host(q.url)
         assert (checkers["pybloom-live baseline"].host(q.url) is not None) == q.blocked, q
         assert (match is not None) == q.blocked, q
-        assert (checkers["netfilter+rbloom"].host(q.url) is not None) == q.blocked, q
         if match is not None:
             assert match.ref == q.ref
         assert lists.host_has_url_entries(q.url) == (q.kind == "indexed"), q

@@ -60,7 +60,7 @@ def build(name: str, digests: npt.NDArray[np.uint8]) -> tuple[Callable[[bytes], 
 
 @pytest.fixture(scope="module")
 def members(list200k: LoadedList) -> npt.NDArray[np.uint8]:
-    return np.array(list200k.lists.bundles[0].digests)
+    return list200k.lists.bundles[0].array("digests.bin")
 
 
 @pytest.fixture(scope="module")

@@ -654,3 +654,18 @@ def test_expressions_shape(url: str) -> None:
 @given(st.one_of(any_text, url_ish))
 def test_dns_name_keeps_its_registered_suffix(prefix: str) -> None:
     assert "evil.com/" in host_expressions(prefix + ".evil.com")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.text(alphabet="abcz09_-.%A:#[]ü ", max_size=30),
+                 st.from_regex(r"[a-z0-9_.-]{0,30}", fullmatch=True)))
+def test_name_suffixes_shortcut_equals_canonical_host(name: str) -> None:
+    from netfilter.canonical import name_suffixes
+
+    try:
+        expected = host_suffixes(canonical_host(name))
+    except InvalidURL:
+        with pytest.raises(InvalidURL):
+            name_suffixes(name)
+        return
+    assert name_suffixes(name) == expected

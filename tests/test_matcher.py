@@ -136,7 +136,7 @@ def test_saturated_bloom_never_causes_a_false_match(build: BuildBundle,
     """A filter that answers "maybe" to everything: only exact look-ups decide."""
     matcher = _matcher(build, authority)
     noise = np.frombuffer(os.urandom(32 * 4000), dtype=np.uint8).reshape(-1, 32)
-    saturated = BlockedBloom(noise, nblocks=1)
+    saturated = BlockedBloom(noise, nwords=1)
     assert all(saturated.contains(os.urandom(32)) for _ in range(200))
     matcher.bloom = saturated
     for url in ALLOWED:
@@ -156,7 +156,10 @@ def test_bloom_has_no_false_negatives() -> None:
 def test_digest_table_finds_exactly() -> None:
     for count in (0, 1, 2, 7, 300, 5000):
         rows = sorted({os.urandom(32) for _ in range(count)})
-        table = DigestTable(b"pad" + b"".join(rows), 3, len(rows))
+        blob = b"pad" + b"".join(rows)
+        array = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
+        table = DigestTable(lambda at, size, blob=blob: blob[at : at + size], 3, len(rows),
+                            [array[:100], array[100:]])
         assert all(table.find(row) == i for i, row in enumerate(rows))
         assert table.find(os.urandom(32)) == -1
         if rows:

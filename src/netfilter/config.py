@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from netfilter.errors import ConfigError, SourceError
 from netfilter.listsource import read_yaml_file
@@ -103,6 +103,14 @@ class DnsSettings(_Section):
     stoppage_ipv4: ipaddress.IPv4Address = ipaddress.IPv4Address("127.0.0.1")
     stoppage_ipv6: ipaddress.IPv6Address = ipaddress.IPv6Address("::1")
     route_url_hosts_to_proxy: bool = False  # answer host-index names with the proxy
+    proxy_ipv4: ipaddress.IPv4Address | None = None  # the proxy's address for that routing
+    proxy_ipv6: ipaddress.IPv6Address | None = None
+
+    @model_validator(mode="after")
+    def _routing_needs_an_address(self) -> DnsSettings:
+        if self.route_url_hosts_to_proxy and not (self.proxy_ipv4 or self.proxy_ipv6):
+            raise ValueError("route_url_hosts_to_proxy needs proxy_ipv4 and/or proxy_ipv6")
+        return self
 
 
 class ProxySettings(_Section):

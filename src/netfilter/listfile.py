@@ -22,10 +22,8 @@ and order, expiry. Anything off raises BundleError naming the part.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
-import mmap
 import os
 import re
 import tarfile
@@ -66,8 +64,13 @@ KIND_CODES: dict[str, int] = {"domain": 0, "url": 1}
 MAX_MANIFEST = 1 << 20
 MAX_SIGNATURE = 1 << 12
 MAX_TEXT = 1000
+CHUNK_BYTES = 1 << 22  # 4 MiB: a multiple of every record size
 _LIST_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _DATA_MEMBERS = ("digests.bin", "entries.bin", "refs.txt", "hosts.bin")
+RECORD_SIZES = {"digests.bin": 32, "hosts.bin": 32, "entries.bin": ENTRY_DTYPE.itemsize,
+                "refs.txt": 1}
+MEMBER_DTYPES: dict[str, Any] = {"digests.bin": np.uint8, "hosts.bin": np.uint8,
+                                 "entries.bin": ENTRY_DTYPE, "refs.txt": np.dtype("V1")}
 
 
 class TransparencyText(BaseModel):
@@ -140,21 +143,48 @@ class Manifest(BaseModel):
 
 @dataclass
 class Bundle:
-    """A verified bundle, its arrays memory-mapped from the file."""
+    """A verified bundle, read from a private copy that only this process can reach.
+
+    The arrays are not mapped: loading streams them once (verification, then the
+    filter build), and afterwards exact look-ups read the few bytes they need with
+    pread. The page cache keeps what is hot; the process keeps only its filters. (A
+    mapping would do the same, but the kernel maps 16 neighbouring pages per fault,
+    so a few thousand look-ups made the whole file count as the process's memory.)
+    """
 
     path: Path
     manifest: Manifest
     signer: PublicKey
-    digests: npt.NDArray[np.uint8]  # (n, 32), sorted
-    entries: npt.NDArray[Any]  # (n,) ENTRY_DTYPE
-    refs: memoryview
-    hosts: npt.NDArray[np.uint8] | None  # (m, 32), sorted; None: no host index
-    buffer: mmap.mmap = field(repr=False)  # the whole file, read-only
+    file: IO[bytes] = field(repr=False)  # the private, unlinked copy
     spans: dict[str, tuple[int, int]] = field(repr=False)  # member -> (offset, size)
 
     @property
     def expired(self) -> bool:
         return self.manifest.is_expired()
+
+    @property
+    def has_host_index(self) -> bool:
+        return "hosts.bin" in self.spans
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes at an absolute offset of the bundle (thread-safe: pread)."""
+        return os.pread(self.file.fileno(), size, offset)
+
+    def chunks(self, member: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[npt.NDArray[Any]]:
+        """A member's records as consecutive numpy arrays (digests: shape (k, 32))."""
+        offset, size = self.spans[member]
+        yield from _chunks(self.file, offset, size, MEMBER_DTYPES[member], chunk_bytes)
+
+    def array(self, member: str) -> npt.NDArray[Any]:
+        """A whole member in memory (tools and benchmarks; matching never needs it)."""
+        parts = list(self.chunks(member))
+        if parts:
+            return np.concatenate(parts)
+        dtype = MEMBER_DTYPES[member]
+        return np.zeros((0, 32) if dtype == np.uint8 else 0, dtype=dtype)
+
+    def close(self) -> None:
+        self.file.close()
 
     def summary(self) -> str:
         m = self.manifest
@@ -166,7 +196,19 @@ class Bundle:
                 f"key={self.signer.id}")
 
 
-# ---------------------------------------------------------------- writing
+def _chunks(f: IO[bytes], offset: int, size: int, dtype: Any,
+            chunk_bytes: int) -> Iterator[npt.NDArray[Any]]:
+    """Read [offset, offset+size) in whole records; uint8 members come as (k, 32) rows."""
+    fd = f.fileno()
+    end = offset + size
+    rows = np.dtype(dtype) == np.uint8
+    while offset < end:
+        data = os.pread(fd, min(chunk_bytes, end - offset), offset)
+        if not data:
+            raise BundleError(getattr(f, "name", "bundle"), "truncated while reading")
+        offset += len(data)
+        array = np.frombuffer(data, dtype=dtype)
+        yield array.reshape(-1, 32) if rows else array
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
@@ -410,52 +452,77 @@ def _parse_manifest(path: Path, data: bytes) -> Manifest:
         raise BundleError(path, f"malformed manifest: {_first_error(e)}") from e
 
 
-def _hash_member(f: Any, offset: int, size: int) -> str:
-    h = hashlib.sha256()
-    f.seek(offset)
-    remaining = size
-    while remaining:
-        chunk = f.read(min(remaining, 1 << 22))
-        if not chunk:
-            break
-        h.update(chunk)
-        remaining -= len(chunk)
-    return h.hexdigest()
+class _MemberCheck:
+    """Checks one member while it streams past for hashing: order, ranges, counts."""
+
+    def __init__(self, path: Path, name: str, manifest: Manifest, refs_size: int) -> None:
+        self.path, self.name, self.manifest, self.refs_size = path, name, manifest, refs_size
+        self.problem: str | None = None
+        self.previous: bytes | None = None
+        self.url_entries = 0
+
+    def feed(self, chunk: npt.NDArray[Any]) -> None:
+        if self.problem is not None or not len(chunk):
+            return
+        if self.name in ("digests.bin", "hosts.bin"):
+            keys = np.ascontiguousarray(chunk).view("S32").ravel()
+            first = bytes(chunk[0])
+            if (self.previous is not None and not first > self.previous) or not bool(
+                    np.all(keys[1:] > keys[:-1])):
+                self.problem = f"{self.name}: digests not sorted and unique"
+            self.previous = bytes(chunk[-1])
+        elif self.name == "entries.bin":
+            if int(chunk["category"].max()) >= len(self.manifest.categories):
+                self.problem = "entries.bin: category index out of range"
+            elif int(chunk["kind"].max()) > 1:
+                self.problem = "entries.bin: unknown kind"
+            elif int((chunk["ref_offset"].astype(np.uint64) + chunk["ref_length"]).max()) > (
+                    self.refs_size):
+                self.problem = "entries.bin: reference beyond refs.txt"
+            self.url_entries += int(np.count_nonzero(chunk["kind"]))
 
 
-def _check_arrays(path: Path, m: Manifest, digests: npt.NDArray[np.uint8],
-                  entries: npt.NDArray[Any], hosts: npt.NDArray[np.uint8] | None,
-                  refs_size: int) -> None:
-    if len(digests) != m.entries or len(entries) != m.entries:
+def _verify_data(path: Path, f: IO[bytes], members: dict[str, tarfile.TarInfo],
+                 m: Manifest) -> None:
+    """Stream every data member once: its SHA-256 against the manifest, then its records."""
+    data_members = {n for n in members if n in _DATA_MEMBERS}
+    if set(m.files) != data_members:
+        raise BundleError(path, "manifest lists other files than the bundle holds")
+    checks: dict[str, _MemberCheck] = {}
+    for name in sorted(data_members):
+        info, expected = members[name], m.files[name]
+        if info.size != expected.size:
+            raise BundleError(path, f"{name}: size {info.size} != signed size {expected.size}")
+        itemsize = RECORD_SIZES[name]
+        if info.size % itemsize:
+            raise BundleError(path, f"{name}: size not a multiple of {itemsize}")
+        check = checks[name] = _MemberCheck(path, name, m, members["refs.txt"].size)
+        digest = hashlib.sha256()
+        for chunk in _chunks(f, info.offset_data, info.size, MEMBER_DTYPES[name], CHUNK_BYTES):
+            digest.update(chunk.data)
+            check.feed(chunk)
+        if digest.hexdigest() != expected.sha256:
+            raise BundleError(path, f"{name}: SHA-256 does not match the signed manifest")
+        if check.problem:
+            raise BundleError(path, check.problem)
+    if members["digests.bin"].size // 32 != m.entries or (
+            members["entries.bin"].size // ENTRY_DTYPE.itemsize != m.entries):
         raise BundleError(path, "digests.bin/entries.bin: counts differ from the manifest")
     if m.domain_entries + m.url_entries != m.entries:
         raise BundleError(path, "malformed manifest: domain + url entries != entries")
-    if (hosts is None) != (m.hosts is None) or (hosts is not None and len(hosts) != m.hosts):
+    hosts = members.get("hosts.bin")
+    if (hosts is None) != (m.hosts is None) or (hosts is not None and hosts.size // 32 != m.hosts):
         raise BundleError(path, "hosts.bin: count differs from the manifest")
-    for name, array in (("digests.bin", digests), ("hosts.bin", hosts)):
-        if array is not None and len(array) > 1:
-            keys = array.view("S32").ravel()
-            if not bool(np.all(keys[1:] > keys[:-1])):
-                raise BundleError(path, f"{name}: digests not sorted and unique")
-    if len(entries):
-        if int(entries["category"].max()) >= len(m.categories):
-            raise BundleError(path, "entries.bin: category index out of range")
-        if int(entries["kind"].max()) > 1:
-            raise BundleError(path, "entries.bin: unknown kind")
-        end = entries["ref_offset"].astype(np.uint64) + entries["ref_length"]
-        if int(end.max()) > refs_size:
-            raise BundleError(path, "entries.bin: reference beyond refs.txt")
-        if int(np.count_nonzero(entries["kind"])) != m.url_entries:
-            raise BundleError(path, "entries.bin: url entry count differs from the manifest")
+    if checks["entries.bin"].url_entries != m.url_entries:
+        raise BundleError(path, "entries.bin: url entry count differs from the manifest")
 
 
-@contextlib.contextmanager
-def _private_copy(path: Path) -> Iterator[IO[bytes]]:
+def _private_copy(path: Path) -> IO[bytes]:
     """An unlinked copy of the bundle that only this process can reach.
 
     Verification and matching then read the same bytes, and an operator who
-    overwrites the bundle in place (`cp new.nfl old.nfl`) can neither change a list
-    in force nor truncate a mapped file under it (SIGBUS).
+    overwrites the bundle in place (`cp new.nfl old.nfl`) cannot change a list in
+    force under a running node.
     """
     try:
         source = open(path, "rb")  # noqa: SIM115
@@ -465,18 +532,23 @@ def _private_copy(path: Path) -> Iterator[IO[bytes]]:
         raise BundleError(path, "is a directory, not a bundle") from e
     except OSError as e:
         raise BundleError(path, f"cannot read ({e.strerror})") from e
-    with source, tempfile.TemporaryFile(prefix="netfilter-bundle-") as copy:
-        size = os.fstat(source.fileno()).st_size
-        if size == 0:
-            raise BundleError(path, "empty file")
-        offset = 0
-        while offset < size:
-            sent = os.sendfile(copy.fileno(), source.fileno(), offset, size - offset)
-            if sent == 0:
-                break
-            offset += sent
-        copy.seek(0)
-        yield copy
+    copy = tempfile.TemporaryFile(prefix="netfilter-bundle-")  # noqa: SIM115
+    try:
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            if size == 0:
+                raise BundleError(path, "empty file")
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(copy.fileno(), source.fileno(), offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+    except BaseException:
+        copy.close()
+        raise
+    copy.seek(0)
+    return copy
 
 
 def open_bundle(
@@ -486,11 +558,12 @@ def open_bundle(
     allow_expired: bool = False,
     now: datetime | None = None,
 ) -> Bundle:
-    """Verify a bundle completely and map its arrays; raises BundleError on any fault."""
+    """Verify a bundle completely; raises BundleError on any fault."""
     path = Path(path)
     if not trusted:
         raise BundleError(path, "no trusted key configured")
-    with _private_copy(path) as f:
+    f = _private_copy(path)
+    try:
         members = _members(path, f)
         file_size = os.fstat(f.fileno()).st_size
         for info in members.values():
@@ -500,42 +573,21 @@ def open_bundle(
             raise BundleError(path, "malformed manifest: larger than 1 MiB")
         if members["signature"].size > MAX_SIGNATURE:
             raise BundleError(path, "signature: larger than 4 KiB")
-        f.seek(members["manifest.yaml"].offset_data)
-        manifest_bytes = f.read(members["manifest.yaml"].size)
-        f.seek(members["signature"].offset_data)
-        sig_text = f.read(members["signature"].size)
+        manifest_bytes = os.pread(f.fileno(), members["manifest.yaml"].size,
+                                  members["manifest.yaml"].offset_data)
+        sig_text = os.pread(f.fileno(), members["signature"].size,
+                            members["signature"].offset_data)
         signer = _check_signature(path, sig_text, manifest_bytes, trusted)
         manifest = _parse_manifest(path, manifest_bytes)
-        data_members = {n for n in members if n in _DATA_MEMBERS}
-        if set(manifest.files) != data_members:
-            raise BundleError(path, "manifest lists other files than the bundle holds")
-        for name in sorted(data_members):
-            info, expected = members[name], manifest.files[name]
-            if info.size != expected.size:
-                raise BundleError(path, f"{name}: size {info.size} != signed size {expected.size}")
-            if _hash_member(f, info.offset_data, info.size) != expected.sha256:
-                raise BundleError(path, f"{name}: SHA-256 does not match the signed manifest")
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-    def array(name: str, dtype: Any) -> npt.NDArray[Any]:
-        info = members[name]
-        itemsize = np.dtype(dtype).itemsize
-        if info.size % itemsize:
-            raise BundleError(path, f"{name}: size not a multiple of {itemsize}")
-        return np.frombuffer(mapped, dtype=dtype, count=info.size // itemsize,
-                             offset=info.offset_data)
-
-    digests = array("digests.bin", np.uint8).reshape(-1, 32)
-    entries = array("entries.bin", ENTRY_DTYPE)
-    hosts = array("hosts.bin", np.uint8).reshape(-1, 32) if "hosts.bin" in members else None
-    refs_info = members["refs.txt"]
-    refs = memoryview(mapped)[refs_info.offset_data : refs_info.offset_data + refs_info.size]
-    _check_arrays(path, manifest, digests, entries, hosts, refs_info.size)
-    if manifest.is_expired(now) and not allow_expired:
-        assert manifest.expires is not None
-        raise BundleExpired(path, f"expired at {manifest.expires.isoformat()}")
+        _verify_data(path, f, members, manifest)
+        if manifest.is_expired(now) and not allow_expired:
+            assert manifest.expires is not None
+            raise BundleExpired(path, f"expired at {manifest.expires.isoformat()}")
+    except BaseException:
+        f.close()
+        raise
     spans = {name: (info.offset_data, info.size) for name, info in members.items()}
-    return Bundle(path, manifest, signer, digests, entries, refs, hosts, mapped, spans)
+    return Bundle(path, manifest, signer, f, spans)
 
 
 def read_manifest_unverified(path: str | Path) -> Manifest:

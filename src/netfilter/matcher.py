@@ -12,16 +12,18 @@ without a host index expands every host.
 
 from __future__ import annotations
 
-import mmap
+import hashlib
+import hmac
+import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from netfilter.bloom import BlockedBloom
+from netfilter.bloom import TABLE_MASK, BlockedBloom, pattern_masks
 from netfilter.canonical import host_suffixes, path_prefixes
 from netfilter.digest import HashName, hmac_key_id, make_hasher
 from netfilter.errors import BundleError
@@ -31,6 +33,9 @@ from netfilter.listsource import Kind, SourceEntry
 __all__ = ["DigestTable", "ListMatcher", "Match", "Source"]
 
 Source = Literal["authority", "local", "exception"]
+_FIRST = struct.Struct(">IH")  # BlockedBloom's first word and pattern (bloom.PROBE_FIELDS)
+_SECOND = struct.Struct(">IH")  # the second, at offset 6
+_RECORD = struct.Struct("<IHBB")  # listfile.ENTRY_DTYPE: ref offset, ref length, category, kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +60,33 @@ class Match:
         return self.allowed_by is None
 
 
+Reader = Callable[[int, int], bytes]  # (offset, size) -> bytes
+
+
 class DigestTable:
-    """Exact membership in a sorted array of 32-byte digests, without copying it."""
+    """Exact membership in a sorted array of 32-byte digests, read on demand.
 
-    __slots__ = ("_buffer", "_count", "_index", "_offset", "_shift")
+    A prefix index (the first bits of each digest -> row range) narrows a look-up to
+    one small bucket, read with one call to `read` and searched in memory.
+    """
 
-    def __init__(self, buffer: bytes | mmap.mmap, offset: int, count: int) -> None:
-        self._buffer = buffer
+    __slots__ = ("_count", "_index", "_offset", "_read", "_shift")
+
+    def __init__(self, read: Reader, offset: int, count: int,
+                 chunks: Iterable[npt.NDArray[np.uint8]]) -> None:
+        """`chunks` are the same digests as consecutive (k, 32) arrays, for the index."""
+        self._read = read
         self._offset = offset
         self._count = count
         bits = min(16, max(0, count.bit_length() - 3))
         self._shift = 16 - bits
-        view = np.frombuffer(buffer, dtype=np.uint8, count=count * 32, offset=offset)
-        prefixes = view.reshape(-1, 32)[:, :2].astype(np.uint32)
-        keys = (prefixes[:, 0] << 8 | prefixes[:, 1]) >> self._shift
-        bounds = np.searchsorted(keys, np.arange((1 << bits) + 1, dtype=np.uint32))
-        self._index = array("I", bounds.astype(np.uint32).tobytes())
+        counts = np.zeros(1 << bits, dtype=np.int64)
+        for chunk in chunks:
+            prefixes = (chunk[:, 0].astype(np.uint32) << 8 | chunk[:, 1]) >> self._shift
+            counts += np.bincount(prefixes, minlength=1 << bits)
+        bounds = np.zeros((1 << bits) + 1, dtype=np.uint32)
+        np.cumsum(counts, out=bounds[1:])
+        self._index = array("I", bounds.tobytes())
 
     def __len__(self) -> int:
         return self._count
@@ -79,17 +95,19 @@ class DigestTable:
         """Position of `digest`, or -1."""
         bucket = (digest[0] << 8 | digest[1]) >> self._shift
         lo, hi = self._index[bucket], self._index[bucket + 1]
-        buffer, offset = self._buffer, self._offset
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            start = offset + mid * 32
-            value = buffer[start : start + 32]
+        if lo == hi:
+            return -1
+        rows = self._read(self._offset + lo * 32, (hi - lo) * 32)
+        left, right = 0, hi - lo
+        while left < right:
+            mid = (left + right) >> 1
+            value = rows[mid * 32 : mid * 32 + 32]
             if value < digest:
-                lo = mid + 1
+                left = mid + 1
             elif value > digest:
-                hi = mid
+                right = mid
             else:
-                return mid
+                return lo + mid
         return -1
 
 
@@ -102,30 +120,39 @@ class ListMatcher:
         list_id: str,
         version: int,
         hash_name: HashName,
-        hasher: Callable[[str], bytes],
-        entries: DigestTable,
-        meta: npt.NDArray[Any],
-        refs: bytes | memoryview,
+        hmac_key: bytes | None,
+        read: Reader,
+        spans: dict[str, tuple[int, int]],
+        chunks: Callable[[str], Iterable[npt.NDArray[np.uint8]]],
         categories: Sequence[str],
-        hosts: DigestTable | None,
-        all_digests: Sequence[npt.NDArray[np.uint8]],
+        url_entries: int,
         transparency: Transparency,
         source: Source,
     ) -> None:
+        """Build the filter and indexes from `chunks(member)`; `read` serves look-ups."""
         self.list_id = list_id
         self.version = version
         self.hash_name = hash_name
-        self.hash = hasher
         self.transparency = transparency
         self.source: Source = source
-        self._entries = entries
-        self._meta = meta
-        self._refs = refs
+        self._hmac_key = hmac_key
+        self._read = read
+        self._records = spans["entries.bin"][0]
+        self._refs = spans["refs.txt"][0]
         self._categories = list(categories)
-        self._hosts = hosts
-        union = np.concatenate(all_digests) if len(all_digests) > 1 else all_digests[0]
-        self.bloom = BlockedBloom(union)
-        self._has_url_entries = bool(len(meta)) and bool(np.any(meta["kind"]))
+        entries_at, entries_size = spans["digests.bin"]
+        self._entries = DigestTable(read, entries_at, entries_size // 32,
+                                    chunks("digests.bin"))
+        self._hosts: DigestTable | None = None
+        members = ["digests.bin"]
+        if "hosts.bin" in spans:
+            hosts_at, hosts_size = spans["hosts.bin"]
+            self._hosts = DigestTable(read, hosts_at, hosts_size // 32, chunks("hosts.bin"))
+            members.append("hosts.bin")
+        size = sum(spans[m][1] // 32 for m in members)
+        self.bloom = BlockedBloom((c for m in members for c in chunks(m)), size=size)
+        self._has_url_entries = url_entries > 0
+        self._make_checks()
 
     def __repr__(self) -> str:
         return (f"ListMatcher({self.list_id!r}, version={self.version}, "
@@ -151,101 +178,151 @@ class ListMatcher:
                 raise BundleError(bundle.path,
                                   f"list key id {hmac_key_id(hmac_key)} is not the list's "
                                   f"{m.hmac_key_id}: wrong hmac_key file")
-        offset, _ = bundle.spans["digests.bin"]
-        hosts = None
-        if bundle.hosts is not None:
-            hosts = DigestTable(bundle.buffer, bundle.spans["hosts.bin"][0], len(bundle.hosts))
-        digests = [bundle.digests] + ([bundle.hosts] if bundle.hosts is not None else [])
         return cls(
             list_id=m.list_id, version=m.version, hash_name=m.hash,
-            hasher=make_hasher(m.hash, hmac_key),
-            entries=DigestTable(bundle.buffer, offset, m.entries),
-            meta=bundle.entries, refs=bundle.refs, categories=m.categories, hosts=hosts,
-            all_digests=digests, transparency=m.transparency, source="authority",
+            hmac_key=hmac_key if m.hash == "hmac-sha256" else None,
+            read=bundle.read, spans=bundle.spans, chunks=bundle.chunks,
+            categories=m.categories, url_entries=m.url_entries,
+            transparency=m.transparency, source="authority",
         )
 
     @classmethod
     def from_entries(cls, list_id: str, entries: Iterable[SourceEntry], *,
                      source: Source = "local", version: int = 1) -> ListMatcher:
         """A list hashed at load from plaintext entries (operators' local lists)."""
-        hasher = make_hasher("sha256")
-        digests, meta, refs, categories, hosts, _ = pack_entries(entries, hasher)
-        flat = digests.tobytes()
-        host_bytes = hosts.tobytes()
+        digests, meta, refs, categories, hosts, _ = pack_entries(entries, make_hasher("sha256"))
+        members = {"digests.bin": digests.tobytes(), "hosts.bin": hosts.tobytes(),
+                   "entries.bin": meta.tobytes(), "refs.txt": refs}
+        spans: dict[str, tuple[int, int]] = {}
+        blob = bytearray()
+        for name, data in members.items():
+            spans[name] = (len(blob), len(data))
+            blob += data
+        memory = bytes(blob)
+        arrays = {"digests.bin": digests, "hosts.bin": hosts}
         return cls(
-            list_id=list_id, version=version, hash_name="sha256", hasher=hasher,
-            entries=DigestTable(flat, 0, len(digests)), meta=meta, refs=refs,
-            categories=categories, hosts=DigestTable(host_bytes, 0, len(hosts)),
-            all_digests=[digests, hosts], transparency=Transparency(), source=source,
+            list_id=list_id, version=version, hash_name="sha256", hmac_key=None,
+            read=lambda offset, size: memory[offset : offset + size], spans=spans,
+            chunks=lambda member: [arrays[member]], categories=categories,
+            url_entries=int(np.count_nonzero(meta["kind"])) if len(meta) else 0,
+            transparency=Transparency(), source=source,
         )
 
     # ------------------------------------------------------------ matching
 
     def _match(self, position: int, expression: str) -> Match:
-        record = self._meta[position]
-        start = int(record["ref_offset"])
-        ref = bytes(self._refs[start : start + int(record["ref_length"])]).decode()
-        kind: Kind = "url" if int(record["kind"]) else "domain"
-        return Match(self.list_id, self.version, ref, self._categories[int(record["category"])],
-                     kind, self.source, expression)
+        ref_at, ref_length, category, kind = _RECORD.unpack(
+            self._read(self._records + position * _RECORD.size, _RECORD.size))
+        ref = self._read(self._refs + ref_at, ref_length).decode("utf-8", "replace")
+        return Match(self.list_id, self.version, ref, self._categories[category],
+                     "url" if kind else "domain", self.source, expression)
 
-    def check_parts(self, host: str, path: str,
-                    tried: list[str] | None = None) -> Match | None:
-        """Match a canonical host and path (with query); `tried` collects expressions."""
-        hasher, contains, entries = self.hash, self.bloom.contains, self._entries
-        suffixes = host_suffixes(host)
-        expand: list[str] = []
-        index = self._hosts
-        for suffix in suffixes:
-            expression = suffix + "/"
-            if tried is not None:
-                tried.append(expression)
-            digest = hasher(expression)
-            if contains(digest):
-                position = entries.find(digest)
-                if position >= 0:
-                    return self._match(position, expression)
-                if index is not None and index.find(digest) >= 0:
-                    expand.append(suffix)
-        if index is None and self._has_url_entries:
-            expand = suffixes
-        if not expand:
-            return None
-        paths = [p for p in path_prefixes(path) if p != "/"]
-        for suffix in expand:
-            for prefix in paths:
-                expression = suffix + prefix
+    def _make_checks(self) -> None:
+        """Build the hot-path checks as closures over locals.
+
+        Hashing and the Bloom probe are inlined (the same arithmetic as
+        BlockedBloom.contains; the tests hold the two equal): on a clean URL they are
+        almost all the work, and a Python call or attribute look-up per digest would
+        cost a third more.
+        """
+        key = self._hmac_key
+        sha256, keyed = hashlib.sha256, hmac.digest
+        first_word, second_word = _FIRST.unpack_from, _SECOND.unpack_from
+        first, second = pattern_masks()
+        words, nwords, low = self.bloom.words, self.bloom.nwords, TABLE_MASK
+        find = self._entries.find
+        in_index = self._hosts.find if self._hosts is not None else None
+        has_url_entries = self._has_url_entries
+        expand_all = in_index is None and has_url_entries
+        match = self._match
+
+        def maybe(digest: bytes) -> bool:
+            w: int
+            a: int
+            w, a = first_word(digest)
+            mask = first[a & low]
+            if words[(w * nwords) >> 32] & mask != mask:
+                return False
+            w, a = second_word(digest, 6)
+            mask = second[a & low]
+            return words[(w * nwords) >> 32] & mask == mask
+
+        def check_host_suffixes(suffixes: Sequence[str],
+                                tried: list[str] | None = None) -> Match | None:
+            for suffix in suffixes:
+                expression = suffix + "/"
                 if tried is not None:
                     tried.append(expression)
-                digest = hasher(expression)
-                if contains(digest):
-                    position = entries.find(digest)
+                data = expression.encode()
+                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
+                w, a = first_word(digest)
+                mask = first[a & low]
+                if words[(w * nwords) >> 32] & mask == mask and maybe(digest):
+                    position = find(digest)
                     if position >= 0:
-                        return self._match(position, expression)
-        return None
+                        return match(position, expression)
+            return None
 
-    def check_host_suffixes(self, suffixes: Sequence[str],
-                            tried: list[str] | None = None) -> Match | None:
-        """Domain-level entries only: what a resolver can enforce."""
-        hasher, contains, entries = self.hash, self.bloom.contains, self._entries
-        for suffix in suffixes:
-            expression = suffix + "/"
-            if tried is not None:
-                tried.append(expression)
-            digest = hasher(expression)
-            if contains(digest):
-                position = entries.find(digest)
-                if position >= 0:
-                    return self._match(position, expression)
-        return None
+        def url_entries_on(suffixes: Sequence[str], tried: list[str] | None) -> list[str]:
+            """The suffixes (of a host with no domain-level entry) in the host index."""
+            if in_index is None:
+                return list(suffixes) if expand_all else []
+            found = []
+            for suffix in suffixes:
+                data = (suffix + "/").encode()
+                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
+                if maybe(digest) and in_index(digest) >= 0:
+                    found.append(suffix)
+            return found
 
-    def has_url_entries_on(self, suffixes: Sequence[str]) -> bool:
-        """First stage: may a URL on this host match a URL-level entry of this list?"""
-        if self._hosts is None:
-            return self._has_url_entries
-        hasher, contains, index = self.hash, self.bloom.contains, self._hosts
-        for suffix in suffixes:
-            digest = hasher(suffix + "/")
-            if contains(digest) and index.find(digest) >= 0:
-                return True
-        return False
+        def check_parts(host: str, path: str, tried: list[str] | None = None) -> Match | None:
+            suffixes = host_suffixes(host)
+            expand: list[str] | None = None
+            for suffix in suffixes:
+                expression = suffix + "/"
+                if tried is not None:
+                    tried.append(expression)
+                data = expression.encode()
+                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
+                w, a = first_word(digest)
+                mask = first[a & low]
+                if words[(w * nwords) >> 32] & mask == mask and maybe(digest):
+                    position = find(digest)
+                    if position >= 0:
+                        return match(position, expression)
+                    if in_index is not None and in_index(digest) >= 0:
+                        if expand is None:
+                            expand = []
+                        expand.append(suffix)
+            if expand_all:
+                expand = suffixes
+            if expand is None:
+                return None
+            return check_paths(expand, path, tried)
+
+        def check_paths(expand: Sequence[str], path: str,
+                        tried: list[str] | None) -> Match | None:
+            paths = [p for p in path_prefixes(path) if p != "/"]
+            for suffix in expand:
+                for prefix in paths:
+                    expression = suffix + prefix
+                    if tried is not None:
+                        tried.append(expression)
+                    data = expression.encode()
+                    digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
+                    if maybe(digest):
+                        position = find(digest)
+                        if position >= 0:
+                            return match(position, expression)
+            return None
+
+        def has_url_entries_on(suffixes: Sequence[str]) -> bool:
+            return bool(url_entries_on(suffixes, None))
+
+        self.check_parts: Callable[[str, str, list[str] | None], Match | None] = check_parts
+        """Match a canonical host and path (with query); `tried` collects expressions."""
+        self.check_host_suffixes: Callable[[Sequence[str], list[str] | None], Match | None] = (
+            check_host_suffixes)
+        """Domain-level entries only, for host suffixes: what a resolver can enforce."""
+        self.has_url_entries_on: Callable[[Sequence[str]], bool] = has_url_entries_on
+        """First stage: may a URL on these host suffixes match a URL-level entry?"""

@@ -84,7 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="one JSON object per line")
     check.add_argument("--explain", action="store_true",
                        help="show the canonical URL and every expression tried")
+    srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
+    srv.add_argument("parts", nargs="*", choices=["dns", "proxy", "stoppage"], metavar="PART",
+                     help="limit the start to these parts (default: every configured one)")
+    srv.add_argument("--config", required=True)
     return p
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from netfilter.serve import serve
+
+    return serve(load_config(args.config), args.parts)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -201,9 +211,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = args.verbose or args.command == "serve"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="netfilter: %(levelname)s: %(message)s")
-    handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check}
+    handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check,
+                "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
     except NetfilterError as e:

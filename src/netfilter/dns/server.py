@@ -73,6 +73,7 @@ class DnsServer:
         self._transports: list[asyncio.BaseTransport] = []
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tcp_clients: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
     async def start(self) -> None:
@@ -152,7 +153,9 @@ class DnsServer:
             respond(error_answer(data, RCODE.SERVFAIL, query))
             return
         if over_tcp and answer[2] & 0x02:  # truncated: fetch it whole over TCP
-            asyncio.ensure_future(self._answer_over_tcp(data, query, client, respond))
+            task = asyncio.ensure_future(self._answer_over_tcp(data, query, client, respond))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         respond(self._filter_answer(answer, data, query, client, over_tcp))
 

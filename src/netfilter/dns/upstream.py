@@ -17,8 +17,8 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
 from dataclasses import dataclass, field
+from typing import cast
 
 from netfilter.config import parse_hostport
 

@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean sysdeps
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -27,8 +27,11 @@ demo: $(STAMP)
 	  http://gambling.example/ \
 	  https://www.clean.example/
 
-## test: set up, lint, type-check, run the whole test suite
-test: $(STAMP) lint typecheck unit
+## test: set up (Python packages, and Debian packages as root), lint, type-check, test
+test: $(STAMP) sysdeps lint typecheck unit
+
+sysdeps:
+	@scripts/system-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks addons
@@ -39,7 +42,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(BIN)/python -m pytest benchmarks -q
 
 clean:

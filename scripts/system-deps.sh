@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and benchmarks drive for real (dig, unbound
+# with its Python module, dnsperf), when they are missing. Needs root for apt-get;
+# without it, it says what is missing and the tests that need it skip with a reason.
+set -euo pipefail
+need=()
+command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v unbound >/dev/null 2>&1 || need+=(unbound)
+[ -f /usr/lib/python3/dist-packages/unboundmodule.py ] || need+=(python3-unbound)
+command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "system-deps: missing ${need[*]}; not root, so tests that need them will be skipped" >&2
+  exit 0
+fi
+echo "system-deps: installing ${need[*]}"
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

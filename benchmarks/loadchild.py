@@ -6,16 +6,28 @@ Config: bundle, pub, warm_bundle (a tiny bundle loaded first, so imports, lazily
 tables and allocator arenas are not counted), mode ("load" or "profile"), urls/hosts
 (lists of [item, expected ref or null]), clean_urls (timed), profile_out.
 
-RSS is read from /proc/self/status: VmRSS = RssAnon (heap: Bloom blocks, index, Python
-objects) + RssFile (pages of the memory-mapped bundle that were touched) + RssShmem.
+RSS is read from /proc/self/status: VmRSS = RssAnon (heap: Bloom filter, prefix index,
+Python objects) + RssFile (file pages mapped into the process: shared libraries only,
+since bundles are read with pread and no longer mapped) + RssShmem.
+
+The bundle's data lives in the page cache, outside the process's RSS: `load_lists`
+copies the bundle to an unlinked file in the temporary directory and exact look-ups
+pread from that copy. `page_cache` reports how much of the copy (and of the original
+file) is cached when the checks are done, counted with mincore(2) on a fresh mapping,
+which reads nothing and faults nothing in; and on which file system the copy lives
+(on tmpfs the copy is shared memory, not reclaimable page cache).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
+import mmap
+import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +41,52 @@ def status() -> dict[str, int]:
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def cached_bytes(fd: int) -> int | None:
+    """Bytes of the file behind `fd` in the page cache now (mincore; None if unsupported)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        return None
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        if libc.mincore(address, size, vector) != 0:
+            return None
+        return sum(byte & 1 for byte in bytes(vector)) * mmap.PAGESIZE
+    finally:
+        libc.munmap(address, size)
+
+
+def file_system_of(path: str) -> str:
+    """The type of the file system holding `path` (longest mount point in /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def read_and_hash(path: str, buffer: bytearray) -> str:
@@ -132,6 +190,16 @@ def main() -> None:
     )
     after_checks = status()
     result.update(before=before, after_load=after_load, after_checks=after_checks)
+    copy = lists.bundles[0].file
+    with open(cfg["bundle"], "rb") as original:
+        result["page_cache"] = {
+            "copy_cached": cached_bytes(copy.fileno()),
+            "copy_size": os.fstat(copy.fileno()).st_size,
+            "original_cached": cached_bytes(original.fileno()),
+            "tempdir": tempfile.gettempdir(),
+            "tempdir_fs": file_system_of(tempfile.gettempdir()),
+        }
+    result["after_mincore"] = status()  # the probe must not have faulted anything in
     try:  # how much of the heap growth is freed memory the allocator kept (glibc only)
         import ctypes
 

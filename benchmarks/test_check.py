@@ -6,10 +6,16 @@ Both sides canonicalize with netfilter.canonical.
 
 Workloads of 20,000 URLs: "clean" (no URL on a listed host) and "mix" (1% blocked, 10% on
 hosts of the host index, the rest clean), all built by synth.py from reserved names.
+
+`test_where_the_time_goes` times the parts of a clean-URL check_url and of check_host
+(canonicalization, suffixes, one SHA-256 per suffix, a probe per suffix) in the same
+run, so the figures section shows how far netfilter is from the hashing floor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -17,12 +23,13 @@ from typing import Any
 import pytest
 
 from baseline import PybloomBaseline
-from netfilter.canonical import expressions
+from netfilter.canonical import canonical_parts, expressions, host_suffixes, name_suffixes
 from support import Figures, LoadedList, best_of
 from synth import Query, host_queries, near_miss_urls, url_queries
 
 BATCH = 20_000
 IMPLS = ("pybloom-live baseline", "netfilter")
+COMPONENT_ROUNDS = 7
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +144,104 @@ def test_check_host(benchmark: Any, name: str, checkers: dict[str, SimpleNamespa
                      per, baseline=name.startswith("pybloom"), unit="name")
     if name == "netfilter":
         figures.target(">= 400,000 check_host per second", table, name, "rate", 400_000)
+
+
+def _fastest(stages: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Fastest of `rounds` wall-clock runs of each stage, stages interleaved per round."""
+    best = dict.fromkeys(stages, float("inf"))
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def test_where_the_time_goes(list200k: LoadedList, checkers: dict[str, SimpleNamespace],
+                             workloads: dict[str, list[Query]], figures: Figures) -> None:
+    """Cumulative parts of a clean-URL check_url and of check_host, against the hashing floor.
+
+    The floor is the work no lookup structure can save: canonicalize, then one SHA-256
+    of `host/` per host suffix. "+ probe" adds `BlockedBloom.contains` per suffix as a
+    call (the matcher inlines the same arithmetic); "+ set" adds the baseline's `in set`.
+    """
+    lists = list200k.lists
+    contains = lists.blocking[0].bloom.contains
+    members = checkers["pybloom-live baseline"].host.__self__.members
+    urls = [q.url for q in workloads["clean"]]
+    names = [q.url for q in workloads["hosts"]]
+    sha256 = hashlib.sha256
+    check_url, check_host = lists.check_url, lists.check_host
+
+    def canonical() -> None:
+        for url in urls:
+            canonical_parts(url)
+
+    def suffixes() -> None:
+        for url in urls:
+            host_suffixes(canonical_parts(url)[0])
+
+    def url_floor() -> None:
+        for url in urls:
+            for suffix in host_suffixes(canonical_parts(url)[0]):
+                sha256((suffix + "/").encode()).digest()
+
+    def url_probe() -> None:
+        for url in urls:
+            for suffix in host_suffixes(canonical_parts(url)[0]):
+                contains(sha256((suffix + "/").encode()).digest())
+
+    def netfilter_url() -> None:
+        for url in urls:
+            check_url(url)
+
+    def names_only() -> None:
+        for name in names:
+            name_suffixes(name)
+
+    def host_floor() -> None:
+        for name in names:
+            for suffix in name_suffixes(name):
+                sha256((suffix + "/").encode()).digest()
+
+    def host_set() -> None:
+        for name in names:
+            for suffix in name_suffixes(name):
+                if sha256((suffix + "/").encode()).digest() in members:
+                    break
+
+    def host_probe() -> None:
+        for name in names:
+            for suffix in name_suffixes(name):
+                contains(sha256((suffix + "/").encode()).digest())
+
+    def netfilter_host() -> None:
+        for name in names:
+            check_host(name)
+
+    url_stages = {
+        "canonical_parts": canonical,
+        "+ host_suffixes": suffixes,
+        "+ SHA-256 of host/ per suffix (floor)": url_floor,
+        "+ BlockedBloom.contains per suffix": url_probe,
+        "netfilter check_url": netfilter_url,
+    }
+    host_stages = {
+        "name_suffixes": names_only,
+        "+ SHA-256 of host/ per suffix (floor)": host_floor,
+        "+ `in set` per suffix (the baseline's way)": host_set,
+        "+ BlockedBloom.contains per suffix": host_probe,
+        "netfilter check_host": netfilter_host,
+    }
+    url_suffixes = sum(len(host_suffixes(canonical_parts(u)[0])) for u in urls) / len(urls)
+    name_count = sum(len(name_suffixes(n)) for n in names) / len(names)
+    for table, stages, items, unit, per_item in (
+            ("where a clean check_url goes, 200k entries", url_stages, urls, "URL", url_suffixes),
+            ("where check_host goes, 200k entries", host_stages, names, "name", name_count)):
+        best = _fastest(stages, COMPONENT_ROUNDS)
+        floor = best["+ SHA-256 of host/ per suffix (floor)"] / len(items)
+        for name, seconds in best.items():
+            per = seconds / len(items)
+            note = (f"{per_item:.2f} suffixes per {unit}" if "floor" in name
+                    else f"{(per - floor) * 1e6:+.2f} us vs the floor")
+            figures.time(table, name, per, baseline="floor" in name, unit=unit, note=note)

@@ -163,7 +163,8 @@ class DnsServer:
                                respond: Respond) -> None:
         for address in self.upstream.addresses:
             answer = await query_tcp(address, data, self.settings.timeout)
-            if answer is not None and len(answer) >= 12 and answer[:2] == data[:2]:
+            end = query.question_end
+            if answer is not None and answer[:2] == data[:2] and answer[12:end] == data[12:end]:
                 respond(self._filter_answer(answer, data, query, client, True))
                 return
         self.stats["servfail"] += 1
@@ -174,7 +175,7 @@ class DnsServer:
         """Block an answer whose CNAME chain leads to a blocked name."""
         if answer[6:8] != b"\x00\x00":  # any answer records at all
             try:
-                targets = cname_targets(answer)
+                targets = cname_targets(answer, query.question_end)
             except FormError:
                 self.stats["upstream_formerr"] += 1
                 return error_answer(data, RCODE.SERVFAIL, query)

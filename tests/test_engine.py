@@ -118,3 +118,18 @@ def test_json_lines_sink(build: BuildBundle, authority: tuple[Path, Path],
     assert [line["type"] for line in lines] == ["list-loaded", "block"]
     assert lines[1]["client"].startswith("p:")  # pseudonym by default
     assert "2001:db8" not in sink.path.read_text()
+
+
+def test_host_cache_follows_reload(build: BuildBundle, authority: tuple[Path, Path],
+                                   tmp_path: Path) -> None:
+    """Cached host verdicts still record every block, and die with the lists."""
+    sink = MemorySink()
+    engine = Engine(load_config(_config(tmp_path, build(version=1), authority[1])), sink)
+    for _ in range(3):
+        assert engine.check_host("a.blocked.example").blocked
+        assert not engine.check_host("newly.example").blocked
+    assert [e.type for e in sink.events].count("block") == 3
+    shutil.copy(build(CHANGED, version=2), tmp_path / "in-force.nfl")
+    assert engine.reload()
+    assert engine.check_host("newly.example").blocked
+    assert not engine.check_host("a.blocked.example").blocked

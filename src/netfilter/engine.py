@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from netfilter.config import Settings
@@ -58,10 +58,16 @@ class Verdict:
 ALLOW = Verdict(Action.ALLOW)
 
 
+HOST_CACHE_SIZE = 1 << 17  # names; cleared wholesale when full
+
+
 @dataclass(frozen=True)
 class _State:
     lists: Lists
     answers: dict[str, Answer]
+    # Resolvers see the same names again and again: remember each name's match for
+    # as long as these lists are in force (a reload starts a new, empty cache).
+    host_matches: dict[str, Match | None] = field(default_factory=dict)
 
 
 class Engine:
@@ -159,7 +165,15 @@ class Engine:
                    client: str | None = None, detail: str | None = None) -> Verdict:
         """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
         state = self._state
-        return self._verdict(state.lists.check_host(name), state, frontend, client, detail)
+        cache = state.host_matches
+        try:
+            match = cache[name]
+        except KeyError:
+            match = state.lists.check_host(name)
+            if len(cache) >= HOST_CACHE_SIZE:
+                cache.clear()
+            cache[name] = match
+        return self._verdict(match, state, frontend, client, detail)
 
     def host_has_url_entries(self, name: str) -> bool:
         """First stage: should this host's URLs be looked at (proxy, DNS routing)?"""

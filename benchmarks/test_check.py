@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -146,7 +146,7 @@ def test_check_host(benchmark: Any, name: str, checkers: dict[str, SimpleNamespa
         figures.target(">= 400,000 check_host per second", table, name, "rate", 400_000)
 
 
-def _fastest(stages: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _fastest(stages: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Fastest of `rounds` wall-clock runs of each stage, stages interleaved per round."""
     best = dict.fromkeys(stages, float("inf"))
     for _ in range(rounds):

@@ -94,7 +94,7 @@ def test_memory_and_load(entries: int, big_bundles: BigBundles, warm_bundle: Pat
     before, loaded, checked = result["before"], result["after_load"], result["after_checks"]
 
     def per_entry(after: dict[str, int], key: str) -> float:
-        return (after[key] - before[key]) / entries
+        return float(after[key] - before[key]) / entries
 
     data = _data_bytes(path)
     size = path.stat().st_size / MiB

@@ -1,7 +1,7 @@
 """The signed list bundle (`.nfl`): what an authority publishes and an operator installs.
 
 An uncompressed tar (digests are random bytes; compression would gain nothing and
-would stop the arrays from being memory-mapped in place) holding, in this order:
+would stop look-ups from reading a record at its offset) holding, in this order:
 
     manifest.yaml   list id, version, times, hash, counts, transparency text, and the
                     size and SHA-256 of every other member (the signed statement)
@@ -238,8 +238,8 @@ def write_bundle(
 ) -> Manifest:
     """Sign and write a bundle from prepared arrays (digests pre-sorted, unique).
 
-    The file appears atomically (written beside, then renamed), so a node that has
-    the old bundle memory-mapped keeps reading the old inode.
+    The file appears atomically (written beside, then renamed): a reader never sees
+    half a bundle.
     """
     issued = (issued or datetime.now(UTC)).replace(microsecond=0)
     members = {
@@ -517,6 +517,18 @@ def _verify_data(path: Path, f: IO[bytes], members: dict[str, tarfile.TarInfo],
         raise BundleError(path, "entries.bin: url entry count differs from the manifest")
 
 
+def _unlinked_file(beside: Path) -> IO[bytes]:
+    """An anonymous file on the bundle's own file system when it is writable there.
+
+    The default temporary directory may be a tmpfs, where a 10M-entry copy would be
+    ~560 MB of memory that cannot be reclaimed; beside the bundle it is disk.
+    """
+    try:
+        return tempfile.TemporaryFile(prefix=".netfilter-bundle-", dir=beside)
+    except OSError:
+        return tempfile.TemporaryFile(prefix="netfilter-bundle-")
+
+
 def _private_copy(path: Path) -> IO[bytes]:
     """An unlinked copy of the bundle that only this process can reach.
 
@@ -532,7 +544,7 @@ def _private_copy(path: Path) -> IO[bytes]:
         raise BundleError(path, "is a directory, not a bundle") from e
     except OSError as e:
         raise BundleError(path, f"cannot read ({e.strerror})") from e
-    copy = tempfile.TemporaryFile(prefix="netfilter-bundle-")  # noqa: SIM115
+    copy = _unlinked_file(path.parent)
     try:
         with source:
             size = os.fstat(source.fileno()).st_size

@@ -2,7 +2,7 @@
 
 The filter holds every entry digest and every host-index digest, so a clean URL costs
 one probe per host suffix. A "maybe" is confirmed by binary search in the sorted
-array (memory-mapped from the bundle), so a false positive never blocks.
+array (read from the bundle on demand), so a false positive never blocks.
 
 Matching follows the design's two stages: the digest of `host/` for each host suffix
 is looked up once; it is either a domain-level entry (block), or in the host index
@@ -236,16 +236,20 @@ class ListMatcher:
         expand_all = in_index is None and has_url_entries
         match = self._match
 
+        def second_word_set(digest: bytes) -> bool:
+            """The filter's second word; callers test the first one inline."""
+            w: int
+            a: int
+            w, a = second_word(digest, 6)
+            mask = second[a & low]
+            return words[(w * nwords) >> 32] & mask == mask
+
         def maybe(digest: bytes) -> bool:
             w: int
             a: int
             w, a = first_word(digest)
             mask = first[a & low]
-            if words[(w * nwords) >> 32] & mask != mask:
-                return False
-            w, a = second_word(digest, 6)
-            mask = second[a & low]
-            return words[(w * nwords) >> 32] & mask == mask
+            return words[(w * nwords) >> 32] & mask == mask and second_word_set(digest)
 
         def check_host_suffixes(suffixes: Sequence[str],
                                 tried: list[str] | None = None) -> Match | None:
@@ -257,13 +261,13 @@ class ListMatcher:
                 digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
                 w, a = first_word(digest)
                 mask = first[a & low]
-                if words[(w * nwords) >> 32] & mask == mask and maybe(digest):
+                if words[(w * nwords) >> 32] & mask == mask and second_word_set(digest):
                     position = find(digest)
                     if position >= 0:
                         return match(position, expression)
             return None
 
-        def url_entries_on(suffixes: Sequence[str], tried: list[str] | None) -> list[str]:
+        def url_entries_on(suffixes: Sequence[str]) -> list[str]:
             """The suffixes (of a host with no domain-level entry) in the host index."""
             if in_index is None:
                 return list(suffixes) if expand_all else []
@@ -286,7 +290,7 @@ class ListMatcher:
                 digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
                 w, a = first_word(digest)
                 mask = first[a & low]
-                if words[(w * nwords) >> 32] & mask == mask and maybe(digest):
+                if words[(w * nwords) >> 32] & mask == mask and second_word_set(digest):
                     position = find(digest)
                     if position >= 0:
                         return match(position, expression)
@@ -317,7 +321,7 @@ class ListMatcher:
             return None
 
         def has_url_entries_on(suffixes: Sequence[str]) -> bool:
-            return bool(url_entries_on(suffixes, None))
+            return bool(url_entries_on(suffixes))
 
         self.check_parts: Callable[[str, str, list[str] | None], Match | None] = check_parts
         """Match a canonical host and path (with query); `tried` collects expressions."""

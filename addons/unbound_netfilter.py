@@ -64,6 +64,8 @@ def init(id, cfg):  # Unbound calls these four by name, with these signatures
 
 
 def deinit(id):
+    if _plugin is not None:
+        _plugin.close()
     return True
 
 

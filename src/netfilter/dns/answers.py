@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import struct
 
-from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord, EDNSOption
+from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord, EDNSOption
 
 from netfilter.config import DnsSettings
 from netfilter.dns.wire import EDE_OPTION, HEADER, Query
 from netfilter.engine import Answer, Verdict
 
-__all__ = ["block_answer", "error_answer", "extra_text", "route_answer"]
+__all__ = ["badvers_answer", "block_answer", "error_answer", "extra_text", "route_answer"]
 
 MAX_EXTRA_TEXT = 400
 _RCODE = {Answer.NXDOMAIN: RCODE.NXDOMAIN, Answer.REFUSED: RCODE.REFUSED,
@@ -52,10 +52,13 @@ def _with_edns(reply: DNSRecord, query: Query, ede: int | None, text: str) -> No
 
 
 def _reply(raw: bytes, query: Query, rcode: int) -> DNSRecord:
-    request = DNSRecord.parse(raw[: query.question_end] if not query.edns else raw)
-    reply = DNSRecord(request.header.__class__(id=query.id, qr=1, rd=request.header.rd,
-                                               ra=1, rcode=rcode), q=request.q)
-    return reply
+    """A reply to the question alone: the query's other records (TSIG, odd options)
+    are never re-parsed, so whatever wire.py accepted can be answered."""
+    question_only = raw[:4] + b"\x00\x01\x00\x00\x00\x00\x00\x00" + raw[12 : query.question_end]
+    request = DNSRecord.parse(question_only)
+    header = DNSHeader(id=query.id, qr=1, rd=request.header.rd, ra=1, rcode=rcode)
+    header.cd = (query.flags >> 4) & 1  # RFC 4035 3.2.2: copy CD
+    return DNSRecord(header, q=request.q)
 
 
 def _soa(zone: str, ttl: int) -> RR:
@@ -70,6 +73,9 @@ def block_answer(raw: bytes, query: Query, verdict: Verdict, settings: DnsSettin
     reply = _reply(raw, query, _RCODE[answer])
     ttl = settings.block_ttl
     zone = verdict.match.expression.rstrip("/")
+    qname = query.name
+    if qname != zone and not qname.endswith("." + zone):
+        zone = qname  # blocked through a CNAME: the SOA must own the name asked for
     if answer is Answer.STOPPAGE and query.qtype == QTYPE.A:
         reply.add_answer(RR(reply.q.qname, QTYPE.A, ttl=ttl, rdata=A(str(settings.stoppage_ipv4))))
     elif answer is Answer.STOPPAGE and query.qtype == QTYPE.AAAA:
@@ -93,10 +99,18 @@ def route_answer(raw: bytes, query: Query, settings: DnsSettings) -> bytes | Non
     return bytes(reply.pack())
 
 
+def badvers_answer(raw: bytes, query: Query) -> bytes:
+    """BADVERS (extended rcode 16) with our OPT, version 0 (RFC 6891 6.1.3)."""
+    qid, flags = struct.unpack_from("!HH", raw)
+    flags = 0x8000 | (flags & 0x7910) | 0x0080
+    opt = b"\x00" + struct.pack("!HHBBHH", 41, EDNS_UDP, 16 >> 4, 0, 0, 0)
+    return HEADER.pack(qid, flags, 1, 0, 0, 1) + raw[12 : query.question_end] + opt
+
+
 def error_answer(raw: bytes, rcode: int, query: Query | None = None) -> bytes:
     """SERVFAIL/FORMERR/NOTIMP without dnslib: the header, and the question if it parsed."""
     qid, flags = struct.unpack_from("!HH", raw)
-    flags = 0x8000 | (flags & 0x7900) | 0x0080 | rcode  # QR, opcode and RD kept, RA set
+    flags = 0x8000 | (flags & 0x7910) | 0x0080 | rcode  # QR, opcode, RD, CD kept, RA set
     if query is None:
         return HEADER.pack(qid, flags, 0, 0, 0, 0)
     return HEADER.pack(qid, flags, 1, 0, 0, 0) + raw[12 : query.question_end]

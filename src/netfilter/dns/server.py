@@ -21,7 +21,7 @@ from dnslib import QTYPE, RCODE
 
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
-from netfilter.dns.answers import block_answer, error_answer, route_answer
+from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
 from netfilter.dns.upstream import UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
@@ -73,6 +73,7 @@ class DnsServer:
         self._transports: list[asyncio.BaseTransport] = []
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tcp_clients: set[asyncio.Task[None]] = set()
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
         self._background: set[asyncio.Future[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
@@ -94,8 +95,10 @@ class DnsServer:
     async def stop(self) -> None:
         for server in self._tcp_servers:
             server.close()
-        for task in list(self._tcp_clients):
-            task.cancel()
+        for writer in list(self._tcp_writers):
+            writer.close()  # the handlers see EOF and end (cancelling logs on 3.11)
+        if self._tcp_clients:
+            await asyncio.wait(list(self._tcp_clients), timeout=1.0)
         for transport in self._transports:
             transport.close()
         await self.upstream.stop()
@@ -107,6 +110,8 @@ class DnsServer:
         stats["queries"] += 1
         if len(data) < 12 or data[2] & 0x80:  # no readable header, or a response
             stats["dropped"] += 1
+            if over_tcp:
+                respond(b"")  # settles the connection's count; nothing is sent
             return
         try:
             query = parse_query(data)
@@ -117,6 +122,10 @@ class DnsServer:
         if (query.flags >> 11) & 0xF:  # only standard queries are filtered or forwarded
             stats["notimp"] += 1
             respond(error_answer(data, RCODE.NOTIMP, query))
+            return
+        if query.edns_version:  # RFC 6891 6.1.3: we speak EDNS version 0 only
+            stats["badvers"] += 1
+            respond(badvers_answer(data, query))
             return
         if query.name and query.qclass in (CLASS_IN, CLASS_ANY):
             try:
@@ -210,6 +219,7 @@ class DnsServer:
             writer.close()
             return
         self._tcp_clients.add(task)
+        self._tcp_writers.add(writer)
         client = str(writer.get_extra_info("peername", ("?",))[0])
         outstanding = 0
         all_answered = asyncio.Event()
@@ -239,6 +249,10 @@ class DnsServer:
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # Shutting down: end quietly (Python 3.11's start_server logs a cancelled
+            # handler as an error).
+            all_answered.set()
         finally:
             # A client may half-close after its last query: answer what is in flight.
             try:
@@ -248,4 +262,5 @@ class DnsServer:
             except (TimeoutError, ConnectionError):
                 pass
             self._tcp_clients.discard(task)
+            self._tcp_writers.discard(writer)
             writer.close()

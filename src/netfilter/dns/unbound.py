@@ -25,7 +25,7 @@ from netfilter.config import DnsSettings, load_config
 from netfilter.dns.answers import extra_text
 from netfilter.dns.wire import EDE_OPTION
 from netfilter.engine import Answer, Engine, Verdict
-from netfilter.serve import event_sink
+from netfilter.serve import make_engine
 
 __all__ = ["Plugin"]
 
@@ -51,9 +51,16 @@ class Plugin:
                 if self._engine is None:
                     settings = load_config(self.config_path)
                     self._settings = settings.dns or DnsSettings()
-                    self._engine = Engine(settings, event_sink(settings))
+                    self._engine = make_engine(settings)
                     log.info("netfilter: lists loaded for unbound from %s", self.config_path)
         return self._engine
+
+    def close(self) -> None:
+        """Commit queued events and sign a last checkpoint (Unbound's deinit)."""
+        if self._engine is not None:
+            close = getattr(self._engine.sink, "close", None)
+            if close is not None:
+                close()
 
     # ------------------------------------------------------------ the module API
 

@@ -50,6 +50,7 @@ class Query(NamedTuple):
     udp_size: int  # the client's EDNS buffer size, 512 without EDNS
     dnssec_ok: bool
     wants_structured_error: bool  # an EDE option in the query (structured-dns-error)
+    edns_version: int = 0
 
 
 def _label_text(label: bytes) -> str:
@@ -69,7 +70,7 @@ def read_name(data: bytes, offset: int, *, allow_pointers: bool = True) -> tuple
     """The name at `offset` and the offset after it (after the first pointer, if any)."""
     labels: list[str] = []
     end = -1
-    length = 0
+    length = 1  # the root label's octet
     jumps = 0
     size = len(data)
     while True:
@@ -169,14 +170,14 @@ def parse_query(data: bytes) -> Query:
     if (arcount == 1 and not ancount and not nscount and question_end + 11 <= size
             and data[question_end] == 0):
         # The common EDNS query: one OPT record right after the question.
-        rtype, udp_size, _, opt_flags, rdlength = _OPT_FIXED.unpack_from(data, question_end + 1)
+        rtype, udp_size, ext, opt_flags, rdlength = _OPT_FIXED.unpack_from(data, question_end + 1)
         if rtype == TYPE_OPT:
             start = question_end + 11
             if start + rdlength != size:
                 raise FormError("OPT record length does not match the message")
             structured = bool(rdlength) and _has_option(data, start, size, EDE_OPTION)
             return Query(qid, flags, name, qtype, qclass, question_end, True,
-                         max(512, udp_size), bool(opt_flags & 0x8000), structured)
+                         max(512, udp_size), bool(opt_flags & 0x8000), structured, ext & 0xFF)
     return _parse_records(data, qid, flags, name, qtype, qclass, question_end,
                           ancount + nscount, arcount)
 
@@ -188,7 +189,7 @@ def _parse_records(data: bytes, qid: int, flags: int, name: str, qtype: int, qcl
     for _ in range(skip):
         offset = _skip_rr(data, offset)[3]
     edns = structured = dnssec_ok = False
-    udp_size = 512
+    udp_size = version = 0
     for _ in range(arcount):
         rr_start = offset
         rtype, rdata, rdlength, offset = _skip_rr(data, offset)
@@ -200,13 +201,13 @@ def _parse_records(data: bytes, qid: int, flags: int, name: str, qtype: int, qcl
             raise FormError("OPT record with a non-root owner")
         edns = True
         _, udp_size, ttl, _ = RR_FIXED.unpack_from(data, rdata - 10)
-        udp_size = max(512, udp_size)
         dnssec_ok = bool(ttl & 0x8000)
+        version = (ttl >> 16) & 0xFF
         structured = _has_option(data, rdata, rdata + rdlength, EDE_OPTION)
     if offset != len(data):
         raise FormError("trailing bytes after the last record")
-    return Query(qid, flags, name, qtype, qclass, question_end, edns, udp_size, dnssec_ok,
-                 structured)
+    return Query(qid, flags, name, qtype, qclass, question_end, edns, max(512, udp_size),
+                 dnssec_ok, structured, version)
 
 
 def _has_option(data: bytes, start: int, end: int, code: int) -> bool:

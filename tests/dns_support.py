@@ -1,0 +1,382 @@
+"""Helpers for the DNS front-end's integration tests: a real unbound as the upstream,
+`netfilter serve dns` as a real subprocess, free loopback ports, real DNS clients.
+
+Everything talks to 127.0.0.1 only. unbound is configured so that it can never recurse
+to the internet: all data is local (`local-zone` / `local-data`), and anything outside
+those zones is forwarded to a loopback port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.message
+import dns.opcode
+import dns.query
+import pytest
+import yaml
+
+__all__ = [
+    "BIG_TXT",
+    "DEMO_ALLOW",
+    "DEMO_LIST",
+    "DEMO_PUB",
+    "HOST",
+    "HUGE_TXT",
+    "Netfilter",
+    "Unbound",
+    "build_list",
+    "dig",
+    "free_port",
+    "read_events",
+    "require_tools",
+    "start_all",
+    "tcp",
+    "udp",
+    "wait_for",
+]
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+DEMO_LIST = REPO / "lists" / "demo" / "demo.nfl"
+DEMO_PUB = REPO / "lists" / "demo" / "demo.pub"
+DEMO_ALLOW = REPO / "lists" / "demo" / "local-allow.yaml"
+
+START_BOUND = 20.0  # seconds a server may take to answer its first query
+STOP_BOUND = 8.0  # seconds a server may take to exit after SIGTERM
+
+
+def require_tools(*tools: str) -> None:
+    """Skip (with the reason) when a command-line tool the tests drive is missing."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install dnsutils "
+                    "unbound); the DNS integration tests need them")
+
+
+def free_port() -> int:
+    """A loopback port free for both UDP and TCP right now (bind 0, check, release)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((HOST, 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((HOST, port))
+                except OSError:
+                    continue
+            return int(port)
+    raise RuntimeError("no free loopback port found in 50 attempts")
+
+
+# ---------------------------------------------------------------- zone data
+
+# Big TXT records: BIG_TXT's answer is >512 bytes (truncated over UDP without EDNS) but
+# fits in 1232; HUGE_TXT's does not fit even in 1232 (unbound itself truncates over UDP).
+BIG_TXT = [f"big-{i}-" + "b" * 190 for i in range(4)]
+HUGE_TXT = [f"huge-{i:02d}-" + "h" * 190 for i in range(12)]
+
+LOCAL_DATA = [
+    "clean.example. 300 IN A 192.0.2.10",
+    "clean.example. 300 IN AAAA 2001:db8::10",
+    'clean.example. 300 IN TXT "clean text"',
+    "clean.example. 300 IN HTTPS 1 . alpn=h2",
+    "www.clean.example. 300 IN A 192.0.2.11",
+    "alias.clean.example. 300 IN CNAME target.blocked.example.",
+    "alias2.clean.example. 300 IN CNAME clean.example.",
+    "alias3.clean.example. 300 IN CNAME x.stop.example.",
+    "target.blocked.example. 300 IN A 192.0.2.66",
+    "cleared.blocked.example. 300 IN A 192.0.2.30",
+    "partly.example. 300 IN A 192.0.2.20",
+    "clean.test. 300 IN A 192.0.2.40",
+    *(f'big.clean.example. 300 IN TXT "{t}"' for t in BIG_TXT),
+    *(f'huge.clean.example. 300 IN TXT "{t}"' for t in HUGE_TXT),
+]
+
+
+def _unbound_conf(directory: Path, port: int, dead_port: int) -> str:
+    lines = [
+        "server:",
+        "  do-daemonize: no",
+        '  username: ""',
+        '  chroot: ""',
+        f'  directory: "{directory}"',
+        '  pidfile: ""',
+        "  use-syslog: no",
+        '  logfile: ""',
+        "  verbosity: 0",
+        f"  interface: {HOST}@{port}",
+        f"  port: {port}",
+        "  access-control: 127.0.0.0/8 allow",
+        "  do-ip6: no",
+        "  num-threads: 1",
+        '  module-config: "iterator"',
+        "  do-not-query-localhost: no",
+        f"  outgoing-interface: {HOST}",
+        "  minimal-responses: yes",
+        '  local-zone: "example." static',
+        '  local-zone: "test." static',
+        '  local-zone: "invalid." static',
+        *(f'  local-data: "{d}"' if '"' not in d else f"  local-data: '{d}'"
+          for d in LOCAL_DATA),
+        "remote-control:",
+        "  control-enable: no",
+        # Anything outside the local zones goes to a loopback port with nothing on it,
+        # from a loopback address: this unbound never sends a query off the machine.
+        "forward-zone:",
+        '  name: "."',
+        f"  forward-addr: {HOST}@{dead_port}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- clients
+
+
+def udp(message: dns.message.Message, port: int, timeout: float = 2.0,
+        **kwargs: Any) -> dns.message.Message:
+    return dns.query.udp(message, HOST, port=port, timeout=timeout, **kwargs)
+
+
+def tcp(message: dns.message.Message, port: int, timeout: float = 2.0,
+        **kwargs: Any) -> dns.message.Message:
+    return dns.query.tcp(message, HOST, port=port, timeout=timeout, **kwargs)
+
+
+def dig(port: int, *args: str, timeout: float = 10.0) -> str:
+    """Run dig against 127.0.0.1:port (one try, 2 s) and return its output."""
+    cmd = ["dig", f"@{HOST}", "-p", str(port), "+tries=1", "+time=2", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    return done.stdout + done.stderr
+
+
+def _probe(port: int, message: dns.message.Message) -> bool:
+    try:
+        dns.query.udp(message, HOST, port=port, timeout=0.2)
+    except (dns.exception.DNSException, OSError):
+        return False
+    return True
+
+
+class _Process:
+    """A server subprocess with its stderr in a file; started ready, stopped politely."""
+
+    name = "server"
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.log_path = directory / f"{self.name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def probe_message(self) -> dns.message.Message:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def spawn(self) -> None:
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err, cwd=self.directory)
+
+    def wait_ready(self) -> None:
+        """Query it until it answers (bounded); RuntimeError with its stderr otherwise."""
+        assert self.proc is not None
+        deadline = time.monotonic() + START_BOUND
+        probe = self.probe_message()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
+                                   f"answering; its stderr:\n{self.log()}")
+            if _probe(self.port, probe):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer within {START_BOUND} s; "
+                           f"its stderr:\n{self.log()}")
+
+    def start(self) -> None:
+        self.spawn()
+        self.wait_ready()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait (bounded), then SIGKILL; the exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_BOUND)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_BOUND)
+        return proc.returncode
+
+    def __enter__(self) -> _Process:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if exc[0] is not None:
+            print(f"----- {self.name} stderr ({self.log_path}) -----\n{self.log()}",
+                  file=sys.stderr)
+
+
+class Unbound(_Process):
+    """unbound in the foreground on a free loopback port, serving LOCAL_DATA."""
+
+    name = "unbound"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, free_port())
+        self.dead_port = free_port()
+        self.conf = directory / "unbound.conf"
+        self.conf.write_text(_unbound_conf(directory, self.port, self.dead_port),
+                             encoding="utf-8")
+
+    def command(self) -> list[str]:
+        return ["unbound", "-d", "-c", str(self.conf)]
+
+    def probe_message(self) -> dns.message.Message:
+        return dns.message.make_query("clean.example", "A")
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+class Netfilter(_Process):
+    """`netfilter serve dns --config <dir>/nf.yaml` on a free loopback port."""
+
+    name = "netfilter"
+
+    def __init__(self, directory: Path, *, upstreams: Sequence[str],
+                 lists: Sequence[dict[str, Any]] | None = None,
+                 local: dict[str, Any] | None = None, audit_client: str = "truncated",
+                 **dns_settings: Any) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(directory, free_port())
+        if lists is None:
+            lists = [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)], "action": "nxdomain"}]
+        self.events_path = directory / "audit.sqlite"
+        self.config: dict[str, Any] = {
+            "node": {"id": "dns-test"},
+            "lists": list(lists),
+            "local": local or {},
+            "dns": {"listen": [f"{HOST}:{self.port}"], "upstreams": list(upstreams),
+                    **dns_settings},
+            "audit": {"path": str(directory / "audit.sqlite"), "client": audit_client},
+        }
+        self.conf = directory / "nf.yaml"
+        self.conf.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "netfilter.cli", "serve", "dns", "--config",
+                str(self.conf)]
+
+    def probe_message(self) -> dns.message.Message:
+        # A STATUS query is answered NOTIMP locally: no upstream, no event.
+        message = dns.message.make_query("probe.invalid", "A")
+        message.set_opcode(dns.opcode.STATUS)
+        return message
+
+    def start(self) -> None:
+        for attempt in range(3):  # the free port may have been taken meanwhile
+            if attempt:
+                self.port = free_port()
+                self.config["dns"]["listen"] = [f"{HOST}:{self.port}"]
+                self.conf.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+            self.spawn()
+            try:
+                self.wait_ready()
+                return
+            except RuntimeError:
+                if "Address already in use" not in self.log() or attempt == 2:
+                    raise
+
+
+def start_all(servers: Sequence[_Process]) -> None:
+    """Start several servers at once (their imports overlap), each checked ready."""
+    for server in servers:
+        server.spawn()
+    try:
+        for server in servers:
+            try:
+                server.wait_ready()
+            except RuntimeError:
+                if "Address already in use" not in server.log():
+                    raise
+                server.stop()
+                server.start()  # retries on new ports
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
+def build_list(directory: Path, key: Any, list_id: str, entries: Sequence[dict[str, str]],
+               *, issuer: str = "Test Authority") -> Path:
+    """A signed bundle from domain/url entries (the authority's own code path)."""
+    from netfilter.listfile import build_bundle
+
+    source = {
+        "issuer": issuer,
+        "legal_basis": "Test Act s. 1",
+        "contact": "mailto:appeals@authority.test",
+        "appeal_url": "https://appeals.authority.test/",
+        "entries": list(entries),
+    }
+    src = directory / f"{list_id}.yaml"
+    src.write_text(yaml.safe_dump(source, allow_unicode=True), encoding="utf-8")
+    out = directory / f"{list_id}.nfl"
+    build_bundle(src, out, key=key, list_id=list_id, version=1)
+    return out
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events committed so far to a node's audit log (read-only)."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        rows = db.execute("SELECT event FROM leaves WHERE event IS NOT NULL ORDER BY idx")
+        return [json.loads(row[0]) for row in rows]
+    except sqlite3.OperationalError:  # the writer has not created the tables yet
+        return []
+    finally:
+        db.close()
+
+
+def wait_for(predicate: Callable[[], object], bound: float = 3.0) -> bool:
+    """Poll `predicate` every 20 ms until it is true or `bound` seconds passed."""
+    deadline = time.monotonic() + bound
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+

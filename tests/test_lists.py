@@ -9,6 +9,7 @@ import pytest
 
 import netfilter
 from netfilter.errors import BundleError, SourceError
+from netfilter.listsource import local_ref
 from tests.conftest import BuildBundle
 
 SECOND = """\
@@ -62,8 +63,9 @@ def test_local_block_and_exceptions(build: BuildBundle, authority: tuple[Path, P
     lists = netfilter.load_lists([_source(build(), authority[1])],
                                  local_block=block, local_allow=allow)
     local = lists.check_url("http://www.gambling.example/")
-    assert local is not None and local.source == "local" and local.ref == "gambling.example"
-    assert local.allowed_by == "gambling.example" and not local.blocks
+    gambling = local_ref("gambling.example/")
+    assert local is not None and local.source == "local" and local.ref == gambling
+    assert local.allowed_by == gambling and not local.blocks
     policy = lists.check_url("http://school.example/no/x")
     assert (policy.ref, policy.category, policy.kind, policy.blocks) == (  # type: ignore[union-attr]
         "P-1", "policy", "url", True)

@@ -84,6 +84,28 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="one JSON object per line")
     check.add_argument("--explain", action="store_true",
                        help="show the canonical URL and every expression tried")
+    audit = sub.add_parser("audit", help="verify the tamper-evident audit log")
+    asub = audit.add_subparsers(dest="audit_cmd", required=True)
+    for name, text in (("checkpoint", "print the latest signed checkpoint (a C2SP signed note)"),
+                       ("verify", "recompute the tree and check every signed checkpoint"),
+                       ("prove", "print an inclusion or consistency proof")):
+        cmd = asub.add_parser(name, help=text)
+        where = cmd.add_mutually_exclusive_group(required=True)
+        where.add_argument("--log", help="the audit log (SQLite file)")
+        where.add_argument("--config", help="use the audit log of this config")
+        if name == "verify":
+            cmd.add_argument("--trust", required=True, metavar="NODE.pub",
+                             help="the node's public key")
+            cmd.add_argument("--since", metavar="CHECKPOINT",
+                             help="a checkpoint you kept earlier: the log must extend it")
+        if name == "prove":
+            which = cmd.add_mutually_exclusive_group(required=True)
+            which.add_argument("--index", type=int, help="inclusion proof of event N")
+            which.add_argument("--old-size", type=int, help="consistency proof from size M")
+            cmd.add_argument("--size", type=int,
+                             help="tree size (default: the latest signed checkpoint's)")
+            cmd.add_argument("--json", action="store_true")
+
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
     srv.add_argument("parts", nargs="*", choices=["dns", "proxy", "stoppage"], metavar="PART",
                      help="limit the start to these parts (default: every configured one)")
@@ -95,6 +117,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from netfilter.serve import serve
 
     return serve(load_config(args.config), args.parts)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from netfilter.audit.commands import run
+
+    return run(args)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -215,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="netfilter: %(levelname)s: %(message)s")
     handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check,
-                "serve": _cmd_serve}
+                "serve": _cmd_serve, "audit": _cmd_audit}
     try:
         return handlers[args.command](args)
     except NetfilterError as e:

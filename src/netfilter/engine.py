@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -73,12 +74,17 @@ class _State:
 class Engine:
     """Checks and records; thread-safe (the state is one immutable object)."""
 
-    def __init__(self, settings: Settings, sink: EventSink | None = None) -> None:
+    def __init__(self, settings: Settings, sink: EventSink | None = None, *,
+                 pseudonym_key: Callable[[str], bytes] | None = None) -> None:
+        """`pseudonym_key(day)` shares the day's client-pseudonym key (the audit log's)."""
         self.settings = settings
         self.sink: EventSink = sink or NullSink()
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
-        self.clients = ClientRecorder(form)
+        self.clients = ClientRecorder(form, pseudonym_key)
+        if form == "full":
+            self._emit(Event("config-changed", self.node_id, action="client=full",
+                             detail="client addresses are recorded in full (audit.client)"))
         self._reload_lock = threading.Lock()
         self._state = self._load(installed={})
 

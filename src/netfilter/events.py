@@ -16,7 +16,8 @@ from typing import IO, Literal, Protocol
 
 __all__ = ["Event", "EventSink", "EventType", "JsonLinesSink", "MemorySink", "NullSink"]
 
-EventType = Literal["block", "override", "list-loaded", "list-refused", "list-expired"]
+EventType = Literal["block", "override", "list-loaded", "list-refused", "list-expired",
+                    "list-held", "config-changed", "retention"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ expression is just `host/` blocks the whole host and is therefore a domain entry
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import yaml
 from netfilter.canonical import InvalidURL, canonical_host, canonical_parts
 from netfilter.errors import SourceError
 
-__all__ = ["Kind", "SourceEntry", "parse_target", "read_source", "read_yaml_file"]
+__all__ = ["Kind", "SourceEntry", "local_ref", "parse_target", "read_source", "read_yaml_file"]
 
 Kind = Literal["domain", "url"]
 MAX_REF = 128
@@ -58,6 +59,12 @@ def parse_target(target: str, *, as_domain: bool | None = None) -> tuple[str, st
     return expression, host, ("domain" if path == "/" else "url")
 
 
+def local_ref(expression: str) -> str:
+    """The reference of a local entry given without one: names the entry for the
+    operator (who can recompute it) without putting the domain into every event."""
+    return "local:" + hashlib.sha256(expression.encode()).hexdigest()[:12]
+
+
 def _check_text(value: object, field: str, limit: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{field} must be a non-empty string")
@@ -88,7 +95,8 @@ def _entry(item: object, default_category: str | None, default_ref: bool) -> Sou
         raise ValueError(f"`{key}` must be a string")
     as_domain = {"domain": True, "url": False, "target": None}[key]
     expression, host, kind = parse_target(target, as_domain=as_domain)
-    ref = _check_text(item.get("ref", target.strip() if default_ref else None), "ref", MAX_REF)
+    default = local_ref(expression) if default_ref else None
+    ref = _check_text(item.get("ref", default), "ref", MAX_REF)
     category = item.get("category", default_category)
     category = _check_text(category, "category", MAX_CATEGORY).lower()
     if not _CATEGORY.match(category):
@@ -117,7 +125,7 @@ def read_source(
     """Header fields and entries of a YAML or CSV source.
 
     Local lists (`local=True`) also accept bare strings as entries; their reference
-    defaults to the target itself and their category to `default_category`.
+    defaults to `local_ref` of the expression and their category to `default_category`.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":

@@ -1,9 +1,11 @@
 """How a client address is written down: as little as the operator's purpose needs.
 
 `none` drops it; `truncated` keeps the network (/24, /48); `pseudonym` is an HMAC of
-the address under a key drawn at random for each UTC day and held only in memory, so
-pseudonyms link events within one day of one process and cannot be reversed later;
-`full` keeps the address and must be chosen explicitly.
+the address under a key drawn at random for each UTC day: the audit log keeps the
+day's key in its store (so every process of a node gives one client one pseudonym that
+day) and destroys it with the day's events at the end of retention; without an audit
+log the key lives in memory only. `full` keeps the address and must be chosen
+explicitly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hmac
 import ipaddress
 import secrets
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -23,8 +26,10 @@ ClientForm = Literal["none", "truncated", "pseudonym", "full"]
 class ClientRecorder:
     """Turns a client address into its configured, recordable form."""
 
-    def __init__(self, form: ClientForm = "pseudonym") -> None:
+    def __init__(self, form: ClientForm = "pseudonym",
+                 key_for_day: Callable[[str], bytes] | None = None) -> None:
         self.form: ClientForm = form
+        self._key_for_day = key_for_day
         self._lock = threading.Lock()
         self._day = ""
         self._key = b""
@@ -33,7 +38,8 @@ class ClientRecorder:
         day = datetime.now(UTC).strftime("%Y-%m-%d")
         with self._lock:
             if day != self._day:
-                self._day, self._key = day, secrets.token_bytes(32)
+                key = self._key_for_day(day) if self._key_for_day else secrets.token_bytes(32)
+                self._day, self._key = day, key
             return self._key
 
     def record(self, address: str | None) -> str | None:

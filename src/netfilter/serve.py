@@ -12,12 +12,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 
 from netfilter.config import Settings
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError
-from netfilter.events import EventSink, JsonLinesSink
+from netfilter.events import EventSink, NullSink
 
 __all__ = ["PARTS", "event_sink", "serve"]
 
@@ -27,11 +26,24 @@ AVAILABLE = ("dns",)
 
 
 def event_sink(settings: Settings) -> EventSink:
-    """Where blocks and list events go until the audit log lands: JSON lines."""
+    """The audit log of the config; without an audit section, events are not kept."""
     audit = settings.audit
-    path = (settings.resolve(audit.path).with_suffix(".jsonl") if audit
-            else settings.resolve(Path("var/events.jsonl")))
-    return JsonLinesSink(path)
+    if audit is None:
+        log.warning("no audit section: blocks and list events are not recorded")
+        return NullSink()
+    from netfilter.audit.log import AuditLog, load_node_key
+    from netfilter.audit.store import AuditStore
+
+    return AuditLog(AuditStore(settings.resolve(audit.path)), origin=settings.node.id,
+                    key=load_node_key(settings.resolve(settings.node.key)),
+                    retention_days=audit.retention_days,
+                    checkpoint_interval=audit.checkpoint_interval)
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine with the config's audit log as its sink."""
+    sink = event_sink(settings)
+    return Engine(settings, sink, pseudonym_key=getattr(sink, "pseudonym_key", None))
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
@@ -74,14 +86,16 @@ async def _run(settings: Settings, parts: list[str], engine: Engine) -> None:
 
 def serve(settings: Settings, parts: Sequence[str] = ()) -> int:
     chosen = _selected(settings, parts)
-    sink = event_sink(settings)
-    engine = Engine(settings, sink)
+    engine = make_engine(settings)
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
-    runner(_run(settings, chosen, engine))
-    if isinstance(sink, JsonLinesSink):
-        sink.close()
+    try:
+        runner(_run(settings, chosen, engine))
+    finally:
+        close = getattr(engine.sink, "close", None)
+        if close is not None:
+            close()  # commits what is queued and signs a last checkpoint
     return 0

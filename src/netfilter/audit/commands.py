@@ -1,0 +1,92 @@
+"""`netfilter audit ...`: the auditor's commands over a node's log."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+from netfilter.audit import merkle
+from netfilter.audit.store import AuditStore
+from netfilter.audit.verify import verify_log
+from netfilter.config import load_config
+from netfilter.errors import NetfilterError
+from netfilter.keys import load_public_key
+
+__all__ = ["run"]
+
+
+def _store(args: argparse.Namespace) -> AuditStore:
+    if args.log:
+        return AuditStore(args.log, create=False)
+    settings = load_config(args.config)
+    if settings.audit is None:
+        raise NetfilterError(args.config, "has no audit section")
+    return AuditStore(settings.resolve(settings.audit.path), create=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.audit_cmd == "checkpoint":
+        latest = store.latest_checkpoint()
+        if latest is None:
+            raise NetfilterError(store.path, "no signed checkpoint yet")
+        sys.stdout.write(latest.note.decode())
+        return 0
+    if args.audit_cmd == "verify":
+        since = Path(args.since).read_bytes() if args.since else None
+        report = verify_log(store, load_public_key(args.trust), since)
+        summary = (f"{report.size} events, {report.checkpoints} signed checkpoints, "
+                   f"{report.removed} event bodies removed by retention (leaf hashes kept)")
+        if report.since is not None:
+            summary += f", consistent with your checkpoint of size {report.since}"
+        if report.ok:
+            print(f"OK {store.path}: {summary}")
+            return 0
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        print(f"FAIL {store.path}: {len(report.problems)} problem(s); {summary}")
+        return 1
+    return _prove(store, args)
+
+
+def _prove(store: AuditStore, args: argparse.Namespace) -> int:
+    size = args.size
+    if size is None:
+        latest = store.latest_checkpoint()
+        if latest is None:
+            raise NetfilterError(store.path, "no signed checkpoint yet: give --size")
+        size = latest.size
+    if not 0 < size <= store.size():
+        raise NetfilterError("--size", f"must be 1..{store.size()}")
+    b64 = [base64.b64encode(h).decode() for h in _proof(store, args, size)]
+    if args.index is not None:
+        leaf = store.leaf(args.index)
+        assert leaf is not None
+        event = leaf.event.decode() if leaf.event is not None else None
+        record = {"index": args.index, "tree_size": size, "event": event, "inclusion": b64}
+    else:
+        record = {"old_size": args.old_size, "tree_size": size, "consistency": b64}
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        for key, value in record.items():
+            if isinstance(value, list):
+                print(f"{key}:")
+                for item in value:
+                    print(f"  {item}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+def _proof(store: AuditStore, args: argparse.Namespace, size: int) -> list[bytes]:
+    try:
+        if args.index is not None:
+            return merkle.inclusion_proof(args.index, size, store)
+        return merkle.consistency_proof(args.old_size, size, store)
+    except ValueError as e:
+        raise NetfilterError("--index" if args.index is not None else "--old-size",
+                             str(e)) from e

@@ -109,7 +109,11 @@ class Plugin:
         if not msg.set_return_msg(qstate):
             qstate.ext_state[module_id] = ub.MODULE_ERROR
             return True
-        qstate.return_rcode = getattr(ub, _RCODES[answer])
+        # The rcode goes into the reply's flags: with a non-zero qstate.return_rcode
+        # Unbound would send only the header and question (no SOA for caching).
+        rep = qstate.return_msg.rep
+        rep.flags = (rep.flags & 0xFFF0) | getattr(ub, _RCODES[answer])
+        qstate.return_rcode = ub.RCODE_NOERROR
         qstate.return_msg.rep.security = ub.sec_status_insecure
         qstate.no_cache_store = 1  # a block is decided per query, never served from cache
         structured = any(opt.code == EDE_OPTION for opt in qstate.edns_opts_front_in_iter)

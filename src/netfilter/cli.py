@@ -42,6 +42,13 @@ def _expires(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _day(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from e
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netfilter", description=__doc__)
     p.add_argument("--version", action="version", version=f"netfilter {__version__}")
@@ -88,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
     for name, text in (("checkpoint", "print the latest signed checkpoint (a C2SP signed note)"),
                        ("verify", "recompute the tree and check every signed checkpoint"),
-                       ("prove", "print an inclusion or consistency proof")):
+                       ("prove", "print an inclusion or consistency proof"),
+                       ("report", "aggregate counts for a period (never per person)"),
+                       ("export-authority", "per entry: hits, first/last seen (signed)")):
         cmd = asub.add_parser(name, help=text)
         where = cmd.add_mutually_exclusive_group(required=True)
         where.add_argument("--log", help="the audit log (SQLite file)")
@@ -105,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--size", type=int,
                              help="tree size (default: the latest signed checkpoint's)")
             cmd.add_argument("--json", action="store_true")
+        if name in ("report", "export-authority"):
+            cmd.add_argument("--from", dest="start", type=_day, required=True,
+                             metavar="YYYY-MM-DD")
+            cmd.add_argument("--to", dest="end", type=_day, required=True, metavar="YYYY-MM-DD")
+        if name == "report":
+            cmd.add_argument("--format", choices=["text", "csv", "json", "html"],
+                             default="text")
+        if name == "export-authority":
+            cmd.add_argument("--key", metavar="NODE.key",
+                             help="the node key (default: node.key of --config)")
 
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
     srv.add_argument("parts", nargs="*", choices=["dns", "proxy", "stoppage"], metavar="PART",

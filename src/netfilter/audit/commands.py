@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from netfilter.audit import merkle
+from netfilter.audit.note import Signer
+from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore
-from netfilter.audit.verify import verify_log
+from netfilter.audit.verify import checkpoint_origin, verify_log
 from netfilter.config import load_config
 from netfilter.errors import NetfilterError
-from netfilter.keys import load_public_key
+from netfilter.keys import load_private_key, load_public_key
 
 __all__ = ["run"]
 
@@ -27,6 +29,20 @@ def _store(args: argparse.Namespace) -> AuditStore:
     return AuditStore(settings.resolve(settings.audit.path), create=False)
 
 
+def _export_signer(store: AuditStore, args: argparse.Namespace) -> Signer:
+    """The node key and its name (the log's origin) that sign the authority export."""
+    if args.key:
+        latest = store.latest_checkpoint()
+        if latest is None:
+            raise NetfilterError(store.path, "no checkpoint yet to take the log's origin from")
+        return Signer.from_private_key(checkpoint_origin(latest.note), load_private_key(args.key))
+    if not args.config:
+        raise NetfilterError("--key", "required with --log")
+    settings = load_config(args.config)
+    return Signer.from_private_key(settings.node.id,
+                                   load_private_key(settings.resolve(settings.node.key)))
+
+
 def run(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.audit_cmd == "checkpoint":
@@ -34,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
         if latest is None:
             raise NetfilterError(store.path, "no signed checkpoint yet")
         sys.stdout.write(latest.note.decode())
+        return 0
+    if args.audit_cmd == "report":
+        sys.stdout.write(render(build_report(store, args.start, args.end), args.format))
+        return 0
+    if args.audit_cmd == "export-authority":
+        signer = _export_signer(store, args)
+        sys.stdout.write(authority_export(store, args.start, args.end, signer).decode())
         return 0
     if args.audit_cmd == "verify":
         since = Path(args.since).read_bytes() if args.since else None

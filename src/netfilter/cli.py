@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("verify", "recompute the tree and check every signed checkpoint"),
                        ("prove", "print an inclusion or consistency proof"),
                        ("report", "aggregate counts for a period (never per person)"),
-                       ("export-authority", "per entry: hits, first/last seen (signed)")):
+                       ("export-authority", "per entry: hits, first/last seen (signed)"),
+                       ("tiles", "write (and optionally serve) the C2SP tlog-tiles layout")):
         cmd = asub.add_parser(name, help=text)
         where = cmd.add_mutually_exclusive_group(required=True)
         where.add_argument("--log", help="the audit log (SQLite file)")
@@ -121,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             cmd.add_argument("--format", choices=["text", "csv", "json", "html"],
                              default="text")
+        if name == "tiles":
+            cmd.add_argument("--out", required=True, metavar="DIR")
+            cmd.add_argument("--listen", metavar="HOST:PORT",
+                             help="also serve DIR read-only over HTTP until interrupted")
         if name == "export-authority":
             cmd.add_argument("--key", metavar="NODE.key",
                              help="the node key (default: node.key of --config)")

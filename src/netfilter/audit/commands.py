@@ -13,7 +13,8 @@ from netfilter.audit.note import Signer
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore
 from netfilter.audit.verify import checkpoint_origin, verify_log
-from netfilter.config import load_config
+from netfilter.audit.tiles import serve_tiles, write_tiles
+from netfilter.config import load_config, parse_hostport
 from netfilter.errors import NetfilterError
 from netfilter.keys import load_private_key, load_public_key
 
@@ -50,6 +51,18 @@ def run(args: argparse.Namespace) -> int:
         if latest is None:
             raise NetfilterError(store.path, "no signed checkpoint yet")
         sys.stdout.write(latest.note.decode())
+        return 0
+    if args.audit_cmd == "tiles":
+        size = write_tiles(store, args.out)
+        print(f"wrote tlog-tiles of {size} events to {args.out}")
+        if args.listen:
+            host, port = parse_hostport(args.listen)
+            server = serve_tiles(args.out, host, port)
+            print(f"serving {args.out} on http://{args.listen}/ (read-only)")
+            try:
+                server.serve_forever()
+            finally:
+                server.server_close()
         return 0
     if args.audit_cmd == "report":
         sys.stdout.write(render(build_report(store, args.start, args.end), args.format))

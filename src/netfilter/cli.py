@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("prove", "print an inclusion or consistency proof"),
                        ("report", "aggregate counts for a period (never per person)"),
                        ("export-authority", "per entry: hits, first/last seen (signed)"),
-                       ("tiles", "write (and optionally serve) the C2SP tlog-tiles layout")):
+                       ("tiles", "write (and optionally serve) the C2SP tlog-tiles layout"),
+                       ("cosign", "store witness cosignatures of the latest checkpoint")):
         cmd = asub.add_parser(name, help=text)
         where = cmd.add_mutually_exclusive_group(required=True)
         where.add_argument("--log", help="the audit log (SQLite file)")
@@ -122,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             cmd.add_argument("--format", choices=["text", "csv", "json", "html"],
                              default="text")
+        if name == "cosign":
+            cmd.add_argument("--witness", action="append", default=[], metavar="VKEY",
+                             help="a trusted witness key (default: audit.witnesses)")
+            cmd.add_argument("signatures", metavar="FILE",
+                             help="the witness's signature line(s), - for stdin")
         if name == "tiles":
             cmd.add_argument("--out", required=True, metavar="DIR")
             cmd.add_argument("--listen", metavar="HOST:PORT",

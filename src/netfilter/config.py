@@ -128,6 +128,7 @@ class AuditSettings(_Section):
     client: Literal["none", "truncated", "pseudonym", "full"] = "pseudonym"
     retention_days: int = Field(90, ge=1, le=3650)
     checkpoint_interval: float = Field(60, gt=0)  # seconds
+    witnesses: list[str] = Field(default_factory=list)  # cosigner keys name+hash+base64
 
 
 class MetricsSettings(_Section):

@@ -12,8 +12,9 @@ from netfilter.audit import merkle
 from netfilter.audit.note import Signer
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore
-from netfilter.audit.verify import checkpoint_origin, verify_log
 from netfilter.audit.tiles import serve_tiles, write_tiles
+from netfilter.audit.verify import checkpoint_origin, verify_log
+from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.config import load_config, parse_hostport
 from netfilter.errors import NetfilterError
 from netfilter.keys import load_private_key, load_public_key
@@ -50,7 +51,19 @@ def run(args: argparse.Namespace) -> int:
         latest = store.latest_checkpoint()
         if latest is None:
             raise NetfilterError(store.path, "no signed checkpoint yet")
-        sys.stdout.write(latest.note.decode())
+        sys.stdout.write(with_cosignatures(store, latest).decode())
+        return 0
+    if args.audit_cmd == "cosign":
+        latest = store.latest_checkpoint()
+        if latest is None:
+            raise NetfilterError(store.path, "no signed checkpoint yet")
+        keys = list(args.witness)
+        if not keys and args.config:
+            settings = load_config(args.config)
+            keys = list(settings.audit.witnesses) if settings.audit else []
+        text = sys.stdin.read() if args.signatures == "-" else Path(args.signatures).read_text()
+        names = add_cosignatures(store, latest, text, keys)
+        print(f"stored cosignatures of checkpoint {latest.size} by {', '.join(names)}")
         return 0
     if args.audit_cmd == "tiles":
         size = write_tiles(store, args.out)

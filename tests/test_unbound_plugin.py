@@ -171,3 +171,19 @@ def test_blocks_are_audit_events_and_the_log_verifies(
     assert "again" not in json.dumps(events)
     report = verify_log(store, load_public_key(plugin.directory / "node.pub"))
     assert report.ok and report.size == len(events) and report.checkpoints >= 1
+
+
+def test_broken_config_fails_closed_and_says_so_once(
+        servers: tuple[Unbound, PluginUnbound], tmp_path: Path) -> None:
+    upstream, _ = servers
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(yaml.safe_dump({"lists": [{"path": str(tmp_path / "absent.nfl"),
+                                                 "trust": [str(DEMO_PUB)]}]}),
+                      encoding="utf-8")
+    broken = PluginUnbound(tmp_path, upstream, config)
+    with broken:  # ready: its probe query got an answer (SERVFAIL counts)
+        for _ in range(5):
+            response = udp(dns.message.make_query("clean.example", "A"), broken.port)
+            assert response.rcode() == dns.rcode.SERVFAIL  # never resolved unfiltered
+    assert broken.log().count("cannot load, answering SERVFAIL") == 1
+    assert "absent.nfl: file not found" in broken.log()

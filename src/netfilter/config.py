@@ -31,8 +31,11 @@ __all__ = [
 ]
 
 
-def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """`127.0.0.1:53`, `[::1]:53` or (with a default port) a bare address."""
+def parse_hostport(value: str, default_port: int | None = None,
+                   *, any_port: bool = False) -> tuple[str, int]:
+    """`127.0.0.1:53`, `[::1]:53` or (with a default port) a bare address.
+
+    `any_port` admits port 0 (listen on a port the system picks: tests, tools)."""
     text = value.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -51,13 +54,14 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"{value!r} has no port")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{value!r}: port must be 1-65535")
+    lowest = 0 if any_port else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be {lowest}-65535")
     return host, int(port_text)
 
 
 def _hostport(value: str) -> str:
-    parse_hostport(value)
+    parse_hostport(value, any_port=True)
     return value
 
 

@@ -81,7 +81,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         await self.upstream.start()
         for listen in self.settings.listen:
-            host, port = parse_hostport(listen)
+            host, port = parse_hostport(listen, any_port=True)
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpListener(self), local_addr=(host, port))
             self._transports.append(transport)

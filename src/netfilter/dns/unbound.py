@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ from netfilter.config import DnsSettings, load_config
 from netfilter.dns.answers import extra_text
 from netfilter.dns.wire import EDE_OPTION
 from netfilter.engine import Answer, Engine, Verdict
+from netfilter.errors import NetfilterError
 from netfilter.serve import make_engine
 
 __all__ = ["Plugin"]
 
 log = logging.getLogger(__name__)
 TYPE_A, TYPE_AAAA, TYPE_CNAME = 1, 28, 5
+RETRY = 30.0  # seconds between attempts to load a broken config
 _RCODES = {Answer.NXDOMAIN: "RCODE_NXDOMAIN", Answer.REFUSED: "RCODE_REFUSED",
            Answer.STOPPAGE: "RCODE_NOERROR"}
 
@@ -43,15 +46,27 @@ class Plugin:
         self._engine: Engine | None = None
         self._settings = DnsSettings()
         self._lock = threading.Lock()
+        self._retry_at = 0.0
 
     @property
     def engine(self) -> Engine:
+        """The engine, built on first use. If the config or lists cannot be loaded the
+        module fails closed (SERVFAIL: never resolve unfiltered), says why once, and
+        tries again every RETRY seconds rather than on every query."""
         if self._engine is None:
             with self._lock:
                 if self._engine is None:
-                    settings = load_config(self.config_path)
-                    self._settings = settings.dns or DnsSettings()
-                    self._engine = make_engine(settings)
+                    if time.monotonic() < self._retry_at:
+                        raise NetfilterError(self.config_path, "not loaded (see above)")
+                    try:
+                        settings = load_config(self.config_path)
+                        self._settings = settings.dns or DnsSettings()
+                        self._engine = make_engine(settings)
+                    except NetfilterError as e:
+                        self._retry_at = time.monotonic() + RETRY
+                        log.error("netfilter: cannot load, answering SERVFAIL; retry in "
+                                  "%d s: %s", RETRY, e)
+                        raise
                     log.info("netfilter: lists loaded for unbound from %s", self.config_path)
         return self._engine
 
@@ -65,6 +80,13 @@ class Plugin:
     # ------------------------------------------------------------ the module API
 
     def operate(self, module_id: int, event: int, qstate: Any, qdata: Any) -> bool:
+        try:
+            return self._operate(module_id, event, qstate)
+        except NetfilterError:
+            qstate.ext_state[module_id] = ub.MODULE_ERROR
+            return True
+
+    def _operate(self, module_id: int, event: int, qstate: Any) -> bool:
         if event in (ub.MODULE_EVENT_NEW, ub.MODULE_EVENT_PASS):
             verdict = self._check(qstate.qinfo.qname_str, qstate)
             if verdict is not None and verdict.blocked:

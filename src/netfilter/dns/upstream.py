@@ -46,7 +46,7 @@ class _Ids:
         return value
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     query: bytes  # as sent upstream (our id)
     question: bytes  # the question section, to match the response

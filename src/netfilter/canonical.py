@@ -468,25 +468,17 @@ def name_suffixes(name: str) -> list[str]:
 
     The shortcut accepts exactly what canonical_host's fast path accepts (lowercase
     LDH labels, the last starting with a letter, one optional trailing dot), tested
-    cheaper: one character-class match plus string tests; such a name is never an IP
-    literal, so the suffixes follow directly. Resolvers call this for every query.
+    cheaper: one character-class match plus string tests. Resolvers call this for
+    every query.
     """
     if _LDH_CHARS(name) is None:
         return host_suffixes(canonical_host(name))
     host = name[:-1] if name[-1] == "." else name
     if not host or host[0] == "." or ".." in host:
         return host_suffixes(canonical_host(name))
-    d1 = host.rfind(".")
-    if not "a" <= host[d1 + 1 : d1 + 2] <= "z":
+    last = host[host.rfind(".") + 1 :]
+    if not "a" <= last[:1] <= "z":
         return host_suffixes(canonical_host(name))
-    if d1 < 0:
-        return [host]
-    d2 = host.rfind(".", 0, d1)
-    if d2 < 0:
-        return [host]
-    d3 = host.rfind(".", 0, d2)
-    if d3 < 0:
-        return [host, host[d2 + 1 :]]
     return host_suffixes(host)
 
 

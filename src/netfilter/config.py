@@ -119,12 +119,21 @@ class DnsSettings(_Section):
 
 class ProxySettings(_Section):
     listen: HostPort = "127.0.0.1:8080"
-    intercept: Literal["none", "selective", "all"] = "selective"
+    intercept: Literal["none", "selective", "all"] = "selective"  # TLS: which hosts to decrypt
+    confdir: Path | None = None  # mitmproxy confdir holding its CA (mitmproxy-ca.pem)
+    # Destinations the proxy may connect to (CIDRs or host patterns like *.example); any
+    # other is answered 403 without connecting. Empty: no restriction.
+    allowed_destinations: list[str] = Field(default_factory=list)
 
 
 class StoppageSettings(_Section):
     listen: HostPort = "127.0.0.1:8081"
     default_language: str = Field("en", pattern=r"^[a-z]{2,3}$")
+    operator: str | None = Field(None, max_length=200)  # who enforces the block (the page says)
+    operator_url: str | None = Field(None, max_length=500)  # Link: <...>; rel="blocked-by"
+    help_service: str | None = Field(None, max_length=500)  # optional confidential help text
+    help_url: str | None = Field(None, max_length=500)
+    templates: Path | None = None  # a directory overriding the shipped templates
 
 
 class AuditSettings(_Section):

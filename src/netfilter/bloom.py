@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BITS_PER_ENTRY", "PROBE_FIELDS", "TABLE_MASK", "BlockedBloom", "pattern_masks"]
+__all__ = ["BITS_PER_ENTRY", "PROBE_FIELDS", "TABLE_MASK", "BlockedBloom", "pattern_arrays",
+           "pattern_masks"]
 
 BITS_PER_ENTRY = 28
 PATTERN_BITS = 4  # bits set per pattern, one pattern per word
@@ -44,6 +45,13 @@ def _patterns() -> npt.NDArray[np.uint64]:
     for k in range(PATTERN_BITS):
         masks |= np.uint64(1) << bits[:, :, k]
     return masks
+
+
+@functools.cache
+def pattern_arrays() -> tuple[array[int], array[int]]:
+    """The patterns as two array('Q') buffers, for the C probe."""
+    masks = _patterns()
+    return array("Q", masks[0].tobytes()), array("Q", masks[1].tobytes())
 
 
 @functools.cache

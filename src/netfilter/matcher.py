@@ -18,12 +18,13 @@ import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from netfilter.bloom import TABLE_MASK, BlockedBloom, pattern_masks
+from netfilter.bloom import TABLE_MASK, BlockedBloom, pattern_arrays, pattern_masks
 from netfilter.canonical import host_suffixes, path_prefixes
 from netfilter.digest import HashName, hmac_key_id, make_hasher
 from netfilter.errors import BundleError
@@ -31,6 +32,12 @@ from netfilter.listfile import Bundle, Transparency, pack_entries
 from netfilter.listsource import Kind, SourceEntry
 
 __all__ = ["DigestTable", "ListMatcher", "Match", "Source"]
+
+_fastpath: ModuleType | None
+try:  # the C hot loop, built at install where a compiler is available
+    from netfilter import _fastpath
+except ImportError:  # pragma: no cover - exercised where no compiler was present
+    _fastpath = None
 
 Source = Literal["authority", "local", "exception"]
 _FIRST = struct.Struct(">IH")  # BlockedBloom's first word and pattern (bloom.PROBE_FIELDS)
@@ -220,104 +227,60 @@ class ListMatcher:
     def _make_checks(self) -> None:
         """Build the hot-path checks as closures over locals.
 
-        Hashing and the Bloom probe are inlined (the same arithmetic as
-        BlockedBloom.contains; the tests hold the two equal): on a clean URL they are
-        almost all the work, and a Python call or attribute look-up per digest would
-        cost a third more.
+        `pairs(hosts, tails)` yields (i, j, digest) for every host + tail expression the
+        Bloom filter may hold: in C (`netfilter._fastpath`: hashing and probing are
+        almost all the work of a clean check) or, where the extension is not built, in
+        Python with the same arithmetic as BlockedBloom.contains. Only those few
+        candidates reach the exact look-up.
         """
         key = self._hmac_key
-        sha256, keyed = hashlib.sha256, hmac.digest
-        first_word, second_word = _FIRST.unpack_from, _SECOND.unpack_from
-        first, second = pattern_masks()
-        words, nwords, low = self.bloom.words, self.bloom.nwords, TABLE_MASK
+        words, nwords = self.bloom.words, self.bloom.nwords
         find = self._entries.find
         in_index = self._hosts.find if self._hosts is not None else None
-        has_url_entries = self._has_url_entries
-        expand_all = in_index is None and has_url_entries
+        expand_all = in_index is None and self._has_url_entries
         match = self._match
-
-        def second_word_set(digest: bytes) -> bool:
-            """The filter's second word; callers test the first one inline."""
-            w: int
-            a: int
-            w, a = second_word(digest, 6)
-            mask = second[a & low]
-            return words[(w * nwords) >> 32] & mask == mask
-
-        def maybe(digest: bytes) -> bool:
-            w: int
-            a: int
-            w, a = first_word(digest)
-            mask = first[a & low]
-            return words[(w * nwords) >> 32] & mask == mask and second_word_set(digest)
+        slash = ["/"]
+        pairs = _fast_pairs(words, key) or _python_pairs(words, nwords, key)
 
         def check_host_suffixes(suffixes: Sequence[str],
                                 tried: list[str] | None = None) -> Match | None:
-            for suffix in suffixes:
-                expression = suffix + "/"
-                if tried is not None:
-                    tried.append(expression)
-                data = expression.encode()
-                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
-                w, a = first_word(digest)
-                mask = first[a & low]
-                if words[(w * nwords) >> 32] & mask == mask and second_word_set(digest):
-                    position = find(digest)
-                    if position >= 0:
-                        return match(position, expression)
+            if tried is not None:
+                tried.extend(s + "/" for s in suffixes)
+            for i, _, digest in pairs(list(suffixes), slash):
+                position = find(digest)
+                if position >= 0:
+                    return match(position, suffixes[i] + "/")
             return None
 
         def url_entries_on(suffixes: Sequence[str]) -> list[str]:
             """The suffixes (of a host with no domain-level entry) in the host index."""
             if in_index is None:
                 return list(suffixes) if expand_all else []
-            found = []
-            for suffix in suffixes:
-                data = (suffix + "/").encode()
-                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
-                if maybe(digest) and in_index(digest) >= 0:
-                    found.append(suffix)
-            return found
+            return [suffixes[i] for i, _, digest in pairs(list(suffixes), slash)
+                    if in_index(digest) >= 0]
 
         def check_parts(host: str, path: str, tried: list[str] | None = None) -> Match | None:
             suffixes = host_suffixes(host)
-            expand: list[str] | None = None
-            for suffix in suffixes:
-                expression = suffix + "/"
-                if tried is not None:
-                    tried.append(expression)
-                data = expression.encode()
-                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
-                w, a = first_word(digest)
-                mask = first[a & low]
-                if words[(w * nwords) >> 32] & mask == mask and second_word_set(digest):
-                    position = find(digest)
-                    if position >= 0:
-                        return match(position, expression)
-                    if in_index is not None and in_index(digest) >= 0:
-                        if expand is None:
-                            expand = []
-                        expand.append(suffix)
+            if tried is not None:
+                tried.extend(s + "/" for s in suffixes)
+            expand: list[str] = []
+            for i, _, digest in pairs(suffixes, slash):
+                position = find(digest)
+                if position >= 0:
+                    return match(position, suffixes[i] + "/")
+                if in_index is not None and in_index(digest) >= 0:
+                    expand.append(suffixes[i])
             if expand_all:
                 expand = suffixes
-            if expand is None:
+            if not expand:
                 return None
-            return check_paths(expand, path, tried)
-
-        def check_paths(expand: Sequence[str], path: str,
-                        tried: list[str] | None) -> Match | None:
             paths = [p for p in path_prefixes(path) if p != "/"]
-            for suffix in expand:
-                for prefix in paths:
-                    expression = suffix + prefix
-                    if tried is not None:
-                        tried.append(expression)
-                    data = expression.encode()
-                    digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
-                    if maybe(digest):
-                        position = find(digest)
-                        if position >= 0:
-                            return match(position, expression)
+            if tried is not None:
+                tried.extend(s + p for s in expand for p in paths)
+            for i, j, digest in pairs(expand, paths):
+                position = find(digest)
+                if position >= 0:
+                    return match(position, expand[i] + paths[j])
             return None
 
         def has_url_entries_on(suffixes: Sequence[str]) -> bool:
@@ -330,3 +293,39 @@ class ListMatcher:
         """Domain-level entries only, for host suffixes: what a resolver can enforce."""
         self.has_url_entries_on: Callable[[Sequence[str]], bool] = has_url_entries_on
         """First stage: may a URL on these host suffixes match a URL-level entry?"""
+
+
+Pairs = Callable[[list[str], list[str]], Iterable[tuple[int, int, bytes]]]
+
+
+def _fast_pairs(words: array[int], key: bytes | None) -> Pairs | None:
+    """The C candidate generator, or None where the extension is not built."""
+    if _fastpath is None:
+        return None
+    first, second = pattern_arrays()
+    maybe: Pairs = _fastpath.Filter(words, first, second, key or b"").maybe
+    return maybe
+
+
+def _python_pairs(words: array[int], nwords: int, key: bytes | None) -> Pairs:
+    """The same candidates in Python (no compiler at install): same arithmetic."""
+    sha256, keyed = hashlib.sha256, hmac.digest
+    first_word, second_word = _FIRST.unpack_from, _SECOND.unpack_from
+    first, second = pattern_masks()
+    low = TABLE_MASK
+
+    def pairs(hosts: list[str], tails: list[str]) -> Iterable[tuple[int, int, bytes]]:
+        for i, host in enumerate(hosts):
+            for j, tail in enumerate(tails):
+                data = (host + tail).encode()
+                digest = sha256(data).digest() if key is None else keyed(key, data, "sha256")
+                w, a = first_word(digest)
+                mask = first[a & low]
+                if words[(w * nwords) >> 32] & mask != mask:
+                    continue
+                w, a = second_word(digest, 6)
+                mask = second[a & low]
+                if words[(w * nwords) >> 32] & mask == mask:
+                    yield i, j, digest
+
+    return pairs

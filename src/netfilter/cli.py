@@ -137,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="the node key (default: node.key of --config)")
 
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
-    srv.add_argument("parts", nargs="*", choices=["dns", "proxy", "stoppage"], metavar="PART",
-                     help="limit the start to these parts (default: every configured one)")
+    srv.add_argument("parts", nargs="*", metavar="PART",
+                     help="dns, proxy, stoppage: limit the start to these parts "
+                          "(default: every configured one)")
     srv.add_argument("--config", required=True)
     return p
 

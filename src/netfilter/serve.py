@@ -22,7 +22,7 @@ __all__ = ["PARTS", "event_sink", "serve"]
 
 log = logging.getLogger(__name__)
 PARTS = ("dns", "proxy", "stoppage")
-AVAILABLE = ("dns",)
+AVAILABLE = ("dns", "stoppage")
 
 
 def event_sink(settings: Settings) -> EventSink:
@@ -50,6 +50,8 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
     configured = [p for p in PARTS if getattr(settings, p) is not None]
     chosen = list(parts) or configured
     for part in chosen:
+        if part not in PARTS:
+            raise ConfigError(part, f"not a part to serve (one of: {', '.join(PARTS)})")
         if getattr(settings, part) is None:
             raise ConfigError(part, "asked to serve it, but the config has no such section")
         if part not in AVAILABLE:
@@ -58,24 +60,30 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
             log.warning("%s: section present but not available in this version", part)
     chosen = [p for p in chosen if p in AVAILABLE]
     if not chosen:
-        raise ConfigError("serve", "nothing to serve: add a dns section to the config")
+        raise ConfigError("serve", "nothing to serve: add a dns or stoppage section")
     return chosen
 
 
 async def _run(settings: Settings, parts: list[str], engine: Engine) -> None:
     from netfilter.dns.server import DnsServer
+    from netfilter.stoppage import Renderer
+    from netfilter.stoppage.server import StopPageServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, engine.reload))
-    servers = []
+    servers: list[DnsServer | StopPageServer] = []
     if "dns" in parts:
         assert settings.dns is not None
-        dns = DnsServer(engine, settings.dns)
-        await dns.start()
-        servers.append(dns)
+        servers.append(DnsServer(engine, settings.dns))
+    if "stoppage" in parts:
+        assert settings.stoppage is not None
+        renderer = Renderer(settings.stoppage, base=settings.base)
+        servers.append(StopPageServer(engine, settings.stoppage, renderer=renderer))
+    for server in servers:
+        await server.start()
     log.info("netfilter: serving %s", ", ".join(parts))
     try:
         await stop.wait()

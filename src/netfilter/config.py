@@ -70,6 +70,12 @@ def _upstream(value: str) -> str:
     return value
 
 
+def _key_file(value: Path) -> Path:
+    if value.suffix != ".key":
+        raise ValueError("must name a NAME.key file (NAME.pub is written beside it)")
+    return value
+
+
 HostPort = Annotated[str, AfterValidator(_hostport)]
 Upstream = Annotated[str, AfterValidator(_upstream)]
 
@@ -80,7 +86,8 @@ class _Section(BaseModel):
 
 class NodeSettings(_Section):
     id: str = Field("node", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # audit origin
-    key: Path = Path("var/node.key")  # Ed25519 node key; created on first start
+    # Ed25519 node key NAME.key; created with NAME.pub beside it on first start
+    key: Annotated[Path, AfterValidator(_key_file)] = Path("var/node.key")
 
 
 class ListSettings(_Section):

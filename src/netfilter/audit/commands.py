@@ -45,6 +45,15 @@ def _export_signer(store: AuditStore, args: argparse.Namespace) -> Signer:
                                    load_private_key(settings.resolve(settings.node.key)))
 
 
+def _read_checkpoint_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise NetfilterError(path, "checkpoint file not found") from e
+    except OSError as e:
+        raise NetfilterError(path, f"cannot read the checkpoint ({e.strerror})") from e
+
+
 def run(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.audit_cmd == "checkpoint":
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(authority_export(store, args.start, args.end, signer).decode())
         return 0
     if args.audit_cmd == "verify":
-        since = Path(args.since).read_bytes() if args.since else None
+        since = _read_checkpoint_file(args.since) if args.since else None
         report = verify_log(store, load_public_key(args.trust), since)
         summary = (f"{report.size} events, {report.checkpoints} signed checkpoints, "
                    f"{report.removed} event bodies removed by retention (leaf hashes kept)")
@@ -126,6 +135,8 @@ def _prove(store: AuditStore, args: argparse.Namespace) -> int:
                 print(f"{key}:")
                 for item in value:
                     print(f"  {item}")
+            elif value is None:
+                print(f"{key}: (removed by retention; its leaf hash is in the tree)")
             else:
                 print(f"{key}: {value}")
     return 0

@@ -23,6 +23,7 @@ from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
 from netfilter.events import Event
+from netfilter.errors import KeyFileError
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 
 __all__ = ["AuditLog", "load_node_key"]
@@ -33,9 +34,10 @@ _STOP = b""
 
 def load_node_key(path: Path) -> PrivateKey:
     """The node's Ed25519 key, created (NAME.key 0600 + NAME.pub) on first start."""
+    if path.suffix != ".key":
+        raise KeyFileError(path, "a node key must be a NAME.key file (NAME.pub beside it)")
     if not path.exists():
-        base = path.with_suffix("") if path.suffix == ".key" else path
-        generate_keypair(base)
+        generate_keypair(path.with_suffix(""))
         log.info("created node key %s", path)
     return load_private_key(path)
 
@@ -72,6 +74,7 @@ class AuditLog:
         self.waits = 0  # record() calls that had to wait for room (a metric)
         self.appended = 0
         self._keys: dict[str, bytes] = {}
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -82,6 +85,9 @@ class AuditLog:
         if not event.time:
             event = replace(event, time=datetime.now(UTC).isoformat(timespec="milliseconds"))
         data = event.to_json().encode()
+        if self._closed:  # late events (shutdown races) are written, never dropped
+            self._append([data])
+            return
         try:
             self.queue.put_nowait(data)
         except queue.Full:
@@ -107,6 +113,7 @@ class AuditLog:
         """Commit what is queued, sign a last checkpoint, stop the writer."""
         self.queue.put(_STOP)
         self._thread.join(timeout=60)
+        self._closed = True
         self.checkpoint()
 
     # ------------------------------------------------------------ writer side

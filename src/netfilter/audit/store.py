@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS pseudonym_keys (
 """
 
 
+def _blob(value: bytes | str) -> bytes:
+    """A BLOB column as bytes, also when someone stored TEXT in it (e.g. by editing)."""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 @dataclass(frozen=True)
 class StoredLeaf:
     index: int
@@ -163,22 +168,24 @@ class AuditStore:
 
     def leaves(self, start: int = 0, end: int | None = None,
                batch: int = 20000) -> Iterator[StoredLeaf]:
-        """Leaves in index order, fetched in batches (a million rows need no list)."""
+        """Leaves in index order, fetched in batches (a million rows need no list).
+
+        Paged by the last index seen, not by fixed windows: a gap in the indexes (rows
+        deleted by someone) must reach the verifier, not end the iteration."""
         db = self._connection()
         last = self.size() if end is None else end
         at = start
         while at < last:
             rows = db.execute(
                 "SELECT idx, hash, event, day, removed FROM leaves"
-                " WHERE idx >= ? AND idx < ? ORDER BY idx", (at, min(last, at + batch)))
-            got = 0
-            for idx, h, event, day, removed in rows:
-                got += 1
-                yield StoredLeaf(int(idx), bytes(h), None if event is None else bytes(event),
-                                 day, removed)
-            if not got:
+                " WHERE idx >= ? AND idx < ? ORDER BY idx LIMIT ?", (at, last, batch)
+            ).fetchall()
+            if not rows:
                 return
-            at += batch
+            for idx, h, event, day, removed in rows:
+                yield StoredLeaf(int(idx), _blob(h), None if event is None else _blob(event),
+                                 day, removed)
+            at = int(rows[-1][0]) + 1
 
     def leaf(self, index: int) -> StoredLeaf | None:
         return next(self.leaves(index, index + 1), None)

@@ -22,8 +22,8 @@ from netfilter.audit.checkpoint import Checkpoint, sign_checkpoint
 from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
-from netfilter.events import Event
 from netfilter.errors import KeyFileError
+from netfilter.events import Event
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 
 __all__ = ["AuditLog", "load_node_key"]

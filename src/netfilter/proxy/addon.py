@@ -1,0 +1,532 @@
+"""The mitmproxy addon: one class, one hook set over the engine.
+
+Start:  mitmdump -s addons/netfilter_proxy.py --set netfilter_config=netfilter.yaml
+(regular mode, or `--mode transparent`). The addon sets `connection_strategy=lazy`
+itself, so mitmproxy opens an upstream connection only for a request it forwards.
+
+Per connection and request, in hook order:
+
+- `http_connect` (regular mode): the CONNECT host is decided (decisions.py). A
+  domain-level block without interception is answered 451 (a browser then shows its
+  own tunnel error, not the page: it never displays a CONNECT answer); with
+  interception the tunnel is accepted and the stop page is served inside TLS. A
+  destination outside `proxy.allowed_destinations` is answered 403.
+- `tls_clienthello`: the SNI is decided too (a block on either name blocks; an SNI
+  other than the CONNECT host is logged). PASS sets `ignore_connection`: the TLS is
+  relayed untouched and never decrypted.
+- `requestheaders`: every HTTP request, plain or decrypted. On a decrypted connection
+  the request's own authority is compared with the connection's name first (HTTP/2
+  reuses a connection for other names): a name that needs another decision gets 421
+  Misdirected Request, so the browser opens a connection of its own for it. Then the
+  URL is checked; a block gets the 451 stop page.
+- `server_connect`: the last guard before any upstream connection: nothing is opened
+  for a blocked connection or outside `proxy.allowed_destinations` (and
+  `netfilter_resolve` routes are applied here).
+
+The engine records every block (frontend `proxy`): each blocked request, each refused
+CONNECT or TLS connection, and once for an intercepted domain-blocked connection
+(its stop pages are not recorded again). Lists reload without a restart and without
+failing requests in flight: on SIGHUP, with the `netfilter.reload` command, or when
+`netfilter_config` is set again (then only if a file changed); the engine swaps its
+lists atomically, and a refused bundle leaves the lists in force.
+
+Fail closed: a bad config at startup is an OptionsError and mitmdump exits; a bad
+config set later is refused and the one in force stays; an addon without a config
+answers every request 503 and connects nowhere.
+
+Limits: with `intercept: none` (the default without `proxy.confdir`) URL-level
+entries are enforced for plain HTTP only, HTTPS hosts are checked by name. In
+transparent mode block UDP 443 at the gateway, so browsers do not use QUIC (HTTP/3),
+which this proxy does not see. Leave `ignore_hosts`/`allow_hosts` empty: connections
+they exempt skip the TLS check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mitmproxy import command, connection, ctx, exceptions, http, tls
+from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http import url
+from mitmproxy.proxy import server_hooks
+
+from netfilter import InvalidURL
+from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
+from netfilter.engine import Engine, Verdict
+from netfilter.errors import ConfigError, NetfilterError
+from netfilter.proxy.decisions import (
+    HostDecision,
+    InterceptMode,
+    TlsAction,
+    combine,
+    decide_host,
+    intercept_mode,
+)
+from netfilter.proxy.destinations import DestinationPolicy, Routes, normalize_host
+from netfilter.proxy.replies import refusal, stop_page
+from netfilter.serve import make_engine
+from netfilter.stoppage import Renderer
+
+__all__ = ["ConnState", "NetfilterAddon", "Runtime", "build_runtime"]
+
+log = logging.getLogger(__name__)
+
+OPTION = "netfilter_config"
+RESOLVE_OPTION = "netfilter_resolve"
+NOT_CONFIGURED = ("netfilter: the filter is not configured (netfilter_config); "
+                  "the proxy refuses all traffic until it is")
+
+FileStamp = tuple[str, int, int] | tuple[str, None, None]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything one config file yields; replaced as a whole on a config change."""
+
+    path: str
+    settings: Settings
+    engine: Engine
+    renderer: Renderer
+    policy: DestinationPolicy
+    mode: InterceptMode
+    confdir: Path | None  # the CA directory from proxy.confdir (resolved), if any
+    stamps: tuple[FileStamp, ...] = ()
+
+    def close(self) -> None:
+        close = getattr(self.engine.sink, "close", None)
+        if close is not None:
+            close()  # commits queued events and signs a last checkpoint
+
+
+@dataclass
+class ConnState:
+    """What was decided for one client connection (CONNECT and/or TLS)."""
+
+    connect_host: str | None = None
+    host: str | None = None  # the name the connection is for: SNI, else CONNECT host
+    decision: HostDecision | None = None
+    intercepted: bool = False  # TLS terminated by the proxy
+    refused: bool = False  # blocked, not interceptable: never connect, close
+    sni_mismatch: str | None = None  # an SNI other than the CONNECT host
+
+    @property
+    def sees_requests_for(self) -> TlsAction | None:
+        """The connection-level action when its requests pass through the addon."""
+        if self.decision is None or self.decision.action is TlsAction.PASS:
+            return None
+        return self.decision.action
+
+
+def _stamp(path: Path) -> FileStamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None, None)
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def file_stamps(path: str, settings: Settings) -> tuple[FileStamp, ...]:
+    """The config file and every file the lists come from, to tell if one changed."""
+    files = [Path(path)]
+    for item in settings.lists:
+        files.append(settings.resolve(item.path))
+        files.extend(settings.resolve(k) for k in item.trust)
+        if item.hmac_key is not None:
+            files.append(settings.resolve(item.hmac_key))
+    for local in (settings.local.block, settings.local.allow):
+        if local is not None:
+            files.append(settings.resolve(local))
+    return tuple(_stamp(f) for f in files)
+
+
+def build_runtime(path: str, settings: Settings | None = None) -> Runtime:
+    """Load `path` and build engine, renderer and policies; NetfilterError on any
+    problem (naming the file and key), nothing half-built."""
+    if settings is None:
+        settings = load_config(path)
+    proxy = settings.proxy or ProxySettings()
+    try:
+        policy = DestinationPolicy.parse(proxy.allowed_destinations)
+    except ValueError as e:
+        raise ConfigError(f"{path}: proxy.allowed_destinations", str(e)) from e
+    renderer = Renderer(settings.stoppage or StoppageSettings(), base=settings.base)
+    try:
+        engine = make_engine(settings)
+    except NetfilterError:
+        raise
+    except Exception as e:  # a store or key file the OS refuses: one clear line
+        raise ConfigError(path, f"cannot start the engine: {e}") from e
+    confdir = settings.resolve(proxy.confdir) if proxy.confdir is not None else None
+    return Runtime(path, settings, engine, renderer, policy, intercept_mode(proxy), confdir,
+                   file_stamps(path, settings))
+
+
+def _client_ip(client: connection.Client) -> str | None:
+    peer = client.peername
+    return str(peer[0]) if peer else None
+
+
+def _url(scheme: str, host: str, port: int, path: str) -> str:
+    # mitmproxy's Request.url leaves an IPv6 host unbracketed ("http://::1:80/").
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{scheme}://{host}:{port}{path}"
+
+
+def _urls(request: http.Request) -> tuple[str, str]:
+    """(the URL the client asked for, by Host/:authority; the one mitmproxy dials)."""
+    scheme = request.scheme or "http"
+    path = request.path if request.path.startswith("/") else f"/{request.path}"
+    dialled = _url(scheme, request.host, request.port, path)
+    authority = request.host_header
+    if not authority:
+        return dialled, dialled
+    try:
+        host, port = url.parse_authority(authority, check=False)
+    except ValueError:
+        return dialled, dialled
+    if port is None:
+        port = url.default_port(scheme) or request.port
+    return _url(scheme, host, port, path), dialled
+
+
+def _options_error(message: str) -> exceptions.OptionsError:
+    """mitmproxy's error for a bad option value (its constructor is untyped)."""
+    return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]
+
+
+def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
+    # A request marked for streaming (its Content-Length above `stream_large_bodies`,
+    # decided by mitmproxy before `requestheaders` runs) cannot carry a response set
+    # by an addon: mitmproxy 11 raises "Can't set a response and enable streaming at
+    # the same time". Switched off, the request is never sent upstream; mitmproxy
+    # drains its body and then sends this answer. (While it drains, 11.0.2 checks
+    # the size again and logs that same error once per `stream_large_bodies` of
+    # body; the answer still goes out.)
+    flow.request.stream = False
+    flow.response = response
+
+
+class NetfilterAddon:
+    """Checks every HTTP request and decides every TLS connection through the engine."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.routes = Routes()
+        self.conns: dict[str, ConnState] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reloading: asyncio.Future[Runtime | None] | None = None
+
+    # ------------------------------------------------------------ options
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            OPTION, str, "",
+            "The netfilter YAML config (lists, proxy, stoppage, audit). Required: "
+            "without it the proxy refuses all traffic. Set it again to reload the "
+            "lists (SIGHUP and the netfilter.reload command do too).",
+        )
+        loader.add_option(
+            RESOLVE_OPTION, Sequence[str], [],
+            "Connect to a fixed address for a name instead of resolving it: "
+            "NAME=ADDRESS or *.SUFFIX=ADDRESS (for test rigs and labs whose names "
+            "resolve nowhere). Host header, SNI and all checks keep the name.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if RESOLVE_OPTION in updated:
+            try:
+                self.routes = Routes.parse(ctx.options.netfilter_resolve)
+            except ValueError as e:
+                raise _options_error(f"{RESOLVE_OPTION}: {e}") from None
+        if OPTION in updated:
+            self._configure_config(ctx.options.netfilter_config)
+        elif self.runtime is not None and updated & {"connection_strategy", "confdir"}:
+            self._require_options(self.runtime)
+
+    def _configure_config(self, path: str) -> None:
+        if not path:
+            if self.runtime is not None:
+                log.warning("netfilter: %s unset; refusing all traffic", OPTION)
+                self._install(None)
+            return
+        current = self.runtime
+        try:
+            settings = load_config(path)
+            if current is not None and current.path == path and current.settings == settings:
+                stamps = file_stamps(path, settings)
+                if stamps != current.stamps:
+                    log.info("netfilter: list files changed; reloading the lists")
+                    current.engine.reload()
+                    self.runtime = replace(current, stamps=stamps)
+                return
+            runtime = build_runtime(path, settings)
+        except NetfilterError as e:
+            # `from None`: the message names file, key and reason; a user's mistake
+            # needs no chain of tracebacks (mitmdump prints the one it gets and, at
+            # startup, exits).
+            raise _options_error(f"{OPTION}: {e}") from None
+        self._install(runtime)
+
+    def _install(self, runtime: Runtime | None) -> None:
+        old, self.runtime = self.runtime, runtime
+        if runtime is not None:
+            self._require_options(runtime)
+            proxy = runtime.settings.proxy or ProxySettings()
+            ca = runtime.confdir or Path(os.path.expanduser(ctx.options.confdir))
+            log.info("netfilter: %d entries in force; intercept=%s (CA in %s); "
+                     "allowed destinations: %s", len(runtime.engine.lists), runtime.mode,
+                     ca if runtime.mode != "none" else "not used", runtime.policy)
+            if runtime.mode != "none" and proxy.confdir is None:
+                log.warning("netfilter: intercept=%s without proxy.confdir uses "
+                            "mitmproxy's CA in %s: clients must trust it",
+                            runtime.mode, ca)
+            if "stream_large_bodies" in ctx.options and ctx.options.stream_large_bodies:
+                log.warning("netfilter: with stream_large_bodies set, mitmproxy 11 logs an "
+                            "internal error while it drains a blocked upload larger than "
+                            "that (the stop page is still sent, nothing is forwarded)")
+            if ctx.options.ignore_hosts or ctx.options.allow_hosts:
+                log.warning("netfilter: ignore_hosts/allow_hosts let connections bypass "
+                            "the TLS (SNI) check; leave them empty")
+        if old is not None and old is not runtime:
+            old.close()
+
+    def _require_options(self, runtime: Runtime) -> None:
+        # The upstream must not be contacted before a request is decided: mitmproxy's
+        # default `eager` strategy connects at CONNECT and before the TLS handshake.
+        if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
+            log.info("netfilter: setting connection_strategy=lazy")
+            ctx.options.update(connection_strategy="lazy")  # type: ignore[no-untyped-call]
+        if runtime.confdir is not None:
+            wanted = str(runtime.confdir)
+            if os.path.abspath(os.path.expanduser(ctx.options.confdir)) != os.path.abspath(
+                    wanted):
+                log.info("netfilter: using the CA in %s (proxy.confdir)", wanted)
+                ctx.options.update(confdir=wanted)  # type: ignore[no-untyped-call]
+
+    # ------------------------------------------------------------ lifecycle
+
+    def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload_lists)
+        if self.runtime is None:
+            log.error("%s", NOT_CONFIGURED)
+
+    def done(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self._loop.remove_signal_handler(signal.SIGHUP)
+        self._install(None)
+
+    @command.command("netfilter.reload")  # type: ignore[untyped-decorator]
+    def reload_lists(self) -> None:
+        """Reload the lists (and the config file, if it changed), off the event loop."""
+        loop = self._loop
+        path = ctx.options.netfilter_config
+        if loop is None:
+            self._install(self._reload(path, self.runtime))
+            return
+        if self._reloading is not None and not self._reloading.done():
+            log.info("netfilter: a reload is already running")
+            return
+        self._reloading = future = loop.run_in_executor(None, self._reload, path, self.runtime)
+
+        def installed(f: asyncio.Future[Runtime | None]) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                log.error("netfilter: reload failed: %s", f.exception())
+                return
+            runtime = f.result()
+            if runtime is not self.runtime and ctx.options.netfilter_config == path:
+                self._install(runtime)
+
+        future.add_done_callback(installed)
+
+    @staticmethod
+    def _reload(path: str, current: Runtime | None) -> Runtime | None:
+        """Runs in a worker thread: the engine swaps its lists atomically, so requests
+        keep being checked against the old lists until the new ones are in."""
+        if not path:
+            log.error("%s", NOT_CONFIGURED)
+            return current
+        try:
+            settings = load_config(path)
+            if current is not None and current.path == path and current.settings == settings:
+                if current.engine.reload():
+                    log.info("netfilter: lists reloaded (%d entries)",
+                             len(current.engine.lists))
+                return current
+            runtime = build_runtime(path, settings)
+        except NetfilterError as e:
+            log.error("netfilter: reload refused, the config in force stays: %s", e)
+            return current
+        log.info("netfilter: config %s loaded anew", path)
+        return runtime
+
+    # ------------------------------------------------------------ hooks
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.conns.pop(client.id, None)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        rt = self.runtime
+        if rt is None:
+            flow.response = refusal(503, NOT_CONFIGURED)
+            return
+        host = normalize_host(flow.request.host)
+        decision = decide_host(rt.engine, host, rt.mode, client=_client_ip(flow.client_conn),
+                               detail="CONNECT")
+        if decision.action is TlsAction.BLOCK and rt.mode == "none":
+            flow.response = stop_page(rt.renderer, decision.verdict, flow.request, host)
+            return
+        if decision.action is not TlsAction.BLOCK and not self._allowed(rt, host):
+            log.info("netfilter: refused CONNECT to %s (not in allowed_destinations)", host)
+            flow.response = refusal(403, f"netfilter: the proxy does not connect to {host} "
+                                         "(not in proxy.allowed_destinations)")
+            return
+        self.conns[flow.client_conn.id] = ConnState(connect_host=host, host=host,
+                                                    decision=decision)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        client = data.context.client
+        rt = self.runtime
+        state = self.conns.setdefault(client.id, ConnState())
+        if rt is None:
+            data.ignore_connection = True
+            state.refused = True  # server_connect refuses: the client is disconnected
+            return
+        ip = _client_ip(client)
+        sni = normalize_host(data.client_hello.sni) if data.client_hello.sni else None
+        address = data.context.server.address
+        if state.connect_host is not None and state.decision is not None:
+            decision = state.decision
+            if sni and sni != state.connect_host:
+                log.warning("netfilter: TLS SNI %s differs from CONNECT %s (client %s)",
+                            sni, state.connect_host, ip)
+                state.sni_mismatch = sni
+                decision = combine(decision, decide_host(rt.engine, sni, rt.mode, client=ip,
+                                                         detail="TLS"))
+        else:  # no CONNECT (transparent mode): the SNI and the address dialled
+            names = [n for n in (sni, normalize_host(address[0]) if address else None) if n]
+            if not names:
+                data.ignore_connection = True
+                state.refused = True
+                return
+            decision = decide_host(rt.engine, names[0], rt.mode, client=ip, detail="TLS")
+            for name in dict.fromkeys(names[1:]):
+                if name != names[0]:
+                    decision = combine(decision, decide_host(rt.engine, name, rt.mode,
+                                                             client=ip, detail="TLS"))
+        state.decision = decision
+        state.host = sni or state.connect_host or decision.host
+        if decision.action is TlsAction.PASS:
+            data.ignore_connection = True
+        elif decision.action is TlsAction.BLOCK and rt.mode == "none":
+            # Cannot show a page without decrypting: relay nothing and close (the
+            # server_connect guard refuses the upstream connection).
+            data.ignore_connection = True
+            state.refused = True
+        else:
+            data.ignore_connection = False
+            data.establish_server_tls_first = False
+            state.intercepted = True
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Decided here, not in `request`: this hook runs once the headers are read,
+        # before any of the body. A response set here is sent without an upstream
+        # connection ever being opened (connection_strategy=lazy) and the body is
+        # neither forwarded nor looked at by netfilter. (mitmproxy 11 still drains
+        # a body that is on its way before it sends the answer: HTTP/1 framing.)
+        if flow.response or flow.error or not flow.live:
+            return
+        rt = self.runtime
+        if rt is None:
+            _answer(flow, refusal(503, NOT_CONFIGURED))
+            return
+        request = flow.request
+        ip = _client_ip(flow.client_conn)
+        authority = normalize_host(request.pretty_host)
+        state = self.conns.get(flow.client_conn.id)
+        action = state.sees_requests_for if state is not None else None
+        if state is not None and state.decision is not None and action is not None:
+            if authority != state.host:
+                other = decide_host(rt.engine, authority, rt.mode, client=ip,
+                                    detail=request.method)
+                if other.action is not action:
+                    _answer(flow, refusal(421, f"netfilter: this connection is for "
+                                               f"{state.host}; use a new connection for "
+                                               f"{authority}"))
+                    return
+                if other.action is TlsAction.BLOCK:
+                    self._stop(flow, rt, other.verdict, authority)
+                    return
+            elif action is TlsAction.BLOCK:
+                self._stop(flow, rt, state.decision.verdict, authority)
+                return
+        asked, dialled = _urls(request)
+        try:
+            verdict = rt.engine.check_url(asked, frontend="proxy", client=ip,
+                                          detail=request.method)
+            if not verdict.blocked and dialled != asked:
+                # The address mitmproxy would connect to, when it differs from the
+                # Host/authority (absolute-form or transparent requests).
+                verdict = rt.engine.check_url(dialled, frontend="proxy", client=ip,
+                                              detail=request.method)
+        except InvalidURL as e:
+            _answer(flow, refusal(400, f"netfilter: cannot check this request's URL ({e})"))
+            return
+        if verdict.blocked:
+            self._stop(flow, rt, verdict, authority)
+            return
+        if not self._allowed(rt, request.host):
+            log.info("netfilter: refused a request to %s (not in allowed_destinations)",
+                     normalize_host(request.host))
+            _answer(flow, refusal(403, f"netfilter: the proxy does not connect to "
+                                       f"{normalize_host(request.host)} "
+                                       "(not in proxy.allowed_destinations)"))
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        server = data.server
+        if server.error or server.address is None:
+            return
+        host, port = str(server.address[0]), int(server.address[1])
+        rt = self.runtime
+        if rt is None:
+            server.error = "netfilter: not configured, not connecting"
+            return
+        state = self.conns.get(data.client.id)
+        if state is not None and (state.refused or (
+                state.decision is not None and state.decision.action is TlsAction.BLOCK)):
+            server.error = f"netfilter: {normalize_host(host)} is blocked, not connecting"
+            return
+        if not self._allowed(rt, host):
+            server.error = (f"netfilter: {normalize_host(host)} is not in "
+                            "proxy.allowed_destinations, not connecting")
+            return
+        route = self.routes.lookup(host)
+        if route is not None:
+            server.address = (route, port)
+
+    # ------------------------------------------------------------ helpers
+
+    def _allowed(self, rt: Runtime, host: str) -> bool:
+        if rt.policy.allows(host):
+            return True
+        route = self.routes.lookup(host)
+        return route is not None and rt.policy.allows(route)
+
+    @staticmethod
+    def _stop(flow: http.HTTPFlow, rt: Runtime, verdict: Verdict, host: str) -> None:
+        flow.metadata["netfilter"] = {"blocked": True,
+                                      "ref": verdict.match.ref if verdict.match else None}
+        _answer(flow, stop_page(rt.renderer, verdict, flow.request, host))

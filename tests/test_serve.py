@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_serve_starts_configured_parts(tmp_path: Path) -> None:
-    dns_port, stop_port = free_port(), free_port()
+    dns_port, stop_port, proxy_port = free_port(), free_port(), free_port()
     config = tmp_path / "netfilter.yaml"
     config.write_text(yaml.safe_dump({
         "node": {"id": "serve-test.example"},
         "lists": [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)]}],
         "dns": {"listen": [f"127.0.0.1:{dns_port}"], "upstreams": ["127.0.0.1:9"]},
         "stoppage": {"listen": f"127.0.0.1:{stop_port}"},
+        "proxy": {"listen": f"127.0.0.1:{proxy_port}", "intercept": "none",
+                  "allowed_destinations": ["127.0.0.0/8"]},
         "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none"},
     }), encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "netfilter.cli", "serve", "--config",
@@ -41,11 +43,20 @@ def test_serve_starts_configured_parts(tmp_path: Path) -> None:
                 time.sleep(0.1)
         body = response.read().decode()
         assert response.status == 451 and "DEMO-0001" in body
+        for _ in range(100):  # the proxy (mitmdump, a child) starts last: bounded wait
+            proxied = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                 "-x", f"http://127.0.0.1:{proxy_port}", "http://partly.example/dir/p.html"],
+                capture_output=True, text=True, timeout=30)
+            if proxied.stdout != "000":
+                break
+            time.sleep(0.2)
+        assert proxied.stdout == "451", proxied
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0, stderr
-    assert "serving dns, stoppage" in stderr and "Traceback" not in stderr
+    assert "serving dns, proxy, stoppage" in stderr and "Traceback" not in stderr
 
 
 def test_serve_names_a_wrong_part(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from netfilter import __version__
@@ -147,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from netfilter.serve import serve
 
-    return serve(load_config(args.config), args.parts)
+    return serve(load_config(args.config), args.parts, config_path=Path(args.config).resolve())
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

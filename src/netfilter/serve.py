@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 from netfilter.config import Settings
 from netfilter.engine import Engine
@@ -22,7 +23,7 @@ __all__ = ["PARTS", "event_sink", "serve"]
 
 log = logging.getLogger(__name__)
 PARTS = ("dns", "proxy", "stoppage")
-AVAILABLE = ("dns", "stoppage")
+AVAILABLE = ("dns", "proxy", "stoppage")
 
 
 def event_sink(settings: Settings) -> EventSink:
@@ -60,12 +61,14 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
             log.warning("%s: section present but not available in this version", part)
     chosen = [p for p in chosen if p in AVAILABLE]
     if not chosen:
-        raise ConfigError("serve", "nothing to serve: add a dns or stoppage section")
+        raise ConfigError("serve", "nothing to serve: add a dns, proxy or stoppage section")
     return chosen
 
 
-async def _run(settings: Settings, parts: list[str], engine: Engine) -> None:
+async def _run(settings: Settings, parts: list[str], engine: Engine,
+               config_path: Path) -> None:
     from netfilter.dns.server import DnsServer
+    from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
     from netfilter.stoppage.server import StopPageServer
 
@@ -73,8 +76,15 @@ async def _run(settings: Settings, parts: list[str], engine: Engine) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, engine.reload))
-    servers: list[DnsServer | StopPageServer] = []
+    servers: list[DnsServer | StopPageServer | ProxyProcess] = []
+
+    def reload() -> None:
+        loop.run_in_executor(None, engine.reload)
+        for server in servers:
+            if isinstance(server, ProxyProcess):
+                server.reload()  # the proxy's own engine, in the mitmdump child
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if "dns" in parts:
         assert settings.dns is not None
         servers.append(DnsServer(engine, settings.dns))
@@ -82,17 +92,22 @@ async def _run(settings: Settings, parts: list[str], engine: Engine) -> None:
         assert settings.stoppage is not None
         renderer = Renderer(settings.stoppage, base=settings.base)
         servers.append(StopPageServer(engine, settings.stoppage, renderer=renderer))
-    for server in servers:
-        await server.start()
-    log.info("netfilter: serving %s", ", ".join(parts))
+    if "proxy" in parts:
+        assert settings.proxy is not None
+        servers.append(ProxyProcess(settings.proxy, config_path, settings.base))
     try:
+        for server in servers:
+            await server.start()
+        log.info("netfilter: serving %s", ", ".join(parts))
         await stop.wait()
     finally:
         for server in servers:
             await server.stop()
 
 
-def serve(settings: Settings, parts: Sequence[str] = ()) -> int:
+def serve(settings: Settings, parts: Sequence[str] = (), *,
+          config_path: Path | None = None) -> int:
+    """Run the parts; `config_path` is handed to the proxy child (mitmdump)."""
     chosen = _selected(settings, parts)
     engine = make_engine(settings)
     runner = asyncio.run
@@ -101,7 +116,7 @@ def serve(settings: Settings, parts: Sequence[str] = ()) -> int:
 
         runner = uvloop.run
     try:
-        runner(_run(settings, chosen, engine))
+        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml")))
     finally:
         close = getattr(engine.sink, "close", None)
         if close is not None:

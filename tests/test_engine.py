@@ -23,6 +23,7 @@ entries:
 
 
 def _config(tmp_path: Path, bundle: Path, pub: Path, extra: str = "") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copy(bundle, tmp_path / "in-force.nfl")
     path = tmp_path / "netfilter.yaml"
     path.write_text(f"node: {{id: test-node}}\nlists:\n  - path: in-force.nfl\n"
@@ -133,3 +134,17 @@ def test_host_cache_follows_reload(build: BuildBundle, authority: tuple[Path, Pa
     assert engine.reload()
     assert engine.check_host("newly.example").blocked
     assert not engine.check_host("a.blocked.example").blocked
+
+
+def test_targets_are_recorded_only_when_the_operator_says_so(
+        build: BuildBundle, authority: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle = build()
+    quiet, loud = MemorySink(), MemorySink()
+    Engine(load_config(_config(tmp_path / "a", bundle, authority[1])),
+           quiet).check_url("http://partly.example/dir/x")
+    Engine(load_config(_config(tmp_path / "b", bundle, authority[1],
+                               "audit: {record_targets: true}\n")),
+           loud).check_url("http://partly.example/dir/x")
+    assert "partly" not in "".join(e.to_json() for e in quiet.events)
+    assert loud.events[0].type == "config-changed"
+    assert loud.events[-1].target == "http://partly.example/dir/x"

@@ -149,6 +149,9 @@ class AuditSettings(_Section):
     retention_days: int = Field(90, ge=1, le=3650)
     checkpoint_interval: float = Field(60, gt=0)  # seconds
     witnesses: list[str] = Field(default_factory=list)  # cosigner keys name+hash+base64
+    # Events carry no blocked URL or name (the entry reference identifies it); an
+    # operator may add them, and that choice is itself recorded (config-changed).
+    record_targets: bool = False
 
 
 class MetricsSettings(_Section):

@@ -82,9 +82,13 @@ class Engine:
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
         self.clients = ClientRecorder(form, pseudonym_key)
+        self.record_targets = bool(settings.audit and settings.audit.record_targets)
         if form == "full":
             self._emit(Event("config-changed", self.node_id, action="client=full",
                              detail="client addresses are recorded in full (audit.client)"))
+        if self.record_targets:
+            self._emit(Event("config-changed", self.node_id, action="record_targets=true",
+                             detail="blocked URLs and names are recorded (audit.record_targets)"))
         self._reload_lock = threading.Lock()
         self._state = self._load(installed={})
 
@@ -144,9 +148,12 @@ class Engine:
     # ------------------------------------------------------------ checks
 
     def _verdict(self, match: Match | None, state: _State, frontend: str,
-                 client: str | None, detail: str | None) -> Verdict:
+                 client: str | None, detail: str | None, checked: str | bytes) -> Verdict:
         if match is None:
             return ALLOW
+        target = None
+        if self.record_targets:  # an operator's explicit choice (audit.record_targets)
+            target = checked.decode("utf-8", "replace") if isinstance(checked, bytes) else checked
         transparency = next((m.transparency for m in state.lists.blocking
                              if m.list_id == match.list_id), None)
         event = Event("block" if match.blocks else "override", self.node_id,
@@ -154,7 +161,8 @@ class Engine:
                       ref=match.ref, category=match.category,
                       action="block" if match.blocks else "allow",
                       client=self.clients.record(client),
-                      detail=detail if match.blocks else f"exception={match.allowed_by}")
+                      detail=detail if match.blocks else f"exception={match.allowed_by}",
+                      target=target[:2000] if target else None)
         self._emit(event)
         if not match.blocks:
             return Verdict(Action.ALLOW, match)
@@ -165,7 +173,7 @@ class Engine:
                   client: str | None = None, detail: str | None = None) -> Verdict:
         """Verdict for a full URL; raises InvalidURL when it has no host."""
         state = self._state
-        return self._verdict(state.lists.check_url(url), state, frontend, client, detail)
+        return self._verdict(state.lists.check_url(url), state, frontend, client, detail, url)
 
     def check_host(self, name: str, *, frontend: str = "dns",
                    client: str | None = None, detail: str | None = None) -> Verdict:
@@ -179,7 +187,7 @@ class Engine:
             if len(cache) >= HOST_CACHE_SIZE:
                 cache.clear()
             cache[name] = match
-        return self._verdict(match, state, frontend, client, detail)
+        return self._verdict(match, state, frontend, client, detail, name)
 
     def host_has_url_entries(self, name: str) -> bool:
         """First stage: should this host's URLs be looked at (proxy, DNS routing)?"""

@@ -33,6 +33,7 @@ class Event:
     action: str | None = None
     client: str | None = None  # in the configured form (privacy.py)
     detail: str | None = None  # non-personal protocol detail: qtype, HTTP method, reason
+    target: str | None = None  # the blocked URL or name: only with audit.record_targets
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v is not None}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_serve_starts_configured_parts(tmp_path: Path) -> None:
-    dns_port, stop_port, proxy_port = free_port(), free_port(), free_port()
+    dns_port, stop_port, proxy_port, tiles_port = (free_port(), free_port(), free_port(),
+                                                   free_port())
     config = tmp_path / "netfilter.yaml"
     config.write_text(yaml.safe_dump({
         "node": {"id": "serve-test.example"},
@@ -26,7 +28,9 @@ def test_serve_starts_configured_parts(tmp_path: Path) -> None:
         "stoppage": {"listen": f"127.0.0.1:{stop_port}"},
         "proxy": {"listen": f"127.0.0.1:{proxy_port}", "intercept": "none",
                   "allowed_destinations": ["127.0.0.0/8"]},
-        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none"},
+        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none",
+                  "checkpoint_interval": 0.3, "tiles": str(tmp_path / "tiles"),
+                  "tiles_listen": f"127.0.0.1:{tiles_port}"},
     }), encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "netfilter.cli", "serve", "--config",
                              str(config)], stderr=subprocess.PIPE, text=True)
@@ -52,6 +56,17 @@ def test_serve_starts_configured_parts(tmp_path: Path) -> None:
                 break
             time.sleep(0.2)
         assert proxied.stdout == "451", proxied
+        checkpoint = b""
+        for _ in range(100):  # the next checkpoint appears in the served tiles
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{tiles_port}/checkpoint",
+                                            timeout=5) as served:
+                    checkpoint = served.read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert checkpoint.startswith(b"serve-test.example\n")
+        assert (tmp_path / "tiles" / "tile" / "0").is_dir()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)

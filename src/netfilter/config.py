@@ -152,6 +152,8 @@ class AuditSettings(_Section):
     # Events carry no blocked URL or name (the entry reference identifies it); an
     # operator may add them, and that choice is itself recorded (config-changed).
     record_targets: bool = False
+    tiles: Path | None = None  # keep this directory in the C2SP tlog-tiles layout
+    tiles_listen: HostPort | None = None  # and serve it read-only over HTTP here
 
 
 class MetricsSettings(_Section):

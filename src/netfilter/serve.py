@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import logging
 import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +40,28 @@ def event_sink(settings: Settings) -> EventSink:
     return AuditLog(AuditStore(settings.resolve(audit.path)), origin=settings.node.id,
                     key=load_node_key(settings.resolve(settings.node.key)),
                     retention_days=audit.retention_days,
-                    checkpoint_interval=audit.checkpoint_interval)
+                    checkpoint_interval=audit.checkpoint_interval,
+                    tiles=settings.resolve(audit.tiles) if audit.tiles else None)
+
+
+def _serve_tiles(settings: Settings) -> http.server.HTTPServer | None:
+    """The audit log's tiles, read-only over HTTP for auditors and witnesses."""
+    audit = settings.audit
+    if audit is None or audit.tiles_listen is None:
+        return None
+    if audit.tiles is None:
+        raise ConfigError("audit.tiles_listen", "needs audit.tiles (the directory to serve)")
+    from netfilter.audit.tiles import serve_tiles
+    from netfilter.config import parse_hostport
+
+    directory = settings.resolve(audit.tiles)
+    directory.mkdir(parents=True, exist_ok=True)
+    host, port = parse_hostport(audit.tiles_listen, any_port=True)
+    server = serve_tiles(directory, host, port)
+    threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
+    log.info("audit: serving tiles of %s on %s port %d", directory, host,
+             server.server_address[1])
+    return server
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -95,6 +118,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
     if "proxy" in parts:
         assert settings.proxy is not None
         servers.append(ProxyProcess(settings.proxy, config_path, settings.base))
+    tiles = _serve_tiles(settings)
     try:
         for server in servers:
             await server.start()
@@ -103,6 +127,9 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
     finally:
         for server in servers:
             await server.stop()
+        if tiles is not None:
+            tiles.shutdown()
+            tiles.server_close()
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,

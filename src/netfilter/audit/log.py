@@ -22,6 +22,7 @@ from netfilter.audit.checkpoint import Checkpoint, sign_checkpoint
 from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.tiles import write_tiles
 from netfilter.errors import KeyFileError
 from netfilter.events import Event
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
@@ -63,7 +64,9 @@ class AuditLog:
         checkpoint_interval: float = 60.0,
         queue_size: int = 65536,
         batch_size: int = 4096,
+        tiles: Path | None = None,
     ) -> None:
+        """`tiles`: a directory kept up to date in the C2SP tlog-tiles layout."""
         self.store = store
         self.origin = origin
         self.signer = Signer.from_private_key(origin, key)
@@ -75,6 +78,8 @@ class AuditLog:
         self.appended = 0
         self._keys: dict[str, bytes] = {}
         self._closed = False
+        self.tiles = tiles
+        self._refresh_tiles = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -184,6 +189,9 @@ class AuditLog:
                                   datetime.now(UTC).isoformat(timespec="seconds"),
                                   frontier_bytes(compact))
         self.store.add_checkpoint(stored)
+        if self.tiles is not None:
+            write_tiles(self.store, self.tiles, refresh=self._refresh_tiles)
+            self._refresh_tiles = False
         return stored
 
     def _apply_retention(self) -> None:
@@ -191,6 +199,7 @@ class AuditLog:
         removed = self.store.remove_before(cutoff, datetime.now(UTC).isoformat(timespec="seconds"))
         self._keys = {d: k for d, k in self._keys.items() if d >= cutoff}
         if removed:  # recorded by the writer itself: never wait on its own queue
+            self._refresh_tiles = True  # removed bodies must leave the entry bundles too
             event = Event("retention", self.origin, action="remove",
                           time=datetime.now(UTC).isoformat(timespec="milliseconds"),
                           detail=f"removed={removed} before={cutoff}")

@@ -39,8 +39,10 @@ def tile_path(level: int | str, index: int, width: int = WIDTH) -> str:
     return f"tile/{level}/{encoded}{suffix}"
 
 
-def _write(base: Path, relative: str, data: bytes) -> None:
+def _write(base: Path, relative: str, data: bytes, *, keep: bool = False) -> None:
     target = base / relative
+    if keep and target.exists():
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
@@ -48,8 +50,11 @@ def _write(base: Path, relative: str, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def write_tiles(store: AuditStore, out: str | Path) -> int:
-    """Write checkpoint and tiles of the latest checkpoint's tree; returns its size."""
+def write_tiles(store: AuditStore, out: str | Path, *, refresh: bool = False) -> int:
+    """Write checkpoint and tiles of the latest checkpoint's tree; returns its size.
+
+    Full tiles never change, so existing ones are kept unless `refresh` (after
+    retention removed event bodies, whose entry bundles must then be rewritten)."""
     latest = store.latest_checkpoint()
     if latest is None:
         raise NetfilterError(store.path, "no signed checkpoint yet")
@@ -60,12 +65,14 @@ def write_tiles(store: AuditStore, out: str | Path) -> int:
     for start in range(0, size, WIDTH):
         chunk = entries[start : start + WIDTH]
         data = b"".join(struct.pack("!H", len(e)) + e for e in chunk)
-        _write(base, tile_path("entries", start // WIDTH, len(chunk)), data)
+        _write(base, tile_path("entries", start // WIDTH, len(chunk)), data,
+               keep=len(chunk) == WIDTH and not refresh)
     level = 0
     while level_hashes:
         for start in range(0, len(level_hashes), WIDTH):
             chunk = level_hashes[start : start + WIDTH]
-            _write(base, tile_path(level, start // WIDTH, len(chunk)), b"".join(chunk))
+            _write(base, tile_path(level, start // WIDTH, len(chunk)), b"".join(chunk),
+                   keep=len(chunk) == WIDTH)
         complete = len(level_hashes) // WIDTH
         level_hashes = [root(level_hashes[i * WIDTH : (i + 1) * WIDTH]) for i in range(complete)]
         level += 1

@@ -8,15 +8,11 @@ those zones is forwarded to a loopback port where nothing listens.
 
 from __future__ import annotations
 
-import json
-import shutil
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +20,18 @@ import dns.exception
 import dns.message
 import dns.opcode
 import dns.query
-import pytest
 import yaml
+
+from tests.support import (
+    DEMO_ALLOW,
+    DEMO_LIST,
+    DEMO_PUB,
+    HOST,
+    free_port,
+    read_events,
+    wait_for,
+)
+from tests.support import require_tools as _require_tools
 
 __all__ = [
     "BIG_TXT",
@@ -47,37 +53,9 @@ __all__ = [
     "wait_for",
 ]
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
-DEMO_LIST = REPO / "lists" / "demo" / "demo.nfl"
-DEMO_PUB = REPO / "lists" / "demo" / "demo.pub"
-DEMO_ALLOW = REPO / "lists" / "demo" / "local-allow.yaml"
 
 START_BOUND = 20.0  # seconds a server may take to answer its first query
 STOP_BOUND = 8.0  # seconds a server may take to exit after SIGTERM
-
-
-def require_tools(*tools: str) -> None:
-    """Skip (with the reason) when a command-line tool the tests drive is missing."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install dnsutils "
-                    "unbound); the DNS integration tests need them")
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now (bind 0, check, release)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((HOST, 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((HOST, port))
-                except OSError:
-                    continue
-            return int(port)
-    raise RuntimeError("no free loopback port found in 50 attempts")
 
 
 # ---------------------------------------------------------------- zone data
@@ -356,27 +334,8 @@ def build_list(directory: Path, key: Any, list_id: str, entries: Sequence[dict[s
     return out
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The events committed so far to a node's audit log (read-only)."""
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        rows = db.execute("SELECT event FROM leaves WHERE event IS NOT NULL ORDER BY idx")
-        return [json.loads(row[0]) for row in rows]
-    except sqlite3.OperationalError:  # the writer has not created the tables yet
-        return []
-    finally:
-        db.close()
 
-
-def wait_for(predicate: Callable[[], object], bound: float = 3.0) -> bool:
-    """Poll `predicate` every 20 ms until it is true or `bound` seconds passed."""
-    deadline = time.monotonic() + bound
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-
+def require_tools(*tools: str) -> None:
+    """Skip (with the reason) when a command-line tool the tests drive is missing."""
+    _require_tools(*tools, why="Debian: apt-get install dnsutils unbound; the DNS "
+                               "integration tests need them")

@@ -12,24 +12,32 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import ipaddress
-import json
 import os
-import shutil
 import signal
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.support import (
+    DEMO_ALLOW,
+    DEMO_LIST,
+    DEMO_PUB,
+    HOST,
+    REPO,
+    free_port,
+    read_events,
+    wait_for,
+)
+from tests.support import require_tools as _require_tools
 
 __all__ = [
     "ADDON",
@@ -51,40 +59,12 @@ __all__ = [
     "write_config",
 ]
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "addons" / "netfilter_proxy.py"
-DEMO_LIST = REPO / "lists" / "demo" / "demo.nfl"
-DEMO_PUB = REPO / "lists" / "demo" / "demo.pub"
-DEMO_ALLOW = REPO / "lists" / "demo" / "local-allow.yaml"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 OPERATOR_URL = "https://operator.test/netfilter"
 
 START_BOUND = 30.0  # seconds mitmdump may take to listen
 STOP_BOUND = 10.0
-
-
-def require_tools(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed; the proxy integration tests "
-                    "drive it (Debian: apt-get install curl chromium)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], object], bound: float = 5.0) -> bool:
-    deadline = time.monotonic() + bound
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- config
@@ -116,20 +96,6 @@ def write_config(directory: Path, *, confdir: Path | None = None, intercept: str
     path = directory / name
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The events committed so far to an audit log (read-only)."""
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        rows = db.execute("SELECT event FROM leaves WHERE event IS NOT NULL ORDER BY idx")
-        return [json.loads(row[0]) for row in rows]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        db.close()
 
 
 # ---------------------------------------------------------------- origins
@@ -360,3 +326,9 @@ class Curl:
             headers.setdefault(name.strip().lower(), []).append(value.strip())
         return CurlResult(int(code), headers, body.read_bytes() if body.exists() else b"",
                           done.stderr, version, int(connect))
+
+
+def require_tools(*tools: str) -> None:
+    """Skip (with the reason) when a command-line tool the tests drive is missing."""
+    _require_tools(*tools, why="Debian: apt-get install curl chromium; the proxy "
+                               "integration tests drive it")

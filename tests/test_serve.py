@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.dns_support import DEMO_LIST, DEMO_PUB, free_port
+from tests.support import DEMO_LIST, DEMO_PUB, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

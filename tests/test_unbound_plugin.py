@@ -20,17 +20,8 @@ import yaml
 from netfilter.audit.store import AuditStore
 from netfilter.audit.verify import verify_log
 from netfilter.keys import load_public_key
-from tests.dns_support import (
-    DEMO_LIST,
-    DEMO_PUB,
-    HOST,
-    REPO,
-    Unbound,
-    _Process,
-    free_port,
-    require_tools,
-    udp,
-)
+from tests.dns_support import Unbound, _Process, require_tools, udp
+from tests.support import DEMO_LIST, DEMO_PUB, HOST, REPO, free_port
 
 UNBOUND_PYTHON = Path("/usr/lib/python3/dist-packages/unboundmodule.py")
 

@@ -176,7 +176,10 @@ def _client_ip(client: connection.Client) -> str | None:
 def _url(scheme: str, host: str, port: int, path: str) -> str:
     # mitmproxy's Request.url leaves an IPv6 host unbracketed ("http://::1:80/").
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"{scheme}://{host}:{port}{path}"
+    # The scheme's own port is left out: matching ignores ports anyway, and a URL
+    # without one can take the canonicalizer's fast path (~3 us instead of ~10).
+    suffix = "" if port == url.default_port(scheme) else f":{port}"
+    return f"{scheme}://{host}{suffix}{path}"
 
 
 def _urls(request: http.Request) -> tuple[str, str]:

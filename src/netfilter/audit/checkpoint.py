@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,13 +28,12 @@ from netfilter.audit.note import (
     NoteSigner,
     NoteVerifier,
     Signature,
-    is_valid_name,
-    key_hash,
+    Verifier,
     open_note,
     sign,
 )
 from netfilter.errors import NetfilterError
-from netfilter.keys import PrivateKey, PublicKey
+from netfilter.keys import PrivateKey
 
 __all__ = [
     "MAX_CHECKPOINT_SIZE",
@@ -155,30 +155,10 @@ def _is_checkpoint(text: bytes) -> bool:
 
 
 @dataclass(frozen=True)
-class CosignatureVerifier:
+class CosignatureVerifier(Verifier):
     """Checks a witness's Ed25519 cosignature/v1 on a checkpoint (signature type 0x04)."""
 
-    name: str
-    public_key: bytes
-
-    def __post_init__(self) -> None:
-        if not is_valid_name(self.name):
-            raise ValueError(f"checkpoint: invalid cosigner name {self.name!r}")
-        if len(self.public_key) != 32:
-            raise ValueError("checkpoint: an Ed25519 public key has 32 bytes")
-
-    @classmethod
-    def from_public_key(cls, name: str, key: PublicKey) -> CosignatureVerifier:
-        return cls(name, key.raw)
-
-    @property
-    def key_hash(self) -> int:
-        return key_hash(self.name, bytes([SIG_TYPE_COSIGNATURE_V1]) + self.public_key)
-
-    @property
-    def vkey(self) -> str:
-        data = base64.b64encode(bytes([SIG_TYPE_COSIGNATURE_V1]) + self.public_key).decode()
-        return f"{self.name}+{self.key_hash:08x}+{data}"
+    sig_type: ClassVar[int] = SIG_TYPE_COSIGNATURE_V1
 
     def verify(self, msg: bytes, sig: bytes) -> bool:
         """sig is timestamp (8 bytes, big-endian) || Ed25519 signature (64 bytes)."""

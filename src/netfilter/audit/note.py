@@ -23,7 +23,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -153,6 +153,7 @@ class Verifier:
 
     name: str
     public_key: bytes
+    sig_type: ClassVar[int] = SIG_TYPE_ED25519  # the key type byte of key hash and vkey
 
     def __post_init__(self) -> None:
         if not is_valid_name(self.name):
@@ -161,17 +162,17 @@ class Verifier:
             raise ValueError("note: an Ed25519 public key has 32 bytes")
 
     @classmethod
-    def from_public_key(cls, name: str, key: PublicKey) -> Verifier:
+    def from_public_key(cls, name: str, key: PublicKey) -> Self:
         return cls(name, key.raw)
 
     @property
     def key_hash(self) -> int:
-        return key_hash(self.name, bytes([SIG_TYPE_ED25519]) + self.public_key)
+        return key_hash(self.name, bytes([self.sig_type]) + self.public_key)
 
     @property
     def vkey(self) -> str:
-        """The verifier key ``<name>+<key ID hex>+<base64(0x01 || public key)>``."""
-        data = base64.b64encode(bytes([SIG_TYPE_ED25519]) + self.public_key).decode()
+        """The verifier key ``<name>+<key ID hex>+<base64(type || public key)>``."""
+        data = base64.b64encode(bytes([self.sig_type]) + self.public_key).decode()
         return f"{self.name}+{self.key_hash:08x}+{data}"
 
     def verify(self, msg: bytes, sig: bytes) -> bool:

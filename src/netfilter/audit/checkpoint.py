@@ -28,6 +28,7 @@ from netfilter.audit.note import (
     NoteSigner,
     NoteVerifier,
     Signature,
+    Signer,
     Verifier,
     open_note,
     sign,
@@ -176,31 +177,26 @@ class CosignatureVerifier(Verifier):
         return True
 
 
-class CosignatureSigner:
+class CosignatureSigner(Signer):
     """Makes Ed25519 cosignature/v1 signatures on checkpoints; never printed.
 
-    ``clock`` gives the POSIX time to sign at (default: now).
+    ``clock`` gives the POSIX time to sign at (default: now). Name, key hash and
+    verifier come from the note Signer; only the type byte and the message differ.
     """
 
-    __slots__ = ("_clock", "_key", "_verifier")
+    __slots__ = ("_clock",)
 
     def __init__(
         self, name: str, key: PrivateKey, *, clock: Callable[[], float] = time.time
     ) -> None:
+        super().__init__(name, key)
         self._verifier = CosignatureVerifier(name, key.public.raw)
-        self._key = key
         self._clock = clock
 
-    @property
-    def name(self) -> str:
-        return self._verifier.name
-
-    @property
-    def key_hash(self) -> int:
-        return self._verifier.key_hash
-
     def verifier(self) -> CosignatureVerifier:
-        return self._verifier
+        verifier = self._verifier
+        assert isinstance(verifier, CosignatureVerifier)
+        return verifier
 
     def sign(self, msg: bytes) -> bytes:
         if not _is_checkpoint(msg):

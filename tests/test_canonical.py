@@ -463,10 +463,17 @@ _SEGMENT = st.one_of(
     *[_SEGMENT_TEXT] * 5,  # mostly plain segments
     st.sampled_from(["", ".", "..", "...", ".a", "..b", "%41", "a b"]),
 )
+# Ports as a proxy writes them, and near misses (empty, too long, not numeric, two).
+_PORTS = st.one_of(
+    st.just(""), st.just(""),
+    st.sampled_from([":80", ":443", ":8080", ":1", ":0", ":00080", ":65535", ":99999"]),
+    st.sampled_from([":", ":123456", ":8a", ":-1", ":80:80", ":+80", ": 80", ":\uff18"]),
+)
 fast_candidates = st.builds(
-    lambda scheme, host, segments, query: f"{scheme}://{host}{segments}{query}",
+    lambda scheme, host, port, segments, query: f"{scheme}://{host}{port}{segments}{query}",
     st.sampled_from(["http", "https", "ftp", "a+b.c", "http", "HTTP"]),
     fast_hosts,
+    _PORTS,
     st.lists(_SEGMENT, max_size=6).map(lambda segs: "".join("/" + s for s in segs)),
     st.one_of(
         st.just(""),
@@ -480,11 +487,13 @@ _STRICT_SEGMENT = st.one_of(
     st.sampled_from([".a", "a.b", "...", "..x", "x..", "a.", "index.html"]),
 )
 strict_fast_urls = st.builds(
-    lambda scheme, host, segments, slash, query: f"{scheme}://{host}{segments}{slash}{query}",
+    lambda scheme, host, port, segments, slash, query:
+        f"{scheme}://{host}{port}{segments}{slash}{query}",
     st.sampled_from(["http", "https", "ftp", "a+b.c"]),
     st.builds(
         lambda labels, last: ".".join([*labels, last]), st.lists(_LABEL, max_size=6), _LAST_LABEL
     ),
+    st.one_of(st.just(""), st.integers(0, 99999).map(lambda p: f":{p}")),
     st.lists(_STRICT_SEGMENT, max_size=6).map(lambda segs: "".join("/" + s for s in segs)),
     st.sampled_from(["", "/"]),
     st.one_of(st.just(""), st.text("ab./?=&:@", max_size=6).map(lambda q: "?" + q)),
@@ -584,11 +593,22 @@ def test_fast_path_is_exercised() -> None:
         "http://host?q",
         "http://h/.hidden/..x/...",
         "http://h/a.?b",
+        "http://h:80/",
+        "http://www.example.com:8080/path/page.html?q=1",
+        "https://h:443",
+        "http://h:8080?q",
     ]
     rejected = [
         "http://www.Example.com/",
         "http://1.2.3.4/",
-        "http://h:80/",
+        "http://1.2.3.4:80/",
+        "http://h:/",
+        "http://h:123456/",
+        "http://h:8a/",
+        "http://h:80:80/",
+        "http://u@h:80/",
+        "http://h.:80/",
+        "http://h:80//a",
         "http://u@h/",
         "http://h//a",
         "http://h/./a",

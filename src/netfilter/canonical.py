@@ -41,14 +41,16 @@ class InvalidURL(ValueError):
 
 # Only strings the slow path provably returns unchanged: lowercase scheme with
 # an authority; lowercase LDH host whose last label starts with a letter (so it
-# can never be an IPv4 form), no userinfo, no port; no byte <= 0x20 or >= 0x7f,
-# no '#' or '%' anywhere; a path without '//', '/./', '/../', trailing '/.' or
-# '/..'. The query is not normalised, so it only has to be free of those bytes.
+# can never be an IPv4 form), no userinfo; an optional numeric port (1-5 digits),
+# which the slow path drops too (a proxy checks `http://host:8080/...` URLs); no
+# byte <= 0x20 or >= 0x7f, no '#' or '%' anywhere; a path without '//', '/./',
+# '/../', trailing '/.' or '/..'. The query is not normalised, so it only has to
+# be free of those bytes.
 _PCHAR = r"[^\x00-\x20\x7f-\U0010ffff#%/?]"
 _QCHAR = r"[^\x00-\x20\x7f-\U0010ffff#%]"
 _FAST_URL = re.compile(
     r"([a-z][a-z0-9+.\-]*)://"
-    r"((?:[a-z0-9_\-]+\.)*[a-z][a-z0-9_\-]*)"
+    r"((?:[a-z0-9_\-]+\.)*[a-z][a-z0-9_\-]*)(?::[0-9]{1,5})?"
     rf"((?:/(?!/|\.\.?(?:[/?]|\Z)){_PCHAR}*)*(?:\?{_QCHAR}*)?)"
 )
 # The same host rule for DNS names, which may carry one trailing dot.

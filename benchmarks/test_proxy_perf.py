@@ -16,12 +16,9 @@ router addon (ROUTER, written beside the config) that sends every *.example requ
 the origin: it sets the address mitmproxy dials in the `request` hook (after the addon's
 checks, before mitmproxy picks an upstream connection), so mitmproxy keeps its upstream
 connections alive, one per client connection. So only the filtering differs between the
-two proxies. The addon's own `netfilter_resolve` is not used for the main runs: it
-rewrites the address in `server_connect`, after mitmproxy looked the connection up by
-name, so mitmproxy never finds that connection again, opens one per request and, at 5
-per address and client connection, stalls the 6th request on a keep-alive connection
-(test (e) shows it; an xfail until src/ is fixed). Bare mitmdump with that same
-server_connect rewrite stalls the same way, so it would not be a fair baseline either.
+two proxies. The addon's own `netfilter_resolve` now routes in its `request` hook
+too (test (e) checks that it keeps the upstream connection), but the main runs use
+the router in both proxies so that the routing code is the same.
 
 (a) wrk -t1 -c8 through bare mitmdump and through mitmdump + addon, alternated (PAIRS
     pairs of SECONDS each, order swapped every pair, after a warm-up of each):
@@ -34,7 +31,8 @@ server_connect rewrite stalls the same way, so it would not be a fair baseline e
     by kind of URL, and parts of it (check_url, allowed_destinations).
 (d) the same hook timed inside a loaded mitmdump (a third mitmdump with a timing
     subclass of the addon, one -c8 run): its share of mitmdump's CPU per request.
-(e) netfilter_resolve on a keep-alive client connection (xfail, see above).
+(e) netfilter_resolve on a keep-alive client connection: all answered, one upstream
+    connection.
 
 Timing is reported (stdout, figures table), never asserted: the 2-core machine is
 shared by wrk, mitmdump, the origin and whatever else runs. Asserted: before any load
@@ -1001,17 +999,13 @@ def test_addon_hook_time_inside_mitmdump(workload: Workload, bench_dir: Path, or
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "src/netfilter/proxy/addon.py applies netfilter_resolve in server_connect by changing "
-    "server.address; mitmproxy 11.0.2 looks connections up by the address it asked for "
-    "(the name), so it never reuses that connection, opens one per request and allows 5 "
-    "open per address and client connection: the 6th request on a keep-alive connection "
-    "hangs"))
 def test_netfilter_resolve_keeps_upstream_connections(workload: Workload, bench_dir: Path,
                                                       origin: Origin, router: Path,
                                                       figures: Figures) -> None:
-    """Why the main runs route with their own addon: 8 requests for one clean URL on one
-    keep-alive connection, through the addon routing with netfilter_resolve only."""
+    """8 requests for one clean URL on one keep-alive connection, through the addon
+    routing with netfilter_resolve only: all answered, over one upstream connection.
+    (Applied in server_connect, as it once was, the route made mitmproxy open one
+    connection per request, and the 6th waited forever for one of its 5.)"""
     directory = bench_dir / "resolve"
     config = write_config(workload, directory)
     proxy = Proxy("resolve", directory, router, config, routes=(f"*.example={HOST}",))

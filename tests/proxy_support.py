@@ -149,6 +149,7 @@ class Origin:
     tls: tuple[Path, Path] | None = None
     connections: int = 0
     requests: list[Seen] = field(default_factory=list)
+    server_names: list[str | None] = field(default_factory=list)  # TLS SNI, per handshake
 
     def __post_init__(self) -> None:
         origin = self
@@ -188,6 +189,12 @@ class Origin:
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+
+            def sni(_sock: Any, name: str | None, _context: Any) -> None:
+                with lock:
+                    origin.server_names.append(name)
+
+            context.sni_callback = sni
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

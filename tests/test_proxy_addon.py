@@ -528,6 +528,83 @@ def test_allowed_destinations_for_connect_and_connections(fenced: NetfilterAddon
     assert far.server.error and "allowed_destinations" in far.server.error
 
 
+def test_request_hook_routes_the_address_only(fenced: NetfilterAddon) -> None:
+    """netfilter_resolve for HTTP is applied in `request`, before mitmproxy picks the
+    upstream connection: the address changes, the Host header stays."""
+    client = client_conn()
+    unrouted = request_flow("http://www.internal.test:8080/ok", client=client)
+    fenced.request(unrouted)
+    assert unrouted.request.host == "www.internal.test"
+    plain = request_flow("http://partly.example:8080/ok", client=client,
+                         headers={"Host": "partly.example:8080"})
+    fenced.requestheaders(plain)
+    fenced.request(plain)
+    assert (plain.request.host, plain.request.port) == ("127.0.0.1", 8080)
+    assert plain.request.headers["Host"] == "partly.example:8080"
+    data = server_data(client, ("127.0.0.1", 8080))
+    fenced.server_connect(data)
+    assert data.server.error is None and data.server.address == ("127.0.0.1", 8080)
+
+
+def test_routed_address_outside_the_cidrs_and_sni(tmp_path: Path) -> None:
+    config = write_config(tmp_path, confdir=tmp_path / "ca", allowed=["*.internal.test"])
+    with addon_for(config, netfilter_resolve=["*.internal.test=192.0.2.7"]) as (addon, _):
+        client = client_conn()
+        flow = tunnel_request(client, "www.internal.test", "/x", authority="www.internal.test")
+        addon.requestheaders(flow)
+        assert flow.response is None  # allowed by name
+        addon.request(flow)
+        assert flow.request.host == "192.0.2.7"
+        assert flow.request.authority == "www.internal.test"
+        data = server_data(client, ("192.0.2.7", 443))
+        data.server.sni = "192.0.2.7"  # what mitmproxy derives from the address
+        addon.server_connect(data)
+        assert data.server.error is None
+        assert data.server.sni == "www.internal.test"
+        # the same address asked for directly, or by another client: not routed here
+        direct = server_data(client_conn(), ("192.0.2.7", 443))
+        addon.server_connect(direct)
+        assert direct.server.error and "allowed_destinations" in direct.server.error
+        refused = request_flow("http://192.0.2.7/", client=client_conn())
+        addon.requestheaders(refused)
+        assert status(refused) == 403
+        addon.request(refused)
+        assert refused.request.host == "192.0.2.7"
+
+
+def test_answered_requests_are_not_routed(fenced: NetfilterAddon) -> None:
+    flow = request_flow("http://partly.example/dir/x")
+    fenced.requestheaders(flow)
+    assert status(flow) == 451
+    fenced.request(flow)
+    assert flow.request.host == "partly.example"
+
+
+def test_cached_targets_follow_a_new_config(tmp_path: Path) -> None:
+    """Requests to one name are decided from a cache; a new config or new routes
+    must not be answered from the old one."""
+    config = write_config(tmp_path, allowed=["127.0.0.0/8"])
+    with addon_for(config) as (addon, tctx):
+        url = "http://www.internal.test/page"
+        for _ in range(2):
+            flow = request_flow(url)
+            addon.requestheaders(flow)
+            assert status(flow) == 403
+        tctx.configure(addon, netfilter_resolve=["*.internal.test=127.0.0.1"])
+        routed = request_flow(url)
+        addon.requestheaders(routed)
+        assert routed.response is None
+        tctx.configure(addon, netfilter_resolve=[])
+        again = request_flow(url)
+        addon.requestheaders(again)
+        assert status(again) == 403
+        other = write_config(tmp_path, allowed=["*.internal.test"], name="other.yaml")
+        tctx.configure(addon, netfilter_config=str(other))
+        now = request_flow(url)
+        addon.requestheaders(now)
+        assert now.response is None
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("", "empty"),
     ("10.0.0.0/33", "not a valid CIDR"),

@@ -19,9 +19,12 @@ Per connection and request, in hook order:
   reuses a connection for other names): a name that needs another decision gets 421
   Misdirected Request, so the browser opens a connection of its own for it. Then the
   URL is checked; a block gets the 451 stop page.
+- `request`: `netfilter_resolve` routes for HTTP requests (the address mitmproxy
+  dials; Host header and upstream SNI keep the name), before mitmproxy picks the
+  upstream connection, so keep-alive connections are found again.
 - `server_connect`: the last guard before any upstream connection: nothing is opened
-  for a blocked connection or outside `proxy.allowed_destinations` (and
-  `netfilter_resolve` routes are applied here).
+  for a blocked connection or outside `proxy.allowed_destinations` (and routes are
+  applied here to tunnels, whose TLS is passed through).
 
 The engine records every block (frontend `proxy`): each blocked request, each refused
 CONNECT or TLS connection, and once for an intercepted domain-blocked connection
@@ -49,7 +52,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mitmproxy import command, connection, ctx, exceptions, http, tls
@@ -74,7 +77,7 @@ from netfilter.proxy.replies import refusal, stop_page
 from netfilter.serve import make_engine
 from netfilter.stoppage import Renderer
 
-__all__ = ["ConnState", "NetfilterAddon", "Runtime", "build_runtime"]
+__all__ = ["ConnState", "NetfilterAddon", "Runtime", "Target", "build_runtime", "make_target"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,8 @@ class ConnState:
     intercepted: bool = False  # TLS terminated by the proxy
     refused: bool = False  # blocked, not interceptable: never connect, close
     sni_mismatch: str | None = None  # an SNI other than the CONNECT host
+    # netfilter_resolve applied by `request`: (address, port) -> the name routed there
+    routed: dict[tuple[str, int], str] = field(default_factory=dict)
 
     @property
     def sees_requests_for(self) -> TlsAction | None:
@@ -173,30 +178,47 @@ def _client_ip(client: connection.Client) -> str | None:
     return str(peer[0]) if peer else None
 
 
-def _url(scheme: str, host: str, port: int, path: str) -> str:
+def _origin(scheme: str, host: str, port: int) -> str:
+    """`scheme://host[:port]`, the part of a checked URL before the path."""
     # mitmproxy's Request.url leaves an IPv6 host unbracketed ("http://::1:80/").
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    # The scheme's own port is left out: matching ignores ports anyway, and a URL
-    # without one can take the canonicalizer's fast path (~3 us instead of ~10).
+    # The scheme's own port is left out: matching ignores ports anyway (and the
+    # canonicalizer's fast path takes `host:port` too).
     suffix = "" if port == url.default_port(scheme) else f":{port}"
-    return f"{scheme}://{host}{suffix}{path}"
+    return f"{scheme}://{host}{suffix}"
 
 
-def _urls(request: http.Request) -> tuple[str, str]:
-    """(the URL the client asked for, by Host/:authority; the one mitmproxy dials)."""
-    scheme = request.scheme or "http"
-    path = request.path if request.path.startswith("/") else f"/{request.path}"
-    dialled = _url(scheme, request.host, request.port, path)
-    authority = request.host_header
-    if not authority:
-        return dialled, dialled
-    try:
-        host, port = url.parse_authority(authority, check=False)
-    except ValueError:
-        return dialled, dialled
-    if port is None:
-        port = url.default_port(scheme) or request.port
-    return _url(scheme, host, port, path), dialled
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request's scheme, Host/:authority and dialled address yield.
+
+    The same few names come again and again, so this is computed once per
+    (scheme, Host, host, port) and cached: the Host header is parsed once, and the
+    allowed_destinations and route look-ups are not repeated per request.
+    """
+
+    authority: str  # the name the client asked for (Host/:authority, else the address)
+    asked: str  # `scheme://host[:port]` by Host/:authority
+    dialled: str | None  # the same for the address mitmproxy dials, when it differs
+    allowed: bool  # the dialled host is in proxy.allowed_destinations (or routed there)
+
+
+TARGET_CACHE_SIZE = 4096  # entries; cleared wholesale when full
+
+
+def make_target(scheme: str, header: str | None, host: str, port: int,
+                allowed: bool) -> Target:
+    """A Target for one (scheme, Host header, dialled host and port)."""
+    dialled = _origin(scheme, host, port)
+    if not header:
+        return Target(normalize_host(host), dialled, None, allowed)
+    # check=False never raises: a malformed authority comes back whole, without a port.
+    asked_host, asked_port = url.parse_authority(header, check=False)
+    if asked_port is None:
+        asked_port = url.default_port(scheme) or port
+    asked = _origin(scheme, asked_host, asked_port)
+    return Target(normalize_host(asked_host), asked, None if asked == dialled else dialled,
+                  allowed)
 
 
 def _options_error(message: str) -> exceptions.OptionsError:
@@ -223,6 +245,7 @@ class NetfilterAddon:
         self.runtime: Runtime | None = None
         self.routes = Routes()
         self.conns: dict[str, ConnState] = {}
+        self._targets: dict[tuple[bytes, str | None, str, int], Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
 
@@ -248,6 +271,7 @@ class NetfilterAddon:
                 self.routes = Routes.parse(ctx.options.netfilter_resolve)
             except ValueError as e:
                 raise _options_error(f"{RESOLVE_OPTION}: {e}") from None
+            self._targets.clear()
         if OPTION in updated:
             self._configure_config(ctx.options.netfilter_config)
         elif self.runtime is not None and updated & {"connection_strategy", "confdir"}:
@@ -279,6 +303,7 @@ class NetfilterAddon:
 
     def _install(self, runtime: Runtime | None) -> None:
         old, self.runtime = self.runtime, runtime
+        self._targets.clear()  # they hold the old policy's answers
         if runtime is not None:
             self._require_options(runtime)
             proxy = runtime.settings.proxy or ProxySettings()
@@ -450,6 +475,7 @@ class NetfilterAddon:
         # connection ever being opened (connection_strategy=lazy) and the body is
         # neither forwarded nor looked at by netfilter. (mitmproxy 11 still drains
         # a body that is on its way before it sends the answer: HTTP/1 framing.)
+        # This runs for every request: keep it lean (benchmarks/README.md).
         if flow.response or flow.error or not flow.live:
             return
         rt = self.runtime
@@ -457,46 +483,85 @@ class NetfilterAddon:
             _answer(flow, refusal(503, NOT_CONFIGURED))
             return
         request = flow.request
-        ip = _client_ip(flow.client_conn)
-        authority = normalize_host(request.pretty_host)
-        state = self.conns.get(flow.client_conn.id)
-        action = state.sees_requests_for if state is not None else None
-        if state is not None and state.decision is not None and action is not None:
-            if authority != state.host:
-                other = decide_host(rt.engine, authority, rt.mode, client=ip,
-                                    detail=request.method)
-                if other.action is not action:
-                    _answer(flow, refusal(421, f"netfilter: this connection is for "
-                                               f"{state.host}; use a new connection for "
-                                               f"{authority}"))
-                    return
-                if other.action is TlsAction.BLOCK:
-                    self._stop(flow, rt, other.verdict, authority)
-                    return
-            elif action is TlsAction.BLOCK:
-                self._stop(flow, rt, state.decision.verdict, authority)
+        data = request.data
+        header = request.host_header
+        key = (data.scheme, header, data.host, data.port)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._target(rt, request, header)
+            if len(self._targets) >= TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[key] = target
+        peer = flow.client_conn.peername
+        ip = str(peer[0]) if peer else None
+        if self.conns:
+            state = self.conns.get(flow.client_conn.id)
+            if state is not None and self._misdirected(flow, rt, state, target.authority, ip):
                 return
-        asked, dialled = _urls(request)
+        path = request.path
+        if not path.startswith("/"):
+            path = f"/{path}"
         try:
-            verdict = rt.engine.check_url(asked, frontend="proxy", client=ip,
+            verdict = rt.engine.check_url(target.asked + path, frontend="proxy", client=ip,
                                           detail=request.method)
-            if not verdict.blocked and dialled != asked:
+            if not verdict.blocked and target.dialled is not None:
                 # The address mitmproxy would connect to, when it differs from the
                 # Host/authority (absolute-form or transparent requests).
-                verdict = rt.engine.check_url(dialled, frontend="proxy", client=ip,
-                                              detail=request.method)
+                verdict = rt.engine.check_url(target.dialled + path, frontend="proxy",
+                                              client=ip, detail=request.method)
         except InvalidURL as e:
             _answer(flow, refusal(400, f"netfilter: cannot check this request's URL ({e})"))
             return
         if verdict.blocked:
-            self._stop(flow, rt, verdict, authority)
+            self._stop(flow, rt, verdict, target.authority)
             return
-        if not self._allowed(rt, request.host):
-            log.info("netfilter: refused a request to %s (not in allowed_destinations)",
-                     normalize_host(request.host))
-            _answer(flow, refusal(403, f"netfilter: the proxy does not connect to "
-                                       f"{normalize_host(request.host)} "
+        if not target.allowed:
+            host = normalize_host(request.host)
+            log.info("netfilter: refused a request to %s (not in allowed_destinations)", host)
+            _answer(flow, refusal(403, f"netfilter: the proxy does not connect to {host} "
                                        "(not in proxy.allowed_destinations)"))
+
+    def _misdirected(self, flow: http.HTTPFlow, rt: Runtime, state: ConnState,
+                     authority: str, ip: str | None) -> bool:
+        """On a decrypted connection: answer (and return True) a request whose
+        authority needs another decision than its connection's (421), or that the
+        connection's or its own domain-level block stops."""
+        action = state.sees_requests_for
+        if state.decision is None or action is None:
+            return False
+        if authority != state.host:
+            other = decide_host(rt.engine, authority, rt.mode, client=ip,
+                                detail=flow.request.method)
+            if other.action is not action:
+                _answer(flow, refusal(421, f"netfilter: this connection is for "
+                                           f"{state.host}; use a new connection for "
+                                           f"{authority}"))
+                return True
+            if other.action is TlsAction.BLOCK:
+                self._stop(flow, rt, other.verdict, authority)
+                return True
+        elif action is TlsAction.BLOCK:
+            self._stop(flow, rt, state.decision.verdict, authority)
+            return True
+        return False
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # netfilter_resolve for HTTP: mitmproxy picks (or opens) the upstream
+        # connection by the request's host and port right after this hook, so the
+        # route is applied here, to the address only (the Host header stays), and
+        # mitmproxy finds its keep-alive connection to that address again. (Rewritten
+        # later, in server_connect, it never would: one new connection per request,
+        # and the 6th on a keep-alive client connection waits forever for one of 5.)
+        if not self.routes.routes or flow.response or flow.error or not flow.live:
+            return
+        request = flow.request
+        route = self.routes.lookup(request.host)
+        if route is None:
+            return
+        state = self.conns.setdefault(flow.client_conn.id, ConnState())
+        # server_connect lets this address through and keeps the name as the SNI
+        state.routed[(route, request.port)] = normalize_host(request.host)
+        request.data.host = route
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
@@ -512,15 +577,24 @@ class NetfilterAddon:
                 state.decision is not None and state.decision.action is TlsAction.BLOCK)):
             server.error = f"netfilter: {normalize_host(host)} is blocked, not connecting"
             return
+        name = state.routed.get((host, port)) if state is not None else None
+        if name is not None:  # routed by `request`: the name was decided and allowed
+            if server.sni == host:
+                server.sni = name  # mitmproxy took the SNI from the address
+            return
         if not self._allowed(rt, host):
             server.error = (f"netfilter: {normalize_host(host)} is not in "
                             "proxy.allowed_destinations, not connecting")
             return
         route = self.routes.lookup(host)
-        if route is not None:
+        if route is not None:  # a tunnel (TLS passed through): one connection, no reuse
             server.address = (route, port)
 
     # ------------------------------------------------------------ helpers
+
+    def _target(self, rt: Runtime, request: http.Request, header: str | None) -> Target:
+        return make_target(request.scheme or "http", header, request.host, request.port,
+                           self._allowed(rt, request.host))
 
     def _allowed(self, rt: Runtime, host: str) -> bool:
         if rt.policy.allows(host):

@@ -12,7 +12,7 @@ $(BIN)/python:
 	  echo "python3 -m venv failed; installing python3-venv (needs root)"; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/netfilter/*.c src/netfilter/*/*.c)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@

@@ -1,10 +1,14 @@
-"""Only the optional C extension; everything else is in pyproject.toml.
+"""Only the optional C extensions; everything else is in pyproject.toml.
 
 `optional=True`: where no compiler is at hand the install still succeeds and
-netfilter falls back to its pure-Python matching path (same results, slower).
+netfilter falls back to its pure-Python paths (same results, slower).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("netfilter._fastpath", ["src/netfilter/_fastpath.c"],
-                             extra_compile_args=["-O3"], optional=True)])
+setup(ext_modules=[
+    Extension("netfilter._fastpath", ["src/netfilter/_fastpath.c"],
+              extra_compile_args=["-O3"], optional=True),
+    Extension("netfilter.dns._scan", ["src/netfilter/dns/_scan.c"],
+              extra_compile_args=["-O3"], optional=True),
+])

@@ -130,9 +130,14 @@ def test_host_cache_follows_reload(build: BuildBundle, authority: tuple[Path, Pa
         assert engine.check_host("a.blocked.example").blocked
         assert not engine.check_host("newly.example").blocked
     assert [e.type for e in sink.events].count("block") == 3
+    # The resolver's fast path reads the cache directly: None means "matches nothing".
+    assert engine.host_cache["newly.example"] is None
+    assert engine.host_cache["a.blocked.example"] is not None
     shutil.copy(build(CHANGED, version=2), tmp_path / "in-force.nfl")
     assert engine.reload()
+    assert "newly.example" not in engine.host_cache  # a new cache with the new lists
     assert engine.check_host("newly.example").blocked
+    assert engine.host_cache["newly.example"] is not None
     assert not engine.check_host("a.blocked.example").blocked
 
 

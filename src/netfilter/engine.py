@@ -91,6 +91,10 @@ class Engine:
                              detail="blocked URLs and names are recorded (audit.record_targets)"))
         self._reload_lock = threading.Lock()
         self._state = self._load(installed={})
+        # The host cache of the lists in force, for a resolver's fast path: a name
+        # whose value here is None matches no entry, so it may be forwarded without a
+        # call. Read-only for callers; replaced with the state on reload.
+        self.host_cache: dict[str, Match | None] = self._state.host_matches
 
     # ------------------------------------------------------------ lists
 
@@ -143,6 +147,7 @@ class Engine:
                 log.error("list reload refused, previous lists stay in force: %s", e)
                 return False
             self._state = state
+            self.host_cache = state.host_matches
             return True
 
     # ------------------------------------------------------------ checks
@@ -179,15 +184,7 @@ class Engine:
                    client: str | None = None, detail: str | None = None) -> Verdict:
         """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
         state = self._state
-        cache = state.host_matches
-        try:
-            match = cache[name]
-        except KeyError:
-            match = state.lists.check_host(name)
-            if len(cache) >= HOST_CACHE_SIZE:
-                cache.clear()
-            cache[name] = match
-        return self._verdict(match, state, frontend, client, detail, name)
+        return self._verdict(_host_match(state, name), state, frontend, client, detail, name)
 
     def host_has_url_entries(self, name: str) -> bool:
         """First stage: should this host's URLs be looked at (proxy, DNS routing)?"""
@@ -198,3 +195,16 @@ class Engine:
             self.sink.record(event)
         except Exception:  # a failing sink must never take a front-end down
             log.exception("event sink failed")
+
+
+def _host_match(state: _State, name: str) -> Match | None:
+    """The name's match under `state`, from its cache when seen before."""
+    cache = state.host_matches
+    try:
+        return cache[name]
+    except KeyError:
+        match = state.lists.check_host(name)
+        if len(cache) >= HOST_CACHE_SIZE:
+            cache.clear()
+        cache[name] = match
+        return match

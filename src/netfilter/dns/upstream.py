@@ -17,44 +17,39 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Final, cast
 
 from netfilter.config import parse_hostport
 
-__all__ = ["UpstreamPool", "query_tcp"]
+__all__ = ["Done", "UpstreamPool", "query_tcp"]
 
 log = logging.getLogger(__name__)
 SOCKETS_PER_UPSTREAM = 2
 SWEEP_INTERVAL = 0.05
 MAX_PENDING_PER_SOCKET = 30000  # of 65536 ids: keeps id collisions rare
-Done = Callable[[bytes | None], None]
+# The caller's callback: the response (client id restored) or None, and its context.
+# A bound method and a tuple, not a closure per query: this runs for every packet.
+Done = Callable[[bytes | None, Any], None]
 
 
-class _Ids:
-    """Unpredictable 16-bit query ids, drawn from os.urandom in blocks."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def next(self) -> bytes:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(4096), 0
-        value = self._pool[self._at : self._at + 2]
-        self._at += 2
-        return value
+def _fresh_ids() -> list[bytes]:
+    """2,048 unpredictable 16-bit query ids from os.urandom, taken from the end."""
+    block = os.urandom(4096)
+    return [block[i : i + 2] for i in range(0, 4096, 2)]
 
 
-@dataclass(slots=True)
-class _Pending:
-    query: bytes  # as sent upstream (our id)
-    question: bytes  # the question section, to match the response
-    client_id: bytes
-    done: Done
-    attempt: int
-    deadline: float
-    socket: _Socket | None = field(default=None, repr=False)
+# One query in flight, a plain tuple (one is made per forwarded packet; a NamedTuple
+# costs 8x as much to build): the query as sent (our id), the question section (to
+# match the response), the client's id, done, its context, the attempt (the index of
+# the upstream) and the attempt's deadline (time.monotonic()).
+_Pending = tuple[bytes, bytes, bytes, Done, Any, int, float]
+QUERY: Final = 0
+QUESTION: Final = 1
+CLIENT_ID: Final = 2
+DONE: Final = 3
+CONTEXT: Final = 4
+ATTEMPT: Final = 5
+DEADLINE: Final = 6
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -70,14 +65,13 @@ class _Socket(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if len(data) < 12:
-            return
-        pending = self.pending.get(data[:2])
-        if pending is None or data[12 : 12 + len(pending.question)] != pending.question:
+        query_id = data[:2]
+        item = self.pending.get(query_id)
+        if item is None or data[12 : 12 + len(item[QUESTION])] != item[QUESTION]:
             self.pool.stats["upstream_mismatch"] += 1  # late, spoofed or foreign: ignore
             return
-        del self.pending[data[:2]]
-        pending.done(pending.client_id + data[2:])
+        del self.pending[query_id]
+        item[DONE](item[CLIENT_ID] + data[2:], item[CONTEXT])
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable on a connected socket: the upstream is down. Every query
@@ -102,7 +96,7 @@ class UpstreamPool:
         self.attempt_timeout = max(0.05, (timeout - 2 * SWEEP_INTERVAL) / len(self.addresses))
         self.stats = stats
         self.sockets: list[list[_Socket]] = []
-        self._ids = _Ids()
+        self._ids = _fresh_ids()
         self._turn = 0
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -123,39 +117,45 @@ class UpstreamPool:
         for group in self.sockets:
             for sock in group:
                 for item in sock.pending.values():
-                    item.done(None)
+                    item[DONE](None, item[CONTEXT])
                 sock.pending.clear()
                 if sock.transport is not None:
                     sock.transport.close()
 
-    def forward(self, query: bytes, question_end: int, done: Done) -> None:
-        """Send `query` upstream; `done` gets the response (client id restored) or None."""
-        item = _Pending(query, query[12:question_end], query[:2], done, -1, 0.0)
-        self._send(item)
+    def forward(self, query: bytes, question_end: int, done: Done, context: Any) -> None:
+        """Send `query` upstream; then `done(response or None, context)`, exactly once."""
+        self._send(query, query[12:question_end], query[:2], done, context, 0)
 
     def retry(self, item: _Pending) -> None:
-        self._send(item)
+        """Send a query that failed or timed out to the next upstream."""
+        self._send(item[QUERY], item[QUESTION], item[CLIENT_ID], item[DONE], item[CONTEXT],
+                   item[ATTEMPT] + 1)
 
-    def _send(self, item: _Pending) -> None:
-        item.attempt += 1
-        if item.attempt >= len(self.addresses):
-            self.stats["upstream_failures"] += 1
-            item.done(None)
-            return
-        group = self.sockets[item.attempt]
-        self._turn = (self._turn + 1) % len(group)
-        sock = group[self._turn]
-        if sock.transport is None or len(sock.pending) >= MAX_PENDING_PER_SOCKET:
-            self._send(item)
-            return
-        new_id = self._ids.next()
-        while new_id in sock.pending:
-            new_id = self._ids.next()
-        item.query = new_id + item.query[2:]
-        item.deadline = time.monotonic() + self.attempt_timeout
-        item.socket = sock
-        sock.pending[new_id] = item
-        sock.transport.sendto(item.query)
+    def _refill_ids(self) -> list[bytes]:
+        self._ids = _fresh_ids()
+        return self._ids
+
+    def _send(self, query: bytes, question: bytes, client_id: bytes, done: Done,
+              context: Any, attempt: int) -> None:
+        while attempt < len(self.addresses):
+            group = self.sockets[attempt]
+            self._turn = turn = (self._turn + 1) % len(group)
+            sock = group[turn]
+            transport = sock.transport
+            pending = sock.pending
+            if transport is not None and len(pending) < MAX_PENDING_PER_SOCKET:
+                ids = self._ids or self._refill_ids()
+                new_id = ids.pop()
+                while new_id in pending:
+                    new_id = ids.pop() if ids else self._refill_ids().pop()
+                query = new_id + query[2:]
+                pending[new_id] = (query, question, client_id, done, context, attempt,
+                                   time.monotonic() + self.attempt_timeout)
+                transport.sendto(query)
+                return
+            attempt += 1  # this upstream's socket is closed or full: the next one
+        self.stats["upstream_failures"] += 1
+        done(None, context)
 
     async def _sweep(self) -> None:
         """Retry or fail queries past their deadline (dicts keep insertion order)."""
@@ -166,7 +166,7 @@ class UpstreamPool:
                 for sock in group:
                     expired = []
                     for key, item in sock.pending.items():
-                        if item.deadline > now:
+                        if item[DEADLINE] > now:
                             break
                         expired.append(key)
                     for key in expired:

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 __all__ = [
     "EDE_OPTION",
     "FormError",
     "Query",
+    "answer_is_plain",
     "cname_targets",
     "parse_query",
+    "py_answer_is_plain",
+    "py_scan_question",
     "read_name",
+    "scan_question",
 ]
 
 HEADER = struct.Struct("!HHHHHH")
@@ -253,3 +258,79 @@ def cname_targets(data: bytes, question_end: int | None = None) -> list[str]:
         if rtype == TYPE_CNAME:
             targets.append(read_name(data, rdata)[0])
     return targets
+
+
+# ---------------------------------------------------------------- the forwarding fast path
+
+_PLAIN_TEXT = re.compile(r"[a-z0-9_\-]+(?:\.[a-z0-9_\-]+)*").fullmatch
+Question = tuple[str, int, int, int]  # name, qtype, question_end, udp_size
+
+
+def py_scan_question(data: bytes) -> Question | None:
+    """(name, qtype, question_end, udp_size) of a common, well-formed query, else None.
+
+    The pure-Python twin of `_scan.question` (see `_scan.c` for what is accepted): a
+    standard query, one question of class IN whose name is plain labels, and at most
+    one OPT record (EDNS version 0) after it. None sends the packet to the full path.
+    """
+    if len(data) < 17 or data[2] & 0xF8:
+        return None
+    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if qdcount != 1 or ancount or nscount or arcount > 1:
+        return None
+    try:
+        query = parse_query(data)
+    except FormError:
+        return None
+    if (query.qclass != 1 or query.edns_version or _PLAIN_TEXT(query.name) is None
+            or (arcount and not query.edns)):
+        return None
+    return query.name, query.qtype, query.question_end, query.udp_size
+
+
+def py_answer_is_plain(data: bytes, at: int) -> bool:
+    """True when the answer section from `at` is well-formed and holds no CNAME.
+
+    The pure-Python twin of `_scan.answer_is_plain`: owner names are labels ended by the
+    root or by one backward pointer (not followed); every record stays in the message.
+    False sends the answer to the full path (`cname_targets`).
+    """
+    size = len(data)
+    if size < 12 or at < 12 or at > size:
+        return False
+    for _ in range(U16.unpack_from(data, 6)[0]):
+        labels = 0
+        while True:
+            if at >= size or labels > 127:
+                return False
+            count = data[at]
+            if count == 0:
+                at += 1
+                break
+            if count & 0xC0 == 0xC0:
+                if at + 2 > size or ((count & 0x3F) << 8 | data[at + 1]) >= at:
+                    return False
+                at += 2
+                break
+            if count > 63:
+                return False
+            at += 1 + count
+            labels += 1
+        if at + 10 > size:
+            return False
+        rtype, _, _, rdlength = RR_FIXED.unpack_from(data, at)
+        at += 10 + rdlength
+        if at > size or rtype == TYPE_CNAME:
+            return False
+    return True
+
+
+try:
+    from netfilter.dns._scan import answer_is_plain as _c_answer_is_plain
+    from netfilter.dns._scan import question as _c_question
+except ImportError:  # built without a C compiler: same results, slower
+    scan_question: Callable[[bytes], Question | None] = py_scan_question
+    answer_is_plain: Callable[[bytes, int], bool] = py_answer_is_plain
+else:
+    scan_question = _c_question
+    answer_is_plain = _c_answer_is_plain

@@ -27,6 +27,7 @@ from netfilter.proxy import (
     NetfilterAddon,
     Routes,
     TlsAction,
+    early,
     intercept_mode,
     normalize_host,
     parse_destination,
@@ -273,6 +274,22 @@ def test_blocked_request_body_is_never_read_and_streaming_is_switched_off(
     addon.requestheaders(flow)
     assert status(flow) == 451
     assert flow.request.stream is False
+    # answered right after this hook, before the body (early.py; e2e tests show it)
+    assert early.installed()
+    assert flow.metadata.get("netfilter_answer_now") is True
+
+
+def test_early_answers_install_once_and_only_over_mitmproxy_s_own_stream() -> None:
+    from mitmproxy.proxy.layers import http as layers_http
+
+    assert early.install() and early.install()
+    assert layers_http.HttpStream is early.EarlyAnswerStream
+    layers_http.HttpStream = type("Other", (early.EarlyAnswerStream,), {})  # type: ignore[misc]
+    try:
+        assert not early.install()  # someone else's class is left alone
+        assert not early.installed()
+    finally:
+        layers_http.HttpStream = early.EarlyAnswerStream  # type: ignore[misc]
 
 
 def test_answered_flows_are_left_alone(addon: NetfilterAddon) -> None:
@@ -776,7 +793,7 @@ def test_script_file_loads_the_addon(config: Path) -> None:
 
 @pytest.mark.parametrize("name", ["netfilter.proxy", "netfilter.proxy.addon",
                                   "netfilter.proxy.decisions", "netfilter.proxy.destinations",
-                                  "netfilter.proxy.replies"])
+                                  "netfilter.proxy.replies", "netfilter.proxy.early"])
 def test_all_names_exist(name: str) -> None:
     import importlib
 

@@ -64,6 +64,7 @@ from netfilter import InvalidURL
 from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import ConfigError, NetfilterError
+from netfilter.proxy import early
 from netfilter.proxy.decisions import (
     HostDecision,
     InterceptMode,
@@ -227,15 +228,15 @@ def _options_error(message: str) -> exceptions.OptionsError:
 
 
 def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
-    # A request marked for streaming (its Content-Length above `stream_large_bodies`,
-    # decided by mitmproxy before `requestheaders` runs) cannot carry a response set
-    # by an addon: mitmproxy 11 raises "Can't set a response and enable streaming at
-    # the same time". Switched off, the request is never sent upstream; mitmproxy
-    # drains its body and then sends this answer. (While it drains, 11.0.2 checks
-    # the size again and logs that same error once per `stream_large_bodies` of
-    # body; the answer still goes out.)
+    # Called from requestheaders (and the CONNECT/TLS hooks). A request marked for
+    # streaming (its Content-Length above `stream_large_bodies`, decided by mitmproxy
+    # before requestheaders) cannot carry an addon's response: switched off, it is
+    # never sent upstream. `early.mark`: with early.install() in force, a request
+    # whose body is still to come is answered right after this hook, without its
+    # body (see early.py); otherwise mitmproxy reads the body first, then answers.
     flow.request.stream = False
     flow.response = response
+    early.mark(flow)
 
 
 class NetfilterAddon:
@@ -252,6 +253,7 @@ class NetfilterAddon:
     # ------------------------------------------------------------ options
 
     def load(self, loader: Loader) -> None:
+        early.install()  # blocked uploads answered without reading their body
         loader.add_option(
             OPTION, str, "",
             "The netfilter YAML config (lists, proxy, stoppage, audit). Required: "
@@ -315,10 +317,11 @@ class NetfilterAddon:
                 log.warning("netfilter: intercept=%s without proxy.confdir uses "
                             "mitmproxy's CA in %s: clients must trust it",
                             runtime.mode, ca)
-            if "stream_large_bodies" in ctx.options and ctx.options.stream_large_bodies:
-                log.warning("netfilter: with stream_large_bodies set, mitmproxy 11 logs an "
-                            "internal error while it drains a blocked upload larger than "
-                            "that (the stop page is still sent, nothing is forwarded)")
+            if (not early.installed() and "stream_large_bodies" in ctx.options
+                    and ctx.options.stream_large_bodies):
+                log.warning("netfilter: with stream_large_bodies set, this mitmproxy logs "
+                            "an internal error while it drains a blocked upload larger "
+                            "than that (the stop page is still sent, nothing is forwarded)")
             if ctx.options.ignore_hosts or ctx.options.allow_hosts:
                 log.warning("netfilter: ignore_hosts/allow_hosts let connections bypass "
                             "the TLS (SNI) check; leave them empty")
@@ -471,10 +474,11 @@ class NetfilterAddon:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Decided here, not in `request`: this hook runs once the headers are read,
-        # before any of the body. A response set here is sent without an upstream
-        # connection ever being opened (connection_strategy=lazy) and the body is
-        # neither forwarded nor looked at by netfilter. (mitmproxy 11 still drains
-        # a body that is on its way before it sends the answer: HTTP/1 framing.)
+        # before any of the body, so uploads to blocked URLs stay cheap. A response
+        # set here is sent without an upstream connection ever being opened
+        # (connection_strategy=lazy), and right away, before the body (early.py:
+        # HTTP/1 then half-closes the connection, HTTP/2 resets the stream); the body
+        # is never forwarded, buffered or looked at.
         # This runs for every request: keep it lean (benchmarks/README.md).
         if flow.response or flow.error or not flow.live:
             return

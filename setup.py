@@ -9,6 +9,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("netfilter._fastpath", ["src/netfilter/_fastpath.c"],
               extra_compile_args=["-O3"], optional=True),
-    Extension("netfilter.dns._scan", ["src/netfilter/dns/_scan.c"],
+    Extension("netfilter.dns._hotpath", ["src/netfilter/dns/_hotpath.c"],
               extra_compile_args=["-O3"], optional=True),
 ])

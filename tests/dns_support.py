@@ -8,6 +8,7 @@ those zones is forwarded to a loopback port where nothing listens.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -173,10 +174,14 @@ class _Process:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def environment(self) -> dict[str, str] | None:
+        return None  # the test's own
+
     def spawn(self) -> None:
         with open(self.log_path, "wb") as err:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, cwd=self.directory)
+                                         stdout=err, stderr=err, cwd=self.directory,
+                                         env=self.environment())
 
     def wait_ready(self) -> None:
         """Query it until it answers (bounded); RuntimeError with its stderr otherwise."""
@@ -254,9 +259,13 @@ class Netfilter(_Process):
     def __init__(self, directory: Path, *, upstreams: Sequence[str],
                  lists: Sequence[dict[str, Any]] | None = None,
                  local: dict[str, Any] | None = None, audit_client: str = "truncated",
+                 env: dict[str, str] | None = None, ipv6: bool = False,
                  **dns_settings: Any) -> None:
+        """`env`: extra environment; `ipv6`: listen on [::1] too, same port."""
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, free_port())
+        self.env = env or {}
+        self.ipv6 = ipv6
         if lists is None:
             lists = [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)], "action": "nxdomain"}]
         self.events_path = directory / "audit.sqlite"
@@ -264,16 +273,21 @@ class Netfilter(_Process):
             "node": {"id": "dns-test"},
             "lists": list(lists),
             "local": local or {},
-            "dns": {"listen": [f"{HOST}:{self.port}"], "upstreams": list(upstreams),
-                    **dns_settings},
+            "dns": {"listen": self._listen(), "upstreams": list(upstreams), **dns_settings},
             "audit": {"path": str(directory / "audit.sqlite"), "client": audit_client},
         }
         self.conf = directory / "nf.yaml"
         self.conf.write_text(yaml.safe_dump(self.config), encoding="utf-8")
 
+    def _listen(self) -> list[str]:
+        return [f"{HOST}:{self.port}"] + ([f"[::1]:{self.port}"] if self.ipv6 else [])
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "netfilter.cli", "serve", "dns", "--config",
                 str(self.conf)]
+
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, **self.env} if self.env else None
 
     def probe_message(self) -> dns.message.Message:
         # A STATUS query is answered NOTIMP locally: no upstream, no event.
@@ -285,7 +299,7 @@ class Netfilter(_Process):
         for attempt in range(3):  # the free port may have been taken meanwhile
             if attempt:
                 self.port = free_port()
-                self.config["dns"]["listen"] = [f"{HOST}:{self.port}"]
+                self.config["dns"]["listen"] = self._listen()
                 self.conf.write_text(yaml.safe_dump(self.config), encoding="utf-8")
             self.spawn()
             try:

@@ -3,10 +3,14 @@ clients (dig, dnspython) over UDP and TCP on 127.0.0.1.
 
 Servers (module scope, started together): `main` (the demo list as nxdomain, a
 stoppage list and a refused list, EDE 17, block TTL 123, client addresses truncated,
-URL hosts routed to a proxy address), `fuzz` (same lists, for the malformed-packet
-tests), and four with broken upstreams: `dead` (nothing listens on the upstream port),
-`silent` (the upstream swallows queries), `failover` (silent, then unbound) and
-`failover_dead` (dead, then unbound).
+on 127.0.0.1 and ::1), `routed` (the same, URL hosts routed to a proxy address),
+`fuzz` (same lists, for the malformed-packet tests), and four with broken upstreams:
+`dead` (nothing listens on the upstream port), `silent` (the upstream swallows
+queries), `failover` (silent, then unbound) and `failover_dead` (dead, then unbound).
+
+Every test runs twice: with the C relay serving UDP (`relay`, the default where the
+extension is built) and with the Python listener (`python`, NETFILTER_DNS_PYTHON=1,
+what runs where it is not); `routed` always uses the Python listener.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import dns.rrset
 import pytest
 from dnslib import DNSRecord
 
+from netfilter.dns.udp import relay_built
 from netfilter.keys import generate_keypair, load_private_key
 from tests.dns_support import (
     BIG_TXT,
@@ -74,6 +79,7 @@ TRANSPORTS: dict[str, Send] = {"udp": udp, "tcp": tcp}
 class Servers:
     unbound: Unbound
     main: Netfilter
+    routed: Netfilter
     fuzz: Netfilter
     dead: Netfilter
     silent: Netfilter
@@ -81,14 +87,31 @@ class Servers:
     failover_dead: Netfilter
 
     def all(self) -> list[Unbound | Netfilter]:
-        return [self.unbound, self.main, self.fuzz, self.dead, self.silent, self.failover,
-                self.failover_dead]
+        return [self.unbound, self.main, self.routed, self.fuzz, self.dead, self.silent,
+                self.failover, self.failover_dead]
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+IPV6 = _ipv6_loopback()
+
+
+@pytest.fixture(scope="module", params=["relay", "python"])
+def servers(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     require_tools("unbound", "dig")
-    base = tmp_path_factory.mktemp("dns")
+    if request.param == "relay" and not relay_built():
+        pytest.skip("the C extension netfilter.dns._hotpath was not built (no C compiler at "
+                    "install): only the Python listener runs")
+    env = {"NETFILTER_DNS_PYTHON": "1"} if request.param == "python" else {}
+    base = tmp_path_factory.mktemp(f"dns-{request.param}")
     key_path, pub = generate_keypair(base / "authority")
     key = load_private_key(key_path)
     stop = build_list(base, key, "stoplist",
@@ -112,12 +135,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         up = unbound.address
         blocking = {"lists": lists, "local": local, "ede": EDE, "block_ttl": TTL,
                     "stoppage_ipv4": STOP4, "stoppage_ipv6": STOP6}
-        broken = {"timeout": BROKEN_TIMEOUT}
+        broken = {"timeout": BROKEN_TIMEOUT, "env": env}
         group = Servers(
             unbound=unbound,
-            main=Netfilter(base / "main", upstreams=[up], route_url_hosts_to_proxy=True,
-                           proxy_ipv4=PROXY4, **blocking),
-            fuzz=Netfilter(base / "fuzz", upstreams=[up], timeout=BROKEN_TIMEOUT, **blocking),
+            main=Netfilter(base / "main", upstreams=[up], env=env, ipv6=IPV6, **blocking),
+            routed=Netfilter(base / "routed", upstreams=[up], route_url_hosts_to_proxy=True,
+                             proxy_ipv4=PROXY4, env=env, **blocking),
+            fuzz=Netfilter(base / "fuzz", upstreams=[up], timeout=BROKEN_TIMEOUT, env=env,
+                           **blocking),
             dead=Netfilter(base / "dead", upstreams=[dead], **broken),
             silent=Netfilter(base / "silent", upstreams=[silent], **broken),
             failover=Netfilter(base / "failover", upstreams=[silent, up], **broken),
@@ -125,6 +150,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         )
         started = group.all()
         start_all(started[1:])
+        way = "by the C relay" if request.param == "relay" else "(udp, tcp)"
+        for server in started[1:]:
+            expected = "(udp, tcp)" if server is group.routed else way
+            assert expected in server.log(), f"{server.name} serves UDP another way:\n" \
+                                             f"{server.log()}"
         yield group
     finally:
         for server in reversed(started):
@@ -214,7 +244,7 @@ def test_local_exception_passes(servers: Servers) -> None:
 
 
 def test_url_host_routed_to_proxy(servers: Servers) -> None:
-    routed = udp(query("partly.example", "A"), servers.main.port)
+    routed = udp(query("partly.example", "A"), servers.routed.port)
     assert [r.address for r in routed.answer[0]] == [PROXY4]
     assert routed.answer[0].ttl == TTL
     # No proxy IPv6 address configured: AAAA is forwarded as it is.
@@ -903,6 +933,46 @@ def test_sigterm_stops_cleanly(servers: Servers, tmp_path: Path) -> None:
         server.stop()
     assert "Traceback" not in server.log()
     assert "serving dns" in server.log()
+
+
+def test_clean_names_take_the_fast_path(servers: Servers, tmp_path: Path) -> None:
+    """The second query for a clean name is relayed without the full path; blocked
+    names never are. Read from the counters the server logs when it stops."""
+    server = Netfilter(tmp_path / "counted", upstreams=[servers.unbound.address],
+                       env=servers.main.env)
+    server.start()
+    try:
+        for _ in range(20):
+            assert udp(query("clean.example", "A"), server.port).answer
+            assert udp(query("blocked.example", "A"), server.port).rcode() == dns.rcode.NXDOMAIN
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(5) == 0
+    finally:
+        server.stop()
+    found = re.search(r"dns: stopped; (.*)", server.log())
+    assert found, server.log()
+    counts = {k: int(v) for k, v in (item.split() for item in found.group(1).split(", "))}
+    probes = counts.get("notimp", 0)  # the readiness probes (STATUS queries)
+    if "relayed" in counts:  # the C relay: 19 clean queries; the first and the blocked
+        assert counts["relayed"] == counts["answered"] == 19  # ones take the full path
+        assert counts["handed_over"] == counts["queries"] == 21 + probes
+        assert counts["forwarded"] == 1
+    else:  # the Python listener counts every query, the fast ones too
+        assert counts["forwarded"] == 20
+        assert counts["queries"] == 40 + probes
+    assert counts["blocked"] == 20
+
+
+@pytest.mark.skipif(not IPV6, reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ipv6_listener(servers: Servers, transport: str) -> None:
+    send = dns.query.udp if transport == "udp" else dns.query.tcp
+    for _ in range(2):  # the second time from the host cache (the relay, where built)
+        clean = send(query("clean.example", "AAAA"), "::1", port=servers.main.port, timeout=5)
+        assert clean.answer[0][0].address == "2001:db8::10"
+    blocked = send(query("blocked.example", "A"), "::1", port=servers.main.port, timeout=5)
+    assert blocked.rcode() == dns.rcode.NXDOMAIN
 
 
 def test_sigterm_with_an_open_tcp_connection(servers: Servers, tmp_path: Path) -> None:

@@ -15,22 +15,15 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
 
 from dnslib import QTYPE, RCODE
 
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
 from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
-from netfilter.dns.upstream import UpstreamPool, query_tcp
-from netfilter.dns.wire import (
-    FormError,
-    Query,
-    answer_is_plain,
-    cname_targets,
-    parse_query,
-    scan_question,
-)
+from netfilter.dns.udp import PythonListener, RelayListener, relay_available
+from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
+from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
 
 __all__ = ["DnsServer"]
@@ -40,78 +33,10 @@ Respond = Callable[[bytes], None]
 TCP_IDLE = 10.0
 MAX_TCP_CLIENTS = 512
 CLASS_IN, CLASS_ANY = 1, 255
-_UNSEEN = object()  # a name not in the engine's host cache
 
 
 def _qtype_name(qtype: int) -> str:
     return str(QTYPE.get(qtype, f"TYPE{qtype}"))
-
-
-class _UdpListener(asyncio.DatagramProtocol):
-    """One UDP listening socket; clean, common queries take the fast path.
-
-    The fast path is the whole cost of a clean query, so it does the least: the
-    question read in C (wire.scan_question), a name the engine's host cache knows to
-    be clean (Engine.host_cache), the packet forwarded as it came, and the answer sent
-    back when it fits and holds no CNAME (wire.answer_is_plain). Everything else (a
-    name seen for the first time included) goes through DnsServer.handle, which
-    decides, records, and fills the cache.
-    """
-
-    def __init__(self, server: DnsServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-        self.stats = server.stats
-        # Routing to the proxy needs a second look-up per name: then every query
-        # takes the full path.
-        self.fast = not server.settings.route_url_hosts_to_proxy
-        self.engine = server.engine
-        self.forward = server.upstream.forward
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            if self.fast:
-                question = scan_question(data)
-                if (question is not None
-                        and self.engine.host_cache.get(question[0], _UNSEEN) is None):
-                    stats = self.stats
-                    stats["queries"] += 1
-                    stats["forwarded"] += 1
-                    self.forward(data, question[2], self._answered, (addr, data, question))
-                    return
-            self.server.handle(data, str(addr[0]), self._responder(addr), over_tcp=False)
-        except Exception:  # a bug must cost one query, never the server
-            self.stats["internal_errors"] += 1
-            log.exception("query from %s failed", addr[0])
-
-    def _answered(self, answer: bytes | None, context: tuple[Any, ...]) -> None:
-        addr, data, question = context
-        if (answer is not None and len(answer) <= question[3]
-                and (answer[6:8] == b"\x00\x00" or answer_is_plain(answer, question[2]))):
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.sendto(answer, addr)
-            return
-        # No answer, one too big for the client, or CNAMEs to check: the full path.
-        try:
-            self.server.answered(answer, data, parse_query(data), str(addr[0]),
-                                 self._responder(addr), False)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("answer to %s failed", addr[0])
-
-    def _responder(self, addr: tuple[str | int, ...]) -> Respond:
-        transport = self.transport
-        assert transport is not None
-
-        def respond(answer: bytes) -> None:
-            if not transport.is_closing():
-                transport.sendto(answer, addr)
-
-        return respond
 
 
 class DnsServer:
@@ -122,7 +47,8 @@ class DnsServer:
         self.settings = settings
         self.stats: Counter[str] = Counter()
         self.upstream = UpstreamPool(list(settings.upstreams), settings.timeout, self.stats)
-        self._transports: list[asyncio.BaseTransport] = []
+        self._listeners: list[PythonListener | RelayListener] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tcp_clients: set[asyncio.Task[None]] = set()
         self._tcp_writers: set[asyncio.StreamWriter] = set()
@@ -132,17 +58,28 @@ class DnsServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.upstream.start()
+        # The C relay where it is built; the Python listener where routing to the
+        # proxy needs a second look-up per name (udp.py).
+        relay = relay_available() and not self.settings.route_url_hosts_to_proxy
         for listen in self.settings.listen:
             host, port = parse_hostport(listen, any_port=True)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpListener(self), local_addr=(host, port))
-            self._transports.append(transport)
-            port = transport.get_extra_info("sockname")[1]  # port 0: the one chosen
+            listener: PythonListener | RelayListener
+            if relay:
+                listener = RelayListener.open(self, host, port)
+                port = listener.port  # port 0: the one chosen
+            else:
+                transport, listener = await loop.create_datagram_endpoint(
+                    lambda: PythonListener(self), local_addr=(host, port))
+                port = transport.get_extra_info("sockname")[1]
+            self._listeners.append(listener)
             server = await asyncio.start_server(self._tcp_client, host, port,
                                                 reuse_address=True)
             self._tcp_servers.append(server)
             self.addresses.append((host, port))
-            log.info("dns: serving on %s port %d (udp, tcp)", host, port)
+            log.info("dns: serving on %s port %d (udp%s, tcp)", host, port,
+                     " by the C relay" if relay else "")
+        if relay:
+            self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
         for server in self._tcp_servers:
@@ -151,9 +88,26 @@ class DnsServer:
             writer.close()  # the handlers see EOF and end (cancelling logs on 3.11)
         if self._tcp_clients:
             await asyncio.wait(list(self._tcp_clients), timeout=1.0)
-        for transport in self._transports:
-            transport.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for listener in self._listeners:
+            listener.close()
         await self.upstream.stop()
+        log.info("dns: stopped; %s", ", ".join(f"{key} {value}" for key, value
+                                              in sorted(self.counts().items())))
+
+    def counts(self) -> dict[str, int]:
+        """What happened to the packets so far: the full path's and the relays'."""
+        counts = Counter(self.stats)
+        for listener in self._listeners:
+            counts.update(listener.counts())
+        return dict(counts)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for listener in self._listeners:
+                listener.sweep()
 
     # ------------------------------------------------------------ per query
 
@@ -205,6 +159,17 @@ class DnsServer:
             return self.engine.host_has_url_entries(query.name)
         except InvalidURL:
             return False
+
+    def retry(self, data: bytes, client: str, respond: Respond) -> None:
+        """A query the first upstream did not answer in time: the next upstreams."""
+        self.stats["upstream_timeouts"] += 1
+        query = parse_query(data)
+        self.upstream.forward(data, query.question_end, self._forwarded,
+                              (data, query, client, respond, False), attempt=1)
+
+    def give_up(self, data: bytes, client: str, respond: Respond) -> None:
+        """A query still in flight at shutdown: SERVFAIL."""
+        self.answered(None, data, parse_query(data), client, respond, False)
 
     def _forwarded(self, answer: bytes | None,
                    context: tuple[bytes, Query, str, Respond, bool]) -> None:

@@ -122,9 +122,11 @@ class UpstreamPool:
                 if sock.transport is not None:
                     sock.transport.close()
 
-    def forward(self, query: bytes, question_end: int, done: Done, context: Any) -> None:
-        """Send `query` upstream; then `done(response or None, context)`, exactly once."""
-        self._send(query, query[12:question_end], query[:2], done, context, 0)
+    def forward(self, query: bytes, question_end: int, done: Done, context: Any,
+                attempt: int = 0) -> None:
+        """Send `query` to upstream number `attempt` (then the next ones, on failure);
+        then `done(response or None, context)`, exactly once."""
+        self._send(query, query[12:question_end], query[:2], done, context, attempt)
 
     def retry(self, item: _Pending) -> None:
         """Send a query that failed or timed out to the next upstream."""

@@ -269,7 +269,7 @@ Question = tuple[str, int, int, int]  # name, qtype, question_end, udp_size
 def py_scan_question(data: bytes) -> Question | None:
     """(name, qtype, question_end, udp_size) of a common, well-formed query, else None.
 
-    The pure-Python twin of `_scan.question` (see `_scan.c` for what is accepted): a
+    The pure-Python twin of `_hotpath.question` (see `_hotpath.c` for what is accepted): a
     standard query, one question of class IN whose name is plain labels, and at most
     one OPT record (EDNS version 0) after it. None sends the packet to the full path.
     """
@@ -291,7 +291,7 @@ def py_scan_question(data: bytes) -> Question | None:
 def py_answer_is_plain(data: bytes, at: int) -> bool:
     """True when the answer section from `at` is well-formed and holds no CNAME.
 
-    The pure-Python twin of `_scan.answer_is_plain`: owner names are labels ended by the
+    The pure-Python twin of `_hotpath.answer_is_plain`: owner names are labels ended by the
     root or by one backward pointer (not followed); every record stays in the message.
     False sends the answer to the full path (`cname_targets`).
     """
@@ -326,8 +326,8 @@ def py_answer_is_plain(data: bytes, at: int) -> bool:
 
 
 try:
-    from netfilter.dns._scan import answer_is_plain as _c_answer_is_plain
-    from netfilter.dns._scan import question as _c_question
+    from netfilter.dns._hotpath import answer_is_plain as _c_answer_is_plain
+    from netfilter.dns._hotpath import question as _c_question
 except ImportError:  # built without a C compiler: same results, slower
     scan_question: Callable[[bytes], Question | None] = py_scan_question
     answer_is_plain: Callable[[bytes, int], bool] = py_answer_is_plain

@@ -1,0 +1,241 @@
+"""The UDP listeners: where a clean query's whole cost is, so it is kept small.
+
+A clean query (a name the engine's host cache knows matches nothing) is forwarded
+as it came and its answer relayed back when it fits the client and holds no CNAME.
+Everything else (a name seen for the first time included) goes through
+`DnsServer.handle` and `DnsServer.answered`, which decide, record and fill the cache.
+
+Two ways to do the clean part, same behaviour:
+- `RelayListener`: the C relay of `_hotpath.c`, batches of packets per system call;
+  used when the extension is built.
+- `PythonListener`: uvloop datagram transports with the question read by
+  `wire.scan_question`; where the extension is missing, with `route_url_hosts_to_proxy`
+  (a second look-up per name), or with NETFILTER_DNS_PYTHON=1 (tests, comparison).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from netfilter.dns.wire import answer_is_plain, parse_query, scan_question
+
+if TYPE_CHECKING:
+    from netfilter.dns.server import DnsServer
+
+try:
+    from netfilter.dns._hotpath import Relay
+except ImportError:  # built without a C compiler
+    Relay = None  # type: ignore[assignment,misc,unused-ignore]
+
+__all__ = ["PythonListener", "RelayListener", "relay_available", "relay_built"]
+
+log = logging.getLogger(__name__)
+Respond = Callable[[bytes], None]
+Address = tuple[Any, ...]
+_UNSEEN = object()  # a name not in the engine's host cache
+
+
+def relay_built() -> bool:
+    """Whether the C extension with the relay was built at install."""
+    return Relay is not None
+
+
+def relay_available() -> bool:
+    """The relay is built and not switched off (NETFILTER_DNS_PYTHON=1)."""
+    return Relay is not None and os.environ.get("NETFILTER_DNS_PYTHON", "") != "1"
+
+
+class PythonListener(asyncio.DatagramProtocol):
+    """One UDP listening socket on a uvloop transport; the fast path in Python."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self.stats = server.stats
+        # Routing to the proxy needs a second look-up per name: then every query
+        # takes the full path.
+        self.fast = not server.settings.route_url_hosts_to_proxy
+        self.engine = server.engine
+        self.forward = server.upstream.forward
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        try:
+            if self.fast:
+                question = scan_question(data)
+                if (question is not None
+                        and self.engine.host_cache.get(question[0], _UNSEEN) is None):
+                    stats = self.stats
+                    stats["queries"] += 1
+                    stats["forwarded"] += 1
+                    self.forward(data, question[2], self._answered, (addr, data, question))
+                    return
+            self.server.handle(data, str(addr[0]), self._responder(addr), over_tcp=False)
+        except Exception:  # a bug must cost one query, never the server
+            self.stats["internal_errors"] += 1
+            log.exception("query from %s failed", addr[0])
+
+    def _answered(self, answer: bytes | None, context: tuple[Any, ...]) -> None:
+        addr, data, question = context
+        if (answer is not None and len(answer) <= question[3]
+                and (answer[6:8] == b"\x00\x00" or answer_is_plain(answer, question[2]))):
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.sendto(answer, addr)
+            return
+        # No answer, one too big for the client, or CNAMEs to check: the full path.
+        try:
+            self.server.answered(answer, data, parse_query(data), str(addr[0]),
+                                 self._responder(addr), False)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("answer to %s failed", addr[0])
+
+    def _responder(self, addr: Address) -> Respond:
+        transport = self.transport
+        assert transport is not None
+
+        def respond(answer: bytes) -> None:
+            if not transport.is_closing():
+                transport.sendto(answer, addr)
+
+        return respond
+
+    def sweep(self) -> None:
+        """Nothing of its own in flight: the upstream pool keeps the time."""
+
+    def counts(self) -> dict[str, int]:
+        return {}  # counted in the server's stats
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class RelayListener:
+    """One UDP listening socket served by the C relay, with its own upstream socket.
+
+    The relay sends clean queries to the first upstream only; what it cannot finish
+    (first-time names, blocks, CNAMEs, oversize answers, time-outs) comes back here as
+    packets with the client's address, for the full path and the upstream pool (which
+    retries the next upstreams).
+    """
+
+    def __init__(self, server: DnsServer, sock: socket.socket,
+                 upstream: socket.socket) -> None:
+        assert Relay is not None
+        self.server = server
+        self.stats = server.stats
+        self.sock = sock
+        self.upstream = upstream
+        self.relay = Relay(sock.fileno(), upstream.fileno(), server.upstream.attempt_timeout)
+        self.engine = server.engine
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._from_clients)
+        loop.add_reader(upstream.fileno(), self._from_upstream)
+        self._loop = loop
+
+    @classmethod
+    def open(cls, server: DnsServer, host: str, port: int) -> RelayListener:
+        """Bind the listening socket and connect one to the first upstream."""
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(address)
+            up_host, up_port = server.upstream.addresses[0]
+            up_family, _, _, _, up_address = socket.getaddrinfo(
+                up_host, up_port, type=socket.SOCK_DGRAM)[0]
+            upstream = socket.socket(up_family, socket.SOCK_DGRAM)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            upstream.setblocking(False)
+            upstream.connect(up_address)
+            return cls(server, sock, upstream)
+        except BaseException:
+            sock.close()
+            upstream.close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _responder(self, addr: Address) -> Respond:
+        sock, stats = self.sock, self.stats
+
+        def respond(answer: bytes) -> None:
+            try:
+                sock.sendto(answer, addr)
+            except OSError:  # a full buffer or a closed socket: a lost UDP answer
+                stats["send_failed"] += 1
+
+        return respond
+
+    def _from_clients(self) -> None:
+        try:
+            handed_over = self.relay.from_clients(self.engine.host_cache)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("dns relay failed reading queries")
+            return
+        for data, addr in handed_over:
+            try:
+                self.server.handle(data, str(addr[0]), self._responder(addr), over_tcp=False)
+            except Exception:  # a bug must cost one query, never the server
+                self.stats["internal_errors"] += 1
+                log.exception("query from %s failed", addr[0])
+
+    def _from_upstream(self) -> None:
+        try:
+            handed_over, refused = self.relay.from_upstream()
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("dns relay failed reading answers")
+            return
+        for answer, data, addr in handed_over:
+            try:
+                self.server.answered(answer, data, parse_query(data), str(addr[0]),
+                                     self._responder(addr), False)
+            except Exception:
+                self.stats["internal_errors"] += 1
+                log.exception("answer to %s failed", addr[0])
+        if refused:  # ICMP unreachable: the first upstream is down, move on now
+            self.stats["upstream_errors"] += 1
+            self._retry(self.relay.expired(all=True))
+
+    def counts(self) -> dict[str, int]:
+        counts = self.relay.counts()
+        del counts["in_flight"]
+        return counts
+
+    def sweep(self) -> None:
+        """Hand the queries past their deadline to the pool's next upstreams."""
+        self._retry(self.relay.expired())
+
+    def _retry(self, late: list[tuple[bytes, Address]]) -> None:
+        for data, addr in late:
+            try:
+                self.server.retry(data, str(addr[0]), self._responder(addr))
+            except Exception:
+                self.stats["internal_errors"] += 1
+                log.exception("retry for %s failed", addr[0])
+
+    def close(self) -> None:
+        """Stop reading; what is still in flight gets SERVFAIL from the pool."""
+        self._loop.remove_reader(self.sock.fileno())
+        self._loop.remove_reader(self.upstream.fileno())
+        for data, addr in self.relay.expired(all=True):
+            self.server.give_up(data, str(addr[0]), self._responder(addr))
+        self.upstream.close()
+        self.sock.close()

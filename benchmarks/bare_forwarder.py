@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import sys
 
 import uvloop
@@ -52,11 +53,13 @@ class Listener(asyncio.DatagramProtocol):
 
 async def main(listen_port: int, upstream_port: int) -> None:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)  # exit 0, as the servers compared
     _, upstream = await loop.create_datagram_endpoint(
         Upstream, remote_addr=(HOST, upstream_port))
     await loop.create_datagram_endpoint(lambda: Listener(upstream),
                                         local_addr=(HOST, listen_port))
-    await asyncio.Event().wait()
+    await stop.wait()
 
 
 if __name__ == "__main__":

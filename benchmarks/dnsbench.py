@@ -412,13 +412,28 @@ def unbound_localzone(workload: Workload, directory: Path, upstream_port: int) -
                     localzone_conf(workload, directory, port, upstream_port))
 
 
-def netfilter_server(workload: Workload, directory: Path, upstream_port: int) -> Server:
+def netfilter_server(workload: Workload, directory: Path, upstream_port: int, *,
+                     python_listener: bool = False) -> Server:
+    """`netfilter serve dns`: UDP by the C relay, or by the Python listener
+    (NETFILTER_DNS_PYTHON=1, what runs where the extension is not built)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = netfilter_config(workload, directory / "netfilter.yaml", listen_port=port,
                               upstream_port=upstream_port)
     command = [str(VENV / "bin" / "netfilter"), "serve", "dns", "--config", str(config)]
+    if python_listener:
+        return Server("netfilter-python", command, port, directory,
+                      {"NETFILTER_DNS_PYTHON": "1"}, audit=audit_path(config))
     return Server("netfilter", command, port, directory, audit=audit_path(config))
+
+
+def bare_forwarder(directory: Path, upstream_port: int) -> Server:
+    """benchmarks/bare_forwarder.py: forwarding alone in Python on uvloop (the floor)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(VENV / "bin" / "python"), str(Path(__file__).with_name("bare_forwarder.py")),
+               str(port), str(upstream_port)]
+    return Server("bare-forwarder", command, port, directory)
 
 
 # ---------------------------------------------------------------- dnsperf

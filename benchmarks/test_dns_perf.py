@@ -7,9 +7,12 @@ built with the real tools, and a 20,000-line query file, 1% under blocked domain
 rest A/AAAA of clean names that the upstream unbound serves from local data.
 
 (a) dnsperf straight to the upstream vs through `netfilter serve dns` (same file),
-    alternated, medians; (b) 30 s through netfilter at 80% of its measured max: no query
-    may be lost; (c) unbound + the netfilter plugin vs unbound with the same names as
-    `redirect` local zones, alternated, medians.
+    alternated, medians; in the same rotation, for reference, netfilter with its
+    Python listener (NETFILTER_DNS_PYTHON=1, what runs without the C extension) and a
+    bare uvloop forwarder (bare_forwarder.py: forwarding alone, no filtering);
+(b) 30 s through netfilter at 80% of its measured max: no query may be lost;
+(c) unbound + the netfilter plugin vs unbound with the same names as `redirect` local
+    zones, alternated, medians.
 
 Timing ratios are reported (figures table, stdout), never asserted: the 2-core machine
 is shared by dnsperf, the servers and whatever else runs. Asserted: the servers answer
@@ -85,6 +88,19 @@ def netfilter_dns(workload: Workload, bench_dir: Path, upstream: Server) -> Iter
 
 
 @pytest.fixture(scope="module")
+def netfilter_python(workload: Workload, bench_dir: Path, upstream: Server) -> Iterator[Server]:
+    yield from _serve(dnsbench.netfilter_server(workload, bench_dir / "netfilter-python",
+                                                upstream.port, python_listener=True),
+                      workload, filtering=True)
+
+
+@pytest.fixture(scope="module")
+def bare(bench_dir: Path, upstream: Server, workload: Workload) -> Iterator[Server]:
+    yield from _serve(dnsbench.bare_forwarder(bench_dir / "bare", upstream.port), workload,
+                      filtering=False)
+
+
+@pytest.fixture(scope="module")
 def plugin(workload: Workload, bench_dir: Path, upstream: Server) -> Iterator[Server]:
     yield from _serve(dnsbench.unbound_plugin(workload, bench_dir / "plugin", upstream.port),
                       workload, filtering=True)
@@ -123,15 +139,20 @@ def _describe(r: PerfResult) -> str:
             f"[{rcodes}]  cpu: server {r.server_cpu:.2f}, dnsperf {r.client_cpu:.2f} cores")
 
 
+def _rotate(servers: list[Server], workload: Workload) -> list[list[PerfResult]]:
+    """Warm each up with one pass of the file, then A, B, ..., A, B, ... (PAIRS rounds)."""
+    for server in servers:
+        dnsbench.run_dnsperf(server, workload.queries, seconds=20, runs=1)
+    runs: list[list[PerfResult]] = [[] for _ in servers]
+    for _ in range(PAIRS):
+        for server, results in zip(servers, runs, strict=True):
+            results.append(_perf(server, workload, seconds=SECONDS))
+    return runs
+
+
 def _alternate(a: Server, b: Server, workload: Workload) -> tuple[list[PerfResult],
                                                                  list[PerfResult]]:
-    """Warm both up with one pass of the file, then A, B, A, B, ... (PAIRS times)."""
-    for server in (a, b):
-        dnsbench.run_dnsperf(server, workload.queries, seconds=20, runs=1)
-    runs_a, runs_b = [], []
-    for _ in range(PAIRS):
-        runs_a.append(_perf(a, workload, seconds=SECONDS))
-        runs_b.append(_perf(b, workload, seconds=SECONDS))
+    runs_a, runs_b = _rotate([a, b], workload)
     return runs_a, runs_b
 
 
@@ -140,10 +161,12 @@ def _median(runs: list[PerfResult]) -> float:
 
 
 def _summary(label: str, base: list[PerfResult], other: list[PerfResult],
-             target: float) -> tuple[float, list[str]]:
+             target: float | None) -> tuple[float, list[str]]:
+    """Medians and ratios; `target` None for a reference figure (no verdict)."""
     ratio = _median(other) / _median(base)
     pair_ratios = [o.qps / b.qps for b, o in zip(base, other, strict=True)]
-    verdict = "PASS" if ratio >= target else "FAIL"
+    verdict = ("(a reference, no target)" if target is None else
+               f"target >= {target:.0%}: {'PASS' if ratio >= target else 'FAIL'}")
     lines = [
         f"{base[0].server}: median {_median(base):,.0f} q/s "
         f"(runs {', '.join(f'{r.qps:,.0f}' for r in base)}), "
@@ -152,7 +175,7 @@ def _summary(label: str, base: list[PerfResult], other: list[PerfResult],
         f"(runs {', '.join(f'{r.qps:,.0f}' for r in other)}), "
         f"server cpu {statistics.median(r.server_cpu for r in other):.2f} cores",
         f"{label}: {ratio:.1%} of {base[0].server} (pairwise "
-        f"{', '.join(f'{x:.1%}' for x in pair_ratios)}); target >= {target:.0%}: {verdict}",
+        f"{', '.join(f'{x:.1%}' for x in pair_ratios)}); {verdict}",
         f"lost: {sum(r.lost for r in base)} / {sum(r.lost for r in other)}",
     ]
     return ratio, lines
@@ -173,11 +196,18 @@ def _record(figures: Figures, table: str, base: list[PerfResult], other: list[Pe
 
 
 @pytest.fixture(scope="module")
-def forwarder_runs(upstream: Server, netfilter_dns: Server,
-                   workload: Workload) -> tuple[list[PerfResult], list[PerfResult]]:
-    print(f"\n(a) dnsperf -c 4 -l {SECONDS}: upstream direct vs netfilter, alternated "
+def rotation(upstream: Server, netfilter_dns: Server, netfilter_python: Server, bare: Server,
+             workload: Workload) -> list[list[PerfResult]]:
+    print(f"\n(a) dnsperf -c 4 -l {SECONDS}: upstream direct, netfilter (C relay), netfilter "
+          f"(Python listener), a bare uvloop forwarder, in rotation "
           f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)")
-    return _alternate(upstream, netfilter_dns, workload)
+    return _rotate([upstream, netfilter_dns, netfilter_python, bare], workload)
+
+
+@pytest.fixture(scope="module")
+def forwarder_runs(rotation: list[list[PerfResult]]) -> tuple[list[PerfResult],
+                                                               list[PerfResult]]:
+    return rotation[0], rotation[1]
 
 
 # ---------------------------------------------------------------- the benchmarks
@@ -197,6 +227,26 @@ def test_netfilter_vs_direct(forwarder_runs: tuple[list[PerfResult], list[PerfRe
     assert all(r.lost == 0 for r in direct), "the upstream lost queries at full speed"
     assert all(set(r.rcodes) == {"NOERROR"} for r in [*direct, *through])
     _no_errors(upstream, netfilter_dns)
+
+
+@pytest.mark.slow
+def test_references_in_the_rotation(rotation: list[list[PerfResult]], netfilter_python: Server,
+                                    bare: Server, figures: Figures) -> None:
+    """Not targets: where netfilter's relay stands against its Python listener and
+    against forwarding alone, measured in the same rotation."""
+    direct, through, python, forwarder = rotation
+    for label, runs, row in (("netfilter, Python listener", python,
+                              "through netfilter serve dns, Python listener"),
+                             ("bare uvloop forwarder", forwarder,
+                              "a bare uvloop forwarder (no filtering)")):
+        _ratio, lines = _summary(label, direct, runs, None)
+        print("\n".join(["", *lines[1:3]]))
+        figures.time(FORWARDER_TABLE, row, 1 / _median(runs), unit="query",
+                     note=f"median of {len(runs)} x {SECONDS} s")
+    relay_vs_bare = _median(through) / _median(forwarder)
+    print(f"netfilter (C relay) / bare forwarder: {relay_vs_bare:.1%}")
+    assert all(set(r.rcodes) == {"NOERROR"} for r in [*python, *forwarder])
+    _no_errors(netfilter_python, bare)
 
 
 @pytest.mark.slow

@@ -109,3 +109,31 @@ def test_invalid_url_raises_invalid_url(build: BuildBundle, authority: tuple[Pat
     for bad in ("/asdf", "mailto:x@y", ""):
         with pytest.raises(netfilter.InvalidURL):
             lists.check_url(bad)
+
+
+def test_urls_free_only_where_no_url_can_match(build: BuildBundle, authority: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """urls_free(host) lets a proxy skip check_url: it must never be True for a host
+    one of whose URLs matches (a block or a lifted block), local lists included."""
+    block = tmp_path / "block.yaml"
+    block.write_text("- {url: 'http://school.example/no/', ref: P-1, category: policy}\n",
+                     encoding="utf-8")
+    allow = tmp_path / "allow.yaml"
+    allow.write_text("- ok.blocked.example\n", encoding="utf-8")
+    lists = netfilter.load_lists([_source(build(), authority[1])], local_block=block,
+                                 local_allow=allow)
+    not_free = ["blocked.example", "sub.blocked.example", "ok.blocked.example",
+                "partly.example", "www.mixed.example", "192.0.2.66", "198.51.100.7",
+                "whole.example", "school.example", "a.b.c.deep.sub.blocked.invalid"]
+    free = ["clean.example", "mixed.example", "other.example", "192.0.2.67",
+            "sub.partly.example.test", "deep.sub.blocked.invalid.example"]
+    for host in not_free:
+        assert not lists.urls_free(host), host
+    for host in free:
+        assert lists.urls_free(host), host
+    paths = ["/", "/dir/", "/dir/x", "/one/page.html?id=7", "/a/b/c.html", "/files/",
+             "/no/", "/no/x", "/any"]
+    for host in not_free + free:
+        matched = [p for p in paths if lists.check_url(f"http://{host}{p}") is not None]
+        assert lists.urls_free(host) <= (not matched), (host, matched)
+        assert lists.urls_free(host) or matched or lists.host_has_url_entries(host), host

@@ -69,6 +69,8 @@ class _State:
     # Resolvers see the same names again and again: remember each name's match for
     # as long as these lists are in force (a reload starts a new, empty cache).
     host_matches: dict[str, Match | None] = field(default_factory=dict)
+    # Proxies see the same hosts again and again: whether any URL on them can match.
+    urls_free: dict[str, bool] = field(default_factory=dict)
 
 
 class Engine:
@@ -185,6 +187,23 @@ class Engine:
         """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
         state = self._state
         return self._verdict(_host_match(state, name), state, frontend, client, detail, name)
+
+    def urls_free(self, hosts: tuple[str, ...]) -> bool:
+        """True when no URL on any of these canonical hosts (`canonical_parts`) can
+        match an entry under the lists in force: `check_url` would return ALLOW for
+        every path and record nothing, so a proxy may skip it. Cached per list state."""
+        state = self._state
+        cache = state.urls_free
+        for host in hosts:
+            free = cache.get(host)
+            if free is None:
+                free = state.lists.urls_free(host)
+                if len(cache) >= HOST_CACHE_SIZE:
+                    cache.clear()
+                cache[host] = free
+            if not free:
+                return False
+        return True
 
     def host_has_url_entries(self, name: str) -> bool:
         """First stage: should this host's URLs be looked at (proxy, DNS routing)?"""

@@ -94,6 +94,11 @@ class Lists:
         suffixes = name_suffixes(name)
         return any(m.has_url_entries_on(suffixes) for m in self.blocking)
 
+    def urls_free(self, host: str) -> bool:
+        """No URL on this canonical host can match any list (exceptions only ever
+        lift a match, so they cannot change that)."""
+        return all(m.urls_free(host) for m in self.blocking)
+
     def versions(self) -> dict[str, int]:
         return {m.list_id: m.version for m in self.blocking if m.source == "authority"}
 

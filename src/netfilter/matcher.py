@@ -259,10 +259,8 @@ class ListMatcher:
             return [suffixes[i] for i, _, digest in pairs(list(suffixes), slash)
                     if in_index(digest) >= 0]
 
-        def check_parts(host: str, path: str, tried: list[str] | None = None) -> Match | None:
-            suffixes = host_suffixes(host)
-            if tried is not None:
-                tried.extend(s + "/" for s in suffixes)
+        def host_stage(suffixes: list[str]) -> Match | list[str]:
+            """A domain-level match of the host, else its suffixes whose paths to try."""
             expand: list[str] = []
             for i, _, digest in pairs(suffixes, slash):
                 position = find(digest)
@@ -270,8 +268,15 @@ class ListMatcher:
                     return match(position, suffixes[i] + "/")
                 if in_index is not None and in_index(digest) >= 0:
                     expand.append(suffixes[i])
-            if expand_all:
-                expand = suffixes
+            return suffixes if expand_all else expand
+
+        def check_parts(host: str, path: str, tried: list[str] | None = None) -> Match | None:
+            suffixes = host_suffixes(host)
+            if tried is not None:
+                tried.extend(s + "/" for s in suffixes)
+            expand = host_stage(suffixes)
+            if isinstance(expand, Match):
+                return expand
             if not expand:
                 return None
             paths = [p for p in path_prefixes(path) if p != "/"]
@@ -283,6 +288,12 @@ class ListMatcher:
                     return match(position, expand[i] + paths[j])
             return None
 
+        def urls_free(host: str) -> bool:
+            """No URL on this canonical host can match: no domain-level entry covers
+            it and it carries no URL-level entries (check_parts would return None
+            for every path)."""
+            return host_stage(host_suffixes(host)) == []
+
         def has_url_entries_on(suffixes: Sequence[str]) -> bool:
             return bool(url_entries_on(suffixes))
 
@@ -293,6 +304,8 @@ class ListMatcher:
         """Domain-level entries only, for host suffixes: what a resolver can enforce."""
         self.has_url_entries_on: Callable[[Sequence[str]], bool] = has_url_entries_on
         """First stage: may a URL on these host suffixes match a URL-level entry?"""
+        self.urls_free: Callable[[str], bool] = urls_free
+        """No URL on this canonical host can match (a proxy may skip its paths)."""
 
 
 Pairs = Callable[[list[str], list[str]], Iterable[tuple[int, int, bytes]]]

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,7 @@ from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
 from netfilter import InvalidURL
+from netfilter.canonical import canonical_parts
 from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import ConfigError, NetfilterError
@@ -202,6 +204,10 @@ class Target:
     asked: str  # `scheme://host[:port]` by Host/:authority
     dialled: str | None  # the same for the address mitmproxy dials, when it differs
     allowed: bool  # the dialled host is in proxy.allowed_destinations (or routed there)
+    # The canonical host of every URL `asked + path` (and `dialled + path`): where
+    # the engine says no URL on them can match, a request's URL need not be checked.
+    # None for an origin unusual enough that a path might change its host.
+    hosts: tuple[str, ...] | None = None
 
 
 TARGET_CACHE_SIZE = 4096  # entries; cleared wholesale when full
@@ -212,14 +218,33 @@ def make_target(scheme: str, header: str | None, host: str, port: int,
     """A Target for one (scheme, Host header, dialled host and port)."""
     dialled = _origin(scheme, host, port)
     if not header:
-        return Target(normalize_host(host), dialled, None, allowed)
+        return Target(normalize_host(host), dialled, None, allowed, _hosts(dialled))
     # check=False never raises: a malformed authority comes back whole, without a port.
     asked_host, asked_port = url.parse_authority(header, check=False)
     if asked_port is None:
         asked_port = url.default_port(scheme) or port
     asked = _origin(scheme, asked_host, asked_port)
-    return Target(normalize_host(asked_host), asked, None if asked == dialled else dialled,
-                  allowed)
+    if asked == dialled:
+        return Target(normalize_host(asked_host), asked, None, allowed, _hosts(asked))
+    return Target(normalize_host(asked_host), asked, dialled, allowed, _hosts(asked, dialled))
+
+
+_PLAIN_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[A-Za-z0-9_.\-]+(?::[0-9]{1,5})?").fullmatch
+
+
+def _hosts(*origins: str) -> tuple[str, ...] | None:
+    """The canonical hosts of URLs on these origins, whatever path follows; None if
+    any origin has characters (escapes, brackets, '@', '?', '#', ...) that call for
+    the full check of each URL."""
+    hosts = []
+    for origin in origins:
+        if _PLAIN_ORIGIN(origin) is None:
+            return None
+        try:
+            hosts.append(canonical_parts(origin + "/")[0])
+        except InvalidURL:
+            return None
+    return tuple(hosts)
 
 
 def _options_error(message: str) -> exceptions.OptionsError:
@@ -502,23 +527,27 @@ class NetfilterAddon:
             state = self.conns.get(flow.client_conn.id)
             if state is not None and self._misdirected(flow, rt, state, target.authority, ip):
                 return
-        path = request.path
-        if not path.startswith("/"):
-            path = f"/{path}"
-        try:
-            verdict = rt.engine.check_url(target.asked + path, frontend="proxy", client=ip,
-                                          detail=request.method)
-            if not verdict.blocked and target.dialled is not None:
-                # The address mitmproxy would connect to, when it differs from the
-                # Host/authority (absolute-form or transparent requests).
-                verdict = rt.engine.check_url(target.dialled + path, frontend="proxy",
-                                              client=ip, detail=request.method)
-        except InvalidURL as e:
-            _answer(flow, refusal(400, f"netfilter: cannot check this request's URL ({e})"))
-            return
-        if verdict.blocked:
-            self._stop(flow, rt, verdict, target.authority)
-            return
+        engine = rt.engine
+        if target.hosts is None or not engine.urls_free(target.hosts):
+            # Only hosts some entry covers get here (most traffic does not): the URL
+            # itself is checked.
+            path = request.path
+            if not path.startswith("/"):
+                path = f"/{path}"
+            try:
+                verdict = engine.check_url(target.asked + path, frontend="proxy", client=ip,
+                                           detail=request.method)
+                if not verdict.blocked and target.dialled is not None:
+                    # The address mitmproxy would connect to, when it differs from the
+                    # Host/authority (absolute-form or transparent requests).
+                    verdict = engine.check_url(target.dialled + path, frontend="proxy",
+                                               client=ip, detail=request.method)
+            except InvalidURL as e:
+                _answer(flow, refusal(400, f"netfilter: cannot check this request's URL ({e})"))
+                return
+            if verdict.blocked:
+                self._stop(flow, rt, verdict, target.authority)
+                return
         if not target.allowed:
             host = normalize_host(request.host)
             log.info("netfilter: refused a request to %s (not in allowed_destinations)", host)

@@ -20,11 +20,14 @@ two proxies. The addon's own `netfilter_resolve` now routes in its `request` hoo
 too (test (e) checks that it keeps the upstream connection), but the main runs use
 the router in both proxies so that the routing code is the same.
 
-(a) wrk -t1 -c8 through bare mitmdump and through mitmdump + addon, alternated (PAIRS
-    pairs of SECONDS each, order swapped every pair, after a warm-up of each):
-    requests/s medians and their ratio, wrk's latency percentiles, mitmdump's CPU per
+(a) wrk -t1 -c8 through bare mitmdumps and through mitmdumps + addon (INSTANCES
+    processes of each: same-argument processes differ by up to ~8% for their whole
+    life), alternated (PAIRS rounds; in each, every bare/addon pair runs SECONDS each,
+    the order swapped every round; after a warm-up of each): requests/s medians over
+    all runs of a kind and their ratio, wrk's latency percentiles, mitmdump's CPU per
     request. At -c8 mitmdump (one core) is saturated, so latency there is mostly
-    queueing (connections / throughput).
+    queueing (connections / throughput). Where there are 2 CPUs, every mitmdump runs
+    on one and wrk and the origin on the other (PIN).
 (b) the same alternation with -c1 (one request at a time, no queue): the difference of
     the median latencies is the time the addon adds to a request. Target verdict here.
 (c) where the time goes: the addon's requestheaders in a tight loop in this process,
@@ -80,9 +83,13 @@ MITMDUMP = Path(sys.executable).parent / "mitmdump"
 WRK = shutil.which("wrk")
 
 SECONDS = 4  # per measured -c8 run
-PAIRS = 5  # bare, addon, bare, addon, ... (PAIRS runs of each)
+PAIRS = 4  # rounds: in each, every bare and every addon mitmdump runs once
 IDLE_SECONDS = 3  # per measured -c1 run
-IDLE_PAIRS = 5
+IDLE_PAIRS = 4
+# Processes of each kind. Two mitmdumps with the same arguments differ by up to ~8% in
+# throughput for their whole lifetime (memory layout, hash seeds: why pyperf spawns many
+# processes), so each side is several processes and the figures their pooled runs.
+INSTANCES = 3
 CONNECTIONS = 8
 WARMUP_SECONDS = 2
 THROUGHPUT_TARGET = 0.95  # addon >= 95% of bare mitmdump's requests/s
@@ -98,6 +105,12 @@ URL_ENTRIES_PER_HOST = 10
 CLEAN_HOSTS = 50
 SEED = 20261124
 
+# mitmdump is one busy thread: it gets a core of its own, and wrk and the origin (this
+# process and its children) share the other, so the two proxies compete with the load
+# generator, not with each other or the scheduler's moods. Where there are fewer than
+# 2 CPUs (or no affinity call) nothing is pinned.
+PROXY_CPU, CLIENT_CPU = 1, 0
+PIN = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
 START_BOUND = 30.0  # seconds mitmdump may take to listen
 STOP_BOUND = 10.0
 WRK_MARGIN = 30.0  # seconds wrk may overrun -d before it is killed
@@ -471,6 +484,8 @@ class Proxy:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
+        if PIN:  # before mitmdump starts its threads (they inherit it)
+            os.sched_setaffinity(self.proc.pid, {PROXY_CPU})
         deadline = time.monotonic() + START_BOUND
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -630,6 +645,20 @@ def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("proxy-perf")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def pinned() -> Iterator[None]:
+    """This process (the origin) and wrk on CLIENT_CPU; each mitmdump on PROXY_CPU."""
+    if not PIN:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @pytest.fixture(scope="module")
 def origin() -> Iterator[Origin]:
     server = Origin().start()
@@ -658,20 +687,25 @@ def router(bench_dir: Path) -> Path:
     return path
 
 
+Fleet = tuple[list[Proxy], list[Proxy]]
+
+
 @pytest.fixture(scope="module")
-def proxies(bench_dir: Path, workload: Workload, router: Path) -> Iterator[tuple[Proxy, Proxy]]:
-    """(bare mitmdump, mitmdump + netfilter addon), both with the router, both running
-    for the whole module so that runs can alternate."""
-    config = write_config(workload, bench_dir / "addon")
-    bare = Proxy("bare", bench_dir, router)
-    addon = Proxy("addon", bench_dir, router, config)
+def proxies(bench_dir: Path, workload: Workload, router: Path) -> Iterator[Fleet]:
+    """(bare mitmdumps, mitmdumps + netfilter addon): INSTANCES of each, all with the
+    router, each addon with its own config and audit log, all running for the whole
+    module so that runs can alternate."""
+    bares = [Proxy(f"bare{k}", bench_dir, router) for k in range(INSTANCES)]
+    addons = [Proxy(f"addon{k}", bench_dir, router,
+                    write_config(workload, bench_dir / f"addon{k}")) for k in range(INSTANCES)]
+    started: list[Proxy] = []
     try:
-        bare.start()
-        addon.start()
-        yield bare, addon
+        for proxy in (*bares, *addons):
+            started.append(proxy.start())
+        yield bares, addons
     finally:
-        addon.stop()
-        bare.stop()
+        for proxy in started:
+            proxy.stop()
 
 
 # ---------------------------------------------------------------- measuring
@@ -722,25 +756,40 @@ def measured(proxy: Proxy, script: Path, origin: Origin, workload: Workload, *,
     return result
 
 
-def alternate(bare: Proxy, addon: Proxy, script: Path, origin: Origin, workload: Workload, *,
+def alternate(fleet: Fleet, script: Path, origin: Origin, workload: Workload, *,
               seconds: float, pairs: int, connections: int
-              ) -> tuple[list[WrkResult], list[WrkResult], int]:
-    """A warm-up run of each, then `pairs` pairs, the order swapped every pair (bare
-    first, addon first, ...) so that neither always runs second. Returns the measured
-    runs of each and the 451 answers of the addon's warm-up."""
-    warm = [measured(proxy, script, origin, workload, seconds=WARMUP_SECONDS,
-                     connections=connections) for proxy in (bare, addon)]
-    runs: dict[str, list[WrkResult]] = {bare.name: [], addon.name: []}
+              ) -> tuple[list[WrkResult], list[WrkResult], dict[str, int]]:
+    """A warm-up run of each process, then `pairs` rounds: in each, every (bare k,
+    addon k) pair runs, the order within pairs swapped every round (bare first, addon
+    first, ...) so that neither kind always runs second. Returns the measured runs of
+    each kind, pair by pair, and the 451 answers of each addon's warm-up."""
+    bares, addons = fleet
+    warm = {proxy.name: measured(proxy, script, origin, workload, seconds=WARMUP_SECONDS,
+                                 connections=connections).codes.get(451, 0)
+            for proxy in (*bares, *addons)}
+    base: list[WrkResult] = []
+    filtered: list[WrkResult] = []
     for i in range(pairs):
-        for proxy in (bare, addon) if i % 2 == 0 else (addon, bare):
-            runs[proxy.name].append(measured(proxy, script, origin, workload,
-                                             seconds=seconds, connections=connections))
-    return runs[bare.name], runs[addon.name], warm[1].codes.get(451, 0)
+        for bare, addon in zip(bares, addons, strict=True):
+            for proxy in (bare, addon) if i % 2 == 0 else (addon, bare):
+                result = measured(proxy, script, origin, workload, seconds=seconds,
+                                  connections=connections)
+                (base if proxy is bare else filtered).append(result)
+    return base, filtered, warm
 
 
 def addon_audit(addon: Proxy) -> Path:
     assert addon.config is not None
     return audit_path(addon.config.parent)
+
+
+def check_fleet_events(addons: list[Proxy], before: dict[str, int], warm: dict[str, int],
+                       filtered: list[WrkResult], runs: int, connections: int) -> None:
+    """check_block_events for each addon mitmdump of the fleet."""
+    for addon in addons:
+        answered = warm[addon.name] + sum(r.codes.get(451, 0) for r in filtered
+                                          if r.proxy == addon.name)
+        check_block_events(addon, before[addon.name], answered, runs, connections)
 
 
 def check_block_events(addon: Proxy, before: int, answered_451: int, runs: int,
@@ -770,10 +819,10 @@ def _runs(label: str, runs: list[WrkResult]) -> str:
 
 
 @pytest.mark.slow
-def test_every_url_answers_as_listed(proxies: tuple[Proxy, Proxy], workload: Workload,
+def test_every_url_answers_as_listed(proxies: Fleet, workload: Workload,
                                      origin: Origin) -> None:
-    """Before any load: each URL of the cycle once through each proxy."""
-    bare, addon = proxies
+    """Before any load: each URL of the cycle once through a bare and an addon proxy."""
+    bare, addon = proxies[0][0], proxies[1][0]
     print(f"\nworkload: {workload.entries:,} list entries; a cycle of {len(workload.urls):,} "
           f"URLs, {len(workload.refs)} blocked ({workload.blocked_share:.1%}), "
           f"{workload.index_urls} on host-index hosts "
@@ -800,16 +849,18 @@ def test_every_url_answers_as_listed(proxies: tuple[Proxy, Proxy], workload: Wor
 
 
 @pytest.mark.slow
-def test_throughput_bare_vs_addon(proxies: tuple[Proxy, Proxy], script: Path, origin: Origin,
+def test_throughput_bare_vs_addon(proxies: Fleet, script: Path, origin: Origin,
                                   workload: Workload, figures: Figures) -> None:
-    bare, addon = proxies
-    print(f"\n(a) wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {PAIRS} pairs alternated "
-          f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)")
-    events = count_blocks(addon_audit(addon))
-    base, filtered, warm_451 = alternate(bare, addon, script, origin, workload,
-                                         seconds=SECONDS, pairs=PAIRS, connections=CONNECTIONS)
-    answered = warm_451 + sum(r.codes.get(451, 0) for r in filtered)
-    check_block_events(addon, events, answered, PAIRS + 1, CONNECTIONS)
+    bares, addons = proxies
+    print(f"\n(a) wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {INSTANCES} bare and {INSTANCES} addon "
+          f"mitmdumps, {PAIRS} rounds of pairs alternated "
+          f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; "
+          + (f"mitmdump on CPU {PROXY_CPU}, wrk and the origin on CPU {CLIENT_CPU})" if PIN
+             else "not pinned)"))
+    events = {addon.name: count_blocks(addon_audit(addon)) for addon in addons}
+    base, filtered, warm = alternate(proxies, script, origin, workload,
+                                     seconds=SECONDS, pairs=PAIRS, connections=CONNECTIONS)
+    check_fleet_events(addons, events, warm, filtered, PAIRS + 1, CONNECTIONS)
 
     ratio = median([r.rps for r in filtered]) / median([r.rps for r in base])
     pairwise = [f.rps / b.rps for b, f in zip(base, filtered, strict=True)]
@@ -822,11 +873,11 @@ def test_throughput_bare_vs_addon(proxies: tuple[Proxy, Proxy], script: Path, or
         f"{verdict}",
         f"median latency at -c{CONNECTIONS} (queueing included): {added_p50:+.3f} ms",
     ]))
+    note = f"median of {INSTANCES} processes x {PAIRS} x {SECONDS} s"
     figures.time(THROUGHPUT_TABLE, "bare mitmdump", 1 / median([r.rps for r in base]),
-                 baseline=True, unit="request", note=f"median of {PAIRS} x {SECONDS} s")
+                 baseline=True, unit="request", note=note)
     figures.time(THROUGHPUT_TABLE, "mitmdump + netfilter addon",
-                 1 / median([r.rps for r in filtered]), unit="request",
-                 note=f"median of {PAIRS} x {SECONDS} s")
+                 1 / median([r.rps for r in filtered]), unit="request", note=note)
     figures.target(f"addon >= {THROUGHPUT_TARGET:.0%} of bare mitmdump's requests/s",
                    THROUGHPUT_TABLE, "mitmdump + netfilter addon", "ratio", THROUGHPUT_TARGET)
     for label, runs in (("bare", base), ("addon", filtered)):
@@ -840,24 +891,23 @@ def test_throughput_bare_vs_addon(proxies: tuple[Proxy, Proxy], script: Path, or
         figures.row(SATURATED_TABLE, f"{label} mitmdump cpu per request",
                     f"{median([cpu_per_request_us(r) for r in runs]):.0f} us "
                     f"({median([r.proxy_cpu for r in runs]):.2f} cores)")
-    assert not log_problems(bare) and not log_problems(addon), (
-        log_problems(bare) + log_problems(addon))
+    problems = [line for proxy in (*bares, *addons) for line in log_problems(proxy)]
+    assert not problems, problems
 
 
 @pytest.mark.slow
-def test_added_latency_one_connection(proxies: tuple[Proxy, Proxy], script: Path,
+def test_added_latency_one_connection(proxies: Fleet, script: Path,
                                       origin: Origin, workload: Workload,
                                       figures: Figures) -> None:
     """-c1: one request at a time, so the latency is the path through the proxy without
     any queue; the difference of the medians is what the addon adds to a request."""
-    bare, addon = proxies
-    print(f"\n(b) wrk -t1 -c1 -d{IDLE_SECONDS}s, {IDLE_PAIRS} pairs alternated "
-          f"(load average {os.getloadavg()[0]:.2f})")
-    events = count_blocks(addon_audit(addon))
-    base, filtered, warm_451 = alternate(bare, addon, script, origin, workload,
-                                         seconds=IDLE_SECONDS, pairs=IDLE_PAIRS, connections=1)
-    answered = warm_451 + sum(r.codes.get(451, 0) for r in filtered)
-    check_block_events(addon, events, answered, IDLE_PAIRS + 1, 1)
+    bares, addons = proxies
+    print(f"\n(b) wrk -t1 -c1 -d{IDLE_SECONDS}s, {INSTANCES} + {INSTANCES} mitmdumps, "
+          f"{IDLE_PAIRS} rounds of pairs alternated (load average {os.getloadavg()[0]:.2f})")
+    events = {addon.name: count_blocks(addon_audit(addon)) for addon in addons}
+    base, filtered, warm = alternate(proxies, script, origin, workload,
+                                     seconds=IDLE_SECONDS, pairs=IDLE_PAIRS, connections=1)
+    check_fleet_events(addons, events, warm, filtered, IDLE_PAIRS + 1, 1)
 
     added = median([r.p50_ms for r in filtered]) - median([r.p50_ms for r in base])
     pairwise = [f.p50_ms - b.p50_ms for b, f in zip(base, filtered, strict=True)]
@@ -883,8 +933,8 @@ def test_added_latency_one_connection(proxies: tuple[Proxy, Proxy], script: Path
     figures.row(LATENCY_TABLE, "added mitmdump cpu per request", f"{cpu_added:+.0f} us")
     figures.target(f"added median latency <= {LATENCY_TARGET_MS} ms (wrk -c1)", LATENCY_TABLE,
                    "added median latency (ms)", "max", LATENCY_TARGET_MS)
-    assert not log_problems(bare) and not log_problems(addon), (
-        log_problems(bare) + log_problems(addon))
+    problems = [line for proxy in (*bares, *addons) for line in log_problems(proxy)]
+    assert not problems, problems
 
 
 @pytest.mark.slow

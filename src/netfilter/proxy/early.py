@@ -66,10 +66,14 @@ class EarlyAnswerStream(HttpStream):
 
     _body_pending = False
 
+    # Both overrides return the parent's generator itself (no generator of their own
+    # wrapping it): they run for every request, check_killed several times.
+
     def state_wait_for_request_headers(
             self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         self._body_pending = not event.end_stream
-        yield from super().state_wait_for_request_headers(event)
+        parent: layer.CommandGenerator[None] = super().state_wait_for_request_headers(event)
+        return parent  # (the parent is decorated, so untyped)
 
     def check_killed(self, emit_error_hook: bool) -> layer.CommandGenerator[bool]:
         # mitmproxy calls this right after the requestheaders hook (client_state is
@@ -78,9 +82,12 @@ class EarlyAnswerStream(HttpStream):
         if (self._body_pending and flow.response is not None and flow.metadata.get(_KEY)
                 and not flow.error
                 and self.client_state == self.state_wait_for_request_headers):
-            yield from self._answer_now()
-            return True
-        return (yield from super().check_killed(emit_error_hook))
+            return self._answered_now()
+        return super().check_killed(emit_error_hook)
+
+    def _answered_now(self) -> layer.CommandGenerator[bool]:
+        yield from self._answer_now()
+        return True
 
     def _answer_now(self) -> layer.CommandGenerator[None]:
         flow = self.flow

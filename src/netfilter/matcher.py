@@ -236,7 +236,7 @@ class ListMatcher:
         key = self._hmac_key
         words, nwords = self.bloom.words, self.bloom.nwords
         find = self._entries.find
-        in_index = self._hosts.find if self._hosts is not None else None
+        in_index = _remembered(self._hosts.find) if self._hosts is not None else None
         expand_all = in_index is None and self._has_url_entries
         match = self._match
         slash = ["/"]
@@ -309,6 +309,31 @@ class ListMatcher:
 
 
 Pairs = Callable[[list[str], list[str]], Iterable[tuple[int, int, bytes]]]
+
+
+INDEX_MEMO_SIZE = 1 << 15  # host-index answers kept per list; cleared wholesale when full
+
+
+def _remembered(find: Callable[[bytes], int]) -> Callable[[bytes], int]:
+    """`find` for the host index, remembering its answers.
+
+    Every request to a host of the host index asks the same question again, and the
+    answer is a read from the bundle (a system call, whose cost in a VM is several
+    times that of the look-up itself). The table never changes under a matcher, so
+    the answers stay right for its whole life (a reload builds a new matcher).
+    """
+    memo: dict[bytes, int] = {}
+
+    def remembered(digest: bytes) -> int:
+        position = memo.get(digest)
+        if position is None:
+            position = find(digest)
+            if len(memo) >= INDEX_MEMO_SIZE:
+                memo.clear()
+            memo[digest] = position
+        return position
+
+    return remembered
 
 
 def _fast_pairs(words: array[int], key: bytes | None) -> Pairs | None:

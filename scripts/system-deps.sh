@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real (dig, unbound
-# with its Python module, dnsperf, curl, wrk, headless Chromium), when they are missing. Needs root for apt-get;
+# with its Python module, dnsperf, curl, wrk, headless Chromium, iptables), when they are missing. Needs root for apt-get;
 # without it, it says what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 need=()
@@ -11,6 +11,7 @@ command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)  # the transparent-proxy test
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "system-deps: missing ${need[*]}; not root, so tests that need them will be skipped" >&2

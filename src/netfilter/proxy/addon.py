@@ -335,9 +335,9 @@ class NetfilterAddon:
             self._require_options(runtime)
             proxy = runtime.settings.proxy or ProxySettings()
             ca = runtime.confdir or Path(os.path.expanduser(ctx.options.confdir))
-            log.info("netfilter: %d entries in force; intercept=%s (CA in %s); "
+            log.info("netfilter: %d entries in force; intercept=%s (%s); "
                      "allowed destinations: %s", len(runtime.engine.lists), runtime.mode,
-                     ca if runtime.mode != "none" else "not used", runtime.policy)
+                     f"CA in {ca}" if runtime.mode != "none" else "no CA used", runtime.policy)
             if runtime.mode != "none" and proxy.confdir is None:
                 log.warning("netfilter: intercept=%s without proxy.confdir uses "
                             "mitmproxy's CA in %s: clients must trust it",

@@ -774,7 +774,7 @@ from netfilter.keys import load_private_key
 path, key, tag, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = AuditStore(path)
 log = AuditLog(store, origin="test-node", key=load_private_key(key),
-               checkpoint_interval=0.01, batch_size=8)
+               checkpoint_interval=0.01, batch_size=8, linger=0.0)  # commit at once
 rng = Random(seed)
 print("ready", flush=True)
 k = 0
@@ -788,6 +788,23 @@ while True:
     k += 1
     log.record(Event("block", "test-node", ref=f"{tag}:log:{k}"))
 """
+
+
+def test_writer_lingers_for_company_and_flush_cuts_it_short(tmp_path: Path) -> None:
+    key = load_private_key(generate_keypair(tmp_path / "node")[0])
+    store = AuditStore(tmp_path / "linger.sqlite")
+    log = AuditLog(store, origin=ORIGIN, key=key, linger=30.0, checkpoint_interval=3600)
+    try:
+        for i in range(3):
+            log.record(Event("block", ORIGIN, ref=f"L-{i}"))
+        time.sleep(0.2)
+        assert store.size() == 0  # waiting for more events, up to 30 s
+        started = time.monotonic()
+        log.flush()
+        assert store.size() == 3 and time.monotonic() - started < 25
+        assert log.appended == 3
+    finally:
+        log.close()
 
 
 def test_sigkill_leaves_committed_batches_intact(tmp_path: Path) -> None:

@@ -801,3 +801,12 @@ def test_all_names_exist(name: str) -> None:
     assert module.__all__
     for attr in module.__all__:
         assert hasattr(module, attr), f"{name}.{attr}"
+
+
+def test_request_hook_only_while_there_are_routes(tmp_path: Path,
+                                                   fenced: NetfilterAddon) -> None:
+    """mitmproxy calls every hook an addon has on every request: without
+    netfilter_resolve routes the addon has no `request` hook at all."""
+    with addon_for(write_config(tmp_path)) as (plain, _):
+        assert plain.request is None
+    assert callable(fenced.request)

@@ -19,7 +19,8 @@ Per connection and request, in hook order:
   reuses a connection for other names): a name that needs another decision gets 421
   Misdirected Request, so the browser opens a connection of its own for it. Then the
   URL is checked; a block gets the 451 stop page.
-- `request`: `netfilter_resolve` routes for HTTP requests (the address mitmproxy
+- `request` (only while `netfilter_resolve` has routes: mitmproxy calls every hook
+  an addon has on every request): the routes for HTTP requests (the address mitmproxy
   dials; Host header and upstream SNI keep the name), before mitmproxy picks the
   upstream connection, so keep-alive connections are found again.
 - `server_connect`: the last guard before any upstream connection: nothing is opened
@@ -52,7 +53,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -270,6 +271,8 @@ class NetfilterAddon:
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
         self.routes = Routes()
+        # mitmproxy's `request` hook: None (no hook) until netfilter_resolve has routes
+        self.request: Callable[[http.HTTPFlow], None] | None = None
         self.conns: dict[str, ConnState] = {}
         self._targets: dict[tuple[bytes, str | None, str, int], Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -298,6 +301,7 @@ class NetfilterAddon:
                 self.routes = Routes.parse(ctx.options.netfilter_resolve)
             except ValueError as e:
                 raise _options_error(f"{RESOLVE_OPTION}: {e}") from None
+            self.request = self._route_request if self.routes.routes else None
             self._targets.clear()
         if OPTION in updated:
             self._configure_config(ctx.options.netfilter_config)
@@ -521,16 +525,16 @@ class NetfilterAddon:
             if len(self._targets) >= TARGET_CACHE_SIZE:
                 self._targets.clear()
             self._targets[key] = target
-        peer = flow.client_conn.peername
-        ip = str(peer[0]) if peer else None
         if self.conns:
             state = self.conns.get(flow.client_conn.id)
-            if state is not None and self._misdirected(flow, rt, state, target.authority, ip):
+            if state is not None and self._misdirected(flow, rt, state, target.authority,
+                                                       _client_ip(flow.client_conn)):
                 return
         engine = rt.engine
         if target.hosts is None or not engine.urls_free(target.hosts):
             # Only hosts some entry covers get here (most traffic does not): the URL
             # itself is checked.
+            ip = _client_ip(flow.client_conn)
             path = request.path
             if not path.startswith("/"):
                 path = f"/{path}"
@@ -578,14 +582,16 @@ class NetfilterAddon:
             return True
         return False
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def _route_request(self, flow: http.HTTPFlow) -> None:
+        # The `request` hook, installed only while netfilter_resolve has routes
+        # (mitmproxy calls every hook an addon has on every request).
         # netfilter_resolve for HTTP: mitmproxy picks (or opens) the upstream
         # connection by the request's host and port right after this hook, so the
         # route is applied here, to the address only (the Host header stays), and
         # mitmproxy finds its keep-alive connection to that address again. (Rewritten
         # later, in server_connect, it never would: one new connection per request,
         # and the 6th on a keep-alive client connection waits forever for one of 5.)
-        if not self.routes.routes or flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live:
             return
         request = flow.request
         route = self.routes.lookup(request.host)

@@ -533,10 +533,12 @@ static PyObject *relay_expired(Relay *r, PyObject *args, PyObject *kwds) {
     return late;
 }
 
+/* given_back: queries handed back by expired() (past their deadline, after an ICMP
+   error, or at shutdown); Python counts what it then does with them. */
 static PyObject *relay_counts(Relay *r, PyObject *Py_UNUSED(ignored)) {
     return Py_BuildValue("{sKsKsKsKsKsKsn}", "relayed", r->relayed, "handed_over",
                          r->handed_over, "answered", r->answered, "upstream_mismatch",
-                         r->mismatched, "upstream_timeouts", r->expired, "send_failed",
+                         r->mismatched, "given_back", r->expired, "send_failed",
                          r->send_failed, "in_flight", r->in_flight);
 }
 

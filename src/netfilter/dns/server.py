@@ -160,16 +160,36 @@ class DnsServer:
         except InvalidURL:
             return False
 
-    def retry(self, data: bytes, client: str, respond: Respond) -> None:
-        """A query the first upstream did not answer in time: the next upstreams."""
-        self.stats["upstream_timeouts"] += 1
-        query = parse_query(data)
-        self.upstream.forward(data, query.question_end, self._forwarded,
-                              (data, query, client, respond, False), attempt=1)
+    # ------------------------------------------------------------ from the UDP listeners
+    # (udp.py): the full path for what their fast path could not finish. A bug costs
+    # that one packet, never the server.
 
-    def give_up(self, data: bytes, client: str, respond: Respond) -> None:
-        """A query still in flight at shutdown: SERVFAIL."""
-        self.answered(None, data, parse_query(data), client, respond, False)
+    def query_udp(self, data: bytes, client: str, respond: Respond) -> None:
+        """A UDP query for the full path."""
+        try:
+            self.handle(data, client, respond, over_tcp=False)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("query from %s failed", client)
+
+    def answer_udp(self, answer: bytes | None, data: bytes, client: str,
+                   respond: Respond) -> None:
+        """The upstream's answer to a UDP query (None: none came, or shutting down)."""
+        try:
+            self.answered(answer, data, parse_query(data), client, respond, False)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("answer to %s failed", client)
+
+    def retry(self, data: bytes, client: str, respond: Respond) -> None:
+        """A UDP query the first upstream did not answer: the next upstreams."""
+        try:
+            query = parse_query(data)
+            self.upstream.forward(data, query.question_end, self._forwarded,
+                                  (data, query, client, respond, False), attempt=1)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("retry for %s failed", client)
 
     def _forwarded(self, answer: bytes | None,
                    context: tuple[bytes, Query, str, Respond, bool]) -> None:

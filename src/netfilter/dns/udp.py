@@ -3,7 +3,8 @@
 A clean query (a name the engine's host cache knows matches nothing) is forwarded
 as it came and its answer relayed back when it fits the client and holds no CNAME.
 Everything else (a name seen for the first time included) goes through
-`DnsServer.handle` and `DnsServer.answered`, which decide, record and fill the cache.
+`DnsServer.query_udp`, `answer_udp` and `retry`, the full path, which decides, records
+and fills the cache.
 
 Two ways to do the clean part, same behaviour:
 - `RelayListener`: the C relay of `_hotpath.c`, batches of packets per system call;
@@ -22,7 +23,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from netfilter.dns.wire import answer_is_plain, parse_query, scan_question
+from netfilter.dns.wire import answer_is_plain, scan_question
 
 if TYPE_CHECKING:
     from netfilter.dns.server import DnsServer
@@ -67,8 +68,8 @@ class PythonListener(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        try:
-            if self.fast:
+        if self.fast:
+            try:
                 question = scan_question(data)
                 if (question is not None
                         and self.engine.host_cache.get(question[0], _UNSEEN) is None):
@@ -77,10 +78,11 @@ class PythonListener(asyncio.DatagramProtocol):
                     stats["forwarded"] += 1
                     self.forward(data, question[2], self._answered, (addr, data, question))
                     return
-            self.server.handle(data, str(addr[0]), self._responder(addr), over_tcp=False)
-        except Exception:  # a bug must cost one query, never the server
-            self.stats["internal_errors"] += 1
-            log.exception("query from %s failed", addr[0])
+            except Exception:  # a bug must cost one query, never the server
+                self.stats["internal_errors"] += 1
+                log.exception("query from %s failed", addr[0])
+                return
+        self.server.query_udp(data, str(addr[0]), self._responder(addr))
 
     def _answered(self, answer: bytes | None, context: tuple[Any, ...]) -> None:
         addr, data, question = context
@@ -91,12 +93,7 @@ class PythonListener(asyncio.DatagramProtocol):
                 transport.sendto(answer, addr)
             return
         # No answer, one too big for the client, or CNAMEs to check: the full path.
-        try:
-            self.server.answered(answer, data, parse_query(data), str(addr[0]),
-                                 self._responder(addr), False)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("answer to %s failed", addr[0])
+        self.server.answer_udp(answer, data, str(addr[0]), self._responder(addr))
 
     def _responder(self, addr: Address) -> Respond:
         transport = self.transport
@@ -190,11 +187,7 @@ class RelayListener:
             log.exception("dns relay failed reading queries")
             return
         for data, addr in handed_over:
-            try:
-                self.server.handle(data, str(addr[0]), self._responder(addr), over_tcp=False)
-            except Exception:  # a bug must cost one query, never the server
-                self.stats["internal_errors"] += 1
-                log.exception("query from %s failed", addr[0])
+            self.server.query_udp(data, str(addr[0]), self._responder(addr))
 
     def _from_upstream(self) -> None:
         try:
@@ -204,12 +197,7 @@ class RelayListener:
             log.exception("dns relay failed reading answers")
             return
         for answer, data, addr in handed_over:
-            try:
-                self.server.answered(answer, data, parse_query(data), str(addr[0]),
-                                     self._responder(addr), False)
-            except Exception:
-                self.stats["internal_errors"] += 1
-                log.exception("answer to %s failed", addr[0])
+            self.server.answer_udp(answer, data, str(addr[0]), self._responder(addr))
         if refused:  # ICMP unreachable: the first upstream is down, move on now
             self.stats["upstream_errors"] += 1
             self._retry(self.relay.expired(all=True))
@@ -225,17 +213,13 @@ class RelayListener:
 
     def _retry(self, late: list[tuple[bytes, Address]]) -> None:
         for data, addr in late:
-            try:
-                self.server.retry(data, str(addr[0]), self._responder(addr))
-            except Exception:
-                self.stats["internal_errors"] += 1
-                log.exception("retry for %s failed", addr[0])
+            self.server.retry(data, str(addr[0]), self._responder(addr))
 
     def close(self) -> None:
         """Stop reading; what is still in flight gets SERVFAIL from the pool."""
         self._loop.remove_reader(self.sock.fileno())
         self._loop.remove_reader(self.upstream.fileno())
         for data, addr in self.relay.expired(all=True):
-            self.server.give_up(data, str(addr[0]), self._responder(addr))
+            self.server.answer_udp(None, data, str(addr[0]), self._responder(addr))
         self.upstream.close()
         self.sock.close()

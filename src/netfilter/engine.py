@@ -19,6 +19,7 @@ from netfilter.events import Event, EventSink, NullSink
 from netfilter.listfile import Transparency
 from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.matcher import Match
+from netfilter.memo import remember
 from netfilter.privacy import ClientRecorder
 
 __all__ = ["Action", "Answer", "Engine", "Verdict"]
@@ -186,22 +187,16 @@ class Engine:
                    client: str | None = None, detail: str | None = None) -> Verdict:
         """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
         state = self._state
-        return self._verdict(_host_match(state, name), state, frontend, client, detail, name)
+        match = remember(state.host_matches, name, state.lists.check_host, HOST_CACHE_SIZE)
+        return self._verdict(match, state, frontend, client, detail, name)
 
     def urls_free(self, hosts: tuple[str, ...]) -> bool:
         """True when no URL on any of these canonical hosts (`canonical_parts`) can
         match an entry under the lists in force: `check_url` would return ALLOW for
         every path and record nothing, so a proxy may skip it. Cached per list state."""
         state = self._state
-        cache = state.urls_free
         for host in hosts:
-            free = cache.get(host)
-            if free is None:
-                free = state.lists.urls_free(host)
-                if len(cache) >= HOST_CACHE_SIZE:
-                    cache.clear()
-                cache[host] = free
-            if not free:
+            if not remember(state.urls_free, host, state.lists.urls_free, HOST_CACHE_SIZE):
                 return False
         return True
 
@@ -214,16 +209,3 @@ class Engine:
             self.sink.record(event)
         except Exception:  # a failing sink must never take a front-end down
             log.exception("event sink failed")
-
-
-def _host_match(state: _State, name: str) -> Match | None:
-    """The name's match under `state`, from its cache when seen before."""
-    cache = state.host_matches
-    try:
-        return cache[name]
-    except KeyError:
-        match = state.lists.check_host(name)
-        if len(cache) >= HOST_CACHE_SIZE:
-            cache.clear()
-        cache[name] = match
-        return match

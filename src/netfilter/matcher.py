@@ -30,6 +30,7 @@ from netfilter.digest import HashName, hmac_key_id, make_hasher
 from netfilter.errors import BundleError
 from netfilter.listfile import Bundle, Transparency, pack_entries
 from netfilter.listsource import Kind, SourceEntry
+from netfilter.memo import remember
 
 __all__ = ["DigestTable", "ListMatcher", "Match", "Source"]
 
@@ -325,13 +326,7 @@ def _remembered(find: Callable[[bytes], int]) -> Callable[[bytes], int]:
     memo: dict[bytes, int] = {}
 
     def remembered(digest: bytes) -> int:
-        position = memo.get(digest)
-        if position is None:
-            position = find(digest)
-            if len(memo) >= INDEX_MEMO_SIZE:
-                memo.clear()
-            memo[digest] = position
-        return position
+        return remember(memo, digest, find, INDEX_MEMO_SIZE)
 
     return remembered
 

@@ -46,6 +46,7 @@ __all__ = [
     "build_list",
     "dig",
     "free_port",
+    "mutate",
     "read_events",
     "require_tools",
     "start_all",
@@ -353,3 +354,22 @@ def require_tools(*tools: str) -> None:
     """Skip (with the reason) when a command-line tool the tests drive is missing."""
     _require_tools(*tools, why="Debian: apt-get install dnsutils unbound; the DNS "
                                "integration tests need them")
+
+
+def mutate(seed: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+    """`seed` with each (position, value, kind) edit applied: x flips a bit, s sets a
+    byte, d deletes 1-4 bytes, i inserts one, anything else cuts the rest off."""
+    data = bytearray(seed)
+    for position, value, kind in edits:
+        at = position % (len(data) + 1)
+        if kind == "x" and at < len(data):
+            data[at] ^= 1 << (value % 8)
+        elif kind == "s" and at < len(data):
+            data[at] = value
+        elif kind == "d":
+            del data[at : at + value % 4 + 1]
+        elif kind == "i":
+            data[at:at] = bytes([value])
+        else:
+            del data[at:]
+    return bytes(data)

@@ -24,6 +24,7 @@ from netfilter.dns.wire import (
     py_answer_is_plain,
     py_scan_question,
 )
+from tests.dns_support import mutate
 
 _hotpath = pytest.importorskip(
     "netfilter.dns._hotpath",
@@ -197,29 +198,12 @@ def _agree(wire: bytes) -> None:
             assert targets == []
 
 
-def _mutate(seed: bytes, edits: list[tuple[int, int, str]]) -> bytes:
-    data = bytearray(seed)
-    for position, value, kind in edits:
-        at = position % (len(data) + 1)
-        if kind == "x" and at < len(data):
-            data[at] ^= 1 << (value % 8)
-        elif kind == "s" and at < len(data):
-            data[at] = value
-        elif kind == "d":
-            del data[at : at + value % 4 + 1]
-        elif kind == "i":
-            data[at:at] = bytes([value])
-        else:
-            del data[at:]
-    return bytes(data)
-
-
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.sampled_from(_seeds()), edits=st.lists(
     st.tuples(st.integers(0, 700), st.integers(0, 255), st.sampled_from("xsdit")),
     min_size=0, max_size=6))
 def test_mutated_packets_agree(seed: bytes, edits: list[tuple[int, int, str]]) -> None:
-    _agree(_mutate(seed, edits))
+    _agree(mutate(seed, edits))
 
 
 @settings(max_examples=300, deadline=None)
@@ -235,7 +219,7 @@ def test_seeded_mutations_agree() -> None:
     for _ in range(5000):
         edits = [(rng.randrange(700), rng.randrange(256), rng.choice(kinds))
                  for _ in range(rng.randint(1, 4))]
-        _agree(_mutate(rng.choice(seeds), edits))
+        _agree(mutate(rng.choice(seeds), edits))
 
 
 @pytest.mark.parametrize("scan", [_hotpath.question, py_scan_question])

@@ -28,6 +28,7 @@ from netfilter.dns.wire import FormError, Query, cname_targets, parse_query, rea
 from netfilter.engine import Action, Answer, Verdict
 from netfilter.listfile import Transparency
 from netfilter.matcher import Match
+from tests.dns_support import mutate
 
 HEADER = struct.Struct("!HHHHHH")
 
@@ -329,20 +330,10 @@ def test_random_bytes_raise_only_formerror(data: bytes) -> None:
     min_size=1, max_size=8))
 def test_mutated_packets_raise_only_formerror(
         seed: bytes, edits: list[tuple[int, int, str]]) -> None:
-    data = bytearray(seed)
-    for position, value, kind in edits:
-        at = position % (len(data) + 1)
-        if kind == "x" and at < len(data):
-            data[at] ^= 1 << (value % 8)
-        elif kind == "d":
-            del data[at : at + value % 4 + 1]
-        elif kind == "i":
-            data[at:at] = bytes([value])
-        else:
-            del data[at:]
+    data = mutate(seed, edits)
     for parse in (parse_query, cname_targets):
         try:
-            result = parse(bytes(data))
+            result = parse(data)
         except FormError:
             continue
         if isinstance(result, Query):

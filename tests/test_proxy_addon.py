@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
@@ -210,6 +212,62 @@ def test_host_header_is_checked_besides_the_address(addon: NetfilterAddon) -> No
     flow.request.headers["Host"] = "clean.test"
     addon.requestheaders(flow)
     assert status(flow) == 451
+
+
+def test_two_host_headers_are_refused(addon: NetfilterAddon, tmp_path: Path) -> None:
+    """An origin and the proxy might each read another of them: 400, nothing checked."""
+    flow = request_flow("http://clean.test/dir/x")
+    flow.request.headers.add("Host", "clean.test")
+    flow.request.headers.add("Host", "partly.example")
+    addon.requestheaders(flow)
+    assert status(flow) == 400
+    assert flow.response is not None and b"more than one Host" in flow.response.content
+    assert blocks(addon, tmp_path) == []
+
+
+NAMES = ["clean.test", "partly.example", "127.0.0.1", "PARTLY.example:8080"]
+
+
+def test_target_cache_never_changes_a_decision(config: Path) -> None:
+    """The per-origin cache is keyed on mitmproxy's raw fields (version, :authority,
+    Host, address): whatever came before, each request gets the answer it gets from an
+    addon with an empty cache."""
+    with addon_for(config) as (addon, _):
+
+        def answer(request: http.Request) -> int | None:
+            flow = tflow.tflow(req=request.copy(), client_conn=client_conn())
+            addon.requestheaders(flow)
+            return status(flow)
+
+        def make(version: bytes, authority: str, header: str | None, host: str,
+                 port: int) -> http.Request:
+            request = tutils.treq(host=host.partition(":")[0], port=port, scheme=b"http",
+                                  authority=authority.encode(), path=b"/dir/x",
+                                  http_version=version, headers=http.Headers(), content=b"")
+            if header is not None:
+                request.headers["Host"] = header
+            return request
+
+        requests = st.builds(make, st.sampled_from([b"HTTP/1.1", b"HTTP/2.0"]),
+                             st.sampled_from(["", *NAMES]), st.sampled_from([None, *NAMES]),
+                             st.sampled_from(NAMES), st.sampled_from([80, 8080]))
+
+        @settings(max_examples=500, deadline=None, database=None)
+        @given(st.lists(requests, min_size=2, max_size=8))
+        @example([make(b"HTTP/1.1", "", "partly.example", "clean.test", 80),
+                  make(b"HTTP/1.1", "", "clean.test", "clean.test", 80)])
+        @example([make(b"HTTP/1.1", "partly.example", "clean.test", "clean.test", 80),
+                  make(b"HTTP/2.0", "partly.example", "clean.test", "clean.test", 80)])
+        def check(sequence: list[http.Request]) -> None:
+            addon._targets.clear()
+            cached = [answer(r) for r in sequence]  # each after the ones before it
+            fresh = []
+            for request in sequence:
+                addon._targets.clear()
+                fresh.append(answer(request))
+            assert cached == fresh
+
+        check()
 
 
 @pytest.mark.parametrize(("accept", "dest", "html"), [

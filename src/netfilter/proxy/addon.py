@@ -213,6 +213,10 @@ class Target:
 
 TARGET_CACHE_SIZE = 4096  # entries; cleared wholesale when full
 
+# What a Target is computed from, as mitmproxy holds it: scheme, HTTP version, the
+# :authority (HTTP/2 and 3 take it before Host), the Host field, dialled host and port.
+TargetKey = tuple[bytes, bytes, bytes, bytes | None, str, int]
+
 
 def make_target(scheme: str, header: str | None, host: str, port: int,
                 allowed: bool) -> Target:
@@ -274,7 +278,7 @@ class NetfilterAddon:
         # mitmproxy's `request` hook: None (no hook) until netfilter_resolve has routes
         self.request: Callable[[http.HTTPFlow], None] | None = None
         self.conns: dict[str, ConnState] = {}
-        self._targets: dict[tuple[bytes, str | None, str, int], Target] = {}
+        self._targets: dict[TargetKey, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
 
@@ -517,11 +521,18 @@ class NetfilterAddon:
             return
         request = flow.request
         data = request.data
-        header = request.host_header
-        key = (data.scheme, header, data.host, data.port)
+        # The raw Host fields, not request.host_header (which decodes and joins them:
+        # most of this hook's time on clean traffic). More than one is refused (RFC 9112
+        # 3.2: a server and an origin might each pick another).
+        hosts = [value for name, value in data.headers.fields if name.lower() == b"host"]
+        if len(hosts) > 1:
+            _answer(flow, refusal(400, "netfilter: more than one Host header"))
+            return
+        key = (data.scheme, data.http_version, data.authority, hosts[0] if hosts else None,
+               data.host, data.port)
         target = self._targets.get(key)
         if target is None:
-            target = self._target(rt, request, header)
+            target = self._target(rt, request, request.host_header)
             if len(self._targets) >= TARGET_CACHE_SIZE:
                 self._targets.clear()
             self._targets[key] = target

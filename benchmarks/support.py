@@ -22,7 +22,7 @@ class _Target:
     table: str
     name: str
     kind: str  # "rate": ops/s >= threshold; "ratio": speed-up over baseline >= threshold;
-    #            "seconds": time <= threshold; "max": recorded row value <= threshold
+    #            "seconds": time <= threshold; "max"/"min": recorded row value <= / >= it
     threshold: float
 
 
@@ -46,7 +46,8 @@ class Figures:
             self.baselines[table] = name
 
     def row(self, table: str, name: str, text: str, value: float | None = None) -> None:
-        """A free-form figure (memory, rates, counts); `value` feeds "max" targets."""
+        """A free-form figure (memory, rates, counts); `value` feeds "max" and "min"
+        targets."""
         self.rows.setdefault(table, []).append((name, text))
         if value is not None:
             self.values[table, name] = value
@@ -81,6 +82,8 @@ class Figures:
         value = self.values.get((t.table, t.name))
         if value is None:
             return "n/a", "not measured in this run"
+        if t.kind == "min":
+            return ("PASS" if value >= t.threshold else "FAIL"), f"{value:,.3f}"
         return ("PASS" if value <= t.threshold else "FAIL"), f"{value:,.2f}"
 
     def render(self) -> list[str]:

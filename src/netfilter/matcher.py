@@ -271,11 +271,24 @@ class ListMatcher:
                     expand.append(suffixes[i])
             return suffixes if expand_all else expand
 
+        stages: dict[str, Match | list[str]] = {}
+
+        def host_stage_of(host: str) -> Match | list[str]:
+            return host_stage(host_suffixes(host))
+
+        def staged(host: str) -> Match | list[str]:
+            """host_stage of a canonical host, remembered: the table never changes
+            under a matcher, and the same hosts come again and again (the answer is
+            only read, never changed)."""
+            return remember(stages, host, host_stage_of, STAGE_MEMO_SIZE)
+
         def check_parts(host: str, path: str, tried: list[str] | None = None) -> Match | None:
-            suffixes = host_suffixes(host)
-            if tried is not None:
+            if tried is None:
+                expand = staged(host)
+            else:
+                suffixes = host_suffixes(host)
                 tried.extend(s + "/" for s in suffixes)
-            expand = host_stage(suffixes)
+                expand = host_stage(suffixes)
             if isinstance(expand, Match):
                 return expand
             if not expand:
@@ -293,7 +306,7 @@ class ListMatcher:
             """No URL on this canonical host can match: no domain-level entry covers
             it and it carries no URL-level entries (check_parts would return None
             for every path)."""
-            return host_stage(host_suffixes(host)) == []
+            return staged(host) == []
 
         def has_url_entries_on(suffixes: Sequence[str]) -> bool:
             return bool(url_entries_on(suffixes))
@@ -313,6 +326,7 @@ Pairs = Callable[[list[str], list[str]], Iterable[tuple[int, int, bytes]]]
 
 
 INDEX_MEMO_SIZE = 1 << 15  # host-index answers kept per list; cleared wholesale when full
+STAGE_MEMO_SIZE = 1 << 14  # host-stage answers (per canonical host) kept per list
 
 
 def _remembered(find: Callable[[bytes], int]) -> Callable[[bytes], int]:

@@ -579,6 +579,123 @@ def test_now_in_another_zone_is_shown_in_utc(engine: Engine, renderer: Renderer)
     assert datetime.now(UTC).strftime("%Y-%m-%d").encode() in page.body
 
 
+# ---------------------------------------------------------------- kept pages
+
+
+LATER = datetime(2031, 12, 30, 23, 59, 58, 999_999, tzinfo=UTC)
+
+
+def test_kept_pages_are_the_pages_rendered_afresh(tmp_path: Path) -> None:
+    """Pages answered from the cache are byte for byte what a render gives, with each
+    request's own time; the list's text, entry, host and language all tell pages apart."""
+    full = _settings(tmp_path, {**OPERATOR, **HELP}, local=True)
+    engine, settings = Engine(full), _stoppage(full)
+    kept, fresh = Renderer(settings), Renderer(settings, cache_size=0)
+    assert fresh.cache_size == 0 and not fresh._kept
+    assert kept._kept == {(lang, html) for lang in ("de", "en", "fr") for html in (True, False)}
+    match = Match("x", 3, "X-1", "csam", "domain", "authority", "x.example/")
+    one = Transparency(issuer="One", appeal_url=APPEAL, translations={"de": {"issuer": "Eins"}})
+    two = Transparency(issuer="Two", hotline_url=HOTLINE)  # the same entry, a reloaded list
+    verdicts = [_blocked(engine), _blocked(engine, "gambling.example"), Verdict(Action.ALLOW),
+                Verdict(Action.BLOCK, match, transparency=one),
+                Verdict(Action.BLOCK, match, transparency=two), Verdict(Action.BLOCK, match),
+                Verdict(Action.BLOCK)]
+    hosts = [None, "blocked.example", "x.example", "<script>alert(1)</script>", "a" * 300]
+    calls = [dict(verdict=v, host=h, accept=accept, accept_language=lang)
+             for v in verdicts for h in hosts for accept in ("text/html", "image/png")
+             for lang in ("en", "de-DE", "fr;q=0.5")]
+    for now in (NOW, LATER, NOW.replace(microsecond=123)):
+        for call in calls:
+            page = kept.render(**call, now=now)  # type: ignore[arg-type]
+            assert page == fresh.render(**call, now=now), call  # type: ignore[arg-type]
+            assert now.strftime("%Y-%m-%d %H:%M:%S UTC").encode() in page.body
+        # the two verdicts without a match share pages; the 300-character host is not kept
+        assert len(kept._pages) == (len(verdicts) - 1) * (len(hosts) - 1) * 2 * 3
+    page = kept.render(verdicts[3], host="x.example", accept=None, accept_language="de",
+                       now=LATER)
+    assert b"Eins" in page.body and b"2031-12-30T23:59:58Z" in page.body
+    assert b"2025" not in page.body and b"nftime" not in page.body
+
+
+def test_templates_that_use_the_time_otherwise_are_rendered_each_time(
+        engine: Engine, tmp_path: Path) -> None:
+    own = tmp_path / "timed"
+    own.mkdir()
+    (own / "stop.en.html").write_text(
+        "<p>{{ ref }} in {{ time.year }}, "
+        "{% if time.hour < 12 %}morning{% else %}afternoon{% endif %}</p>", encoding="utf-8")
+    (own / "stop.en.txt").write_text('{{ time_text|replace("UTC", "GMT") }}', encoding="utf-8")
+    (own / "stop.it.html").write_text("<p>{{ ref }} {{ time_iso }}</p>", encoding="utf-8")
+    (own / "stop.it.txt").write_text("{{ ref }} {{ time_text }}", encoding="utf-8")
+    renderer = Renderer(_stoppage(_settings(tmp_path, {"templates": str(own)})))
+    assert ("en", True) not in renderer._kept and ("en", False) not in renderer._kept
+    assert {("it", True), ("it", False), ("de", True)} <= renderer._kept
+    verdict = _blocked(engine)
+    for now, shown in ((NOW, "DEMO-0001 in 2025, afternoon"),
+                       (LATER.replace(hour=9), "DEMO-0001 in 2031, morning"),
+                       (NOW, "DEMO-0001 in 2025, afternoon")):
+        page = renderer.render(verdict, host=None, accept=None, accept_language="en", now=now)
+        assert page.body.decode() == f"<p>{shown}</p>"
+        page = renderer.render(verdict, host=None, accept="image/*", accept_language="en",
+                               now=now)
+        assert page.body.decode() == now.strftime("%Y-%m-%d %H:%M:%S GMT")
+        page = renderer.render(verdict, host=None, accept=None, accept_language="it", now=now)
+        assert page.body.decode() == f"<p>DEMO-0001 {now.strftime('%Y-%m-%dT%H:%M:%SZ')}</p>"
+    assert {key[:2] for key in renderer._pages} == {("it", True)}
+
+
+@pytest.mark.parametrize(("source", "kept"), [
+    ("{{ time_iso }} {{ time_text }} {{ ref|upper }}", True),
+    ("{% if blocked %}{% for i in range(2) %}{{ time_text }}{% endfor %}{% endif %}", True),
+    ('{% extends "base" %}{% block b %}{{ super() }} {{ time_iso }}{% endblock %}', True),
+    ('{% include "base" %}{{ self.b() }}', True),
+    ("no time at all", True),
+    ("{{ time }}", False),
+    ("{% if ref == 'X' %}{{ time.strftime('%H') }}{% endif %}", False),
+    ("{{ time_iso[:4] }}", False),
+    ("{{ time_text|lower }}", False),
+    ("{% if time_iso %}x{% endif %}", False),
+    ("{% set t %}{{ time_text }}{% endset %}{{ t|upper }}", False),
+    ("{% filter upper %}{{ time_text }}{% endfilter %}", False),
+    ('{% filter upper %}{% include "base" %}{% endfilter %}', False),
+    ("{% macro m() %}{{ time_iso }}{% endmacro %}{{ m() }}", False),
+    ('{% extends "caught" %}{% block b %}{{ time_iso }}{% endblock %}', False),
+    ("{% with time_iso = 'x' %}{{ time_iso }}{% endwith %}", False),
+    ("{{ super()|lower }}", False),
+    ('{% import "base" as b %}{{ b }}', False),
+    ("{% extends layout %}", False),
+    ('{% include "missing" %}', False),
+    ("{{ lipsum() }}", False),
+    ("{{ [1, 2]|random }}", False),
+])
+def test_which_templates_show_the_time_only_as_text(source: str, kept: bool) -> None:
+    from jinja2 import DictLoader
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from netfilter.stoppage.render import _time_only_shown
+
+    env = SandboxedEnvironment(loader=DictLoader({
+        "page": source, "base": "<p>{% block b %}{{ time_text }}{% endblock %}</p>",
+        "caught": "{% filter lower %}{% block b %}{% endblock %}{% endfilter %}"}))
+    assert _time_only_shown(env, "page") is kept
+
+
+def test_a_failing_template_is_never_kept(engine: Engine, tmp_path: Path) -> None:
+    own = tmp_path / "fragile"
+    own.mkdir()
+    (own / "stop.en.html").write_text(
+        '{{ 1 // (0 if ref == "DEMO-0001" else 1) }} {{ time_text }}', encoding="utf-8")
+    renderer = Renderer(_stoppage(_settings(tmp_path, {"templates": str(own)})))
+    assert ("en", True) in renderer._kept
+    for now in (NOW, LATER):
+        page = renderer.render(_blocked(engine), host=None, accept=None, accept_language=None,
+                               now=now)
+        body = page.body.decode()
+        assert "DEMO-0001" in body and "<title>" in body  # the built-in page, every time
+        assert now.strftime("%Y-%m-%d %H:%M:%S UTC") in body
+    assert renderer._pages == {}
+
+
 # ---------------------------------------------------------------- the server
 
 T = TypeVar("T")

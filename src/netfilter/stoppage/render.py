@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import unicodedata
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from jinja2 import ChoiceLoader, FileSystemLoader, Template, TemplateError, select_autoescape
+from jinja2 import ChoiceLoader, FileSystemLoader, Template, TemplateError, nodes, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup, escape
 
@@ -38,6 +39,7 @@ from netfilter.engine import Action, Verdict
 from netfilter.errors import ConfigError
 from netfilter.listfile import TransparencyText
 from netfilter.matcher import Match
+from netfilter.memo import remember
 
 __all__ = [
     "CSAM_CATEGORIES",
@@ -68,6 +70,9 @@ _QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 _MEDIA_RANGE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 MAX_RANGES = 64  # list items looked at in Accept / Accept-Language; the rest is ignored
 MAX_FIELD = 4096  # characters of Accept / Accept-Language looked at
+PAGE_CACHE_SIZE = 1024  # rendered pages kept; cleared wholesale when full
+TIME_ISO = "%Y-%m-%dT%H:%M:%SZ"
+TIME_TEXT = "%Y-%m-%d %H:%M:%S UTC"
 
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 ANY_TYPES = frozenset({"*/*", "text/*"})
@@ -221,6 +226,69 @@ def _link_header(url: str) -> str:
     return f'<{target}>; rel="blocked-by"'
 
 
+# A page can be kept when its template shows the time only as these, untouched.
+_TIME_SHOWN = frozenset({"time_iso", "time_text"})
+_NOT_KEPT = frozenset({"time", "time_iso", "time_text", "self", "super", "lipsum"})
+_CAPTURING = (nodes.FilterBlock, nodes.AssignBlock, nodes.Macro, nodes.CallBlock)
+_LOADING = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+
+
+def _as_is(node: nodes.Node) -> bool:
+    """`time_iso`, `time_text`, `super()` or `self.<block>()`: output as they are."""
+    if isinstance(node, nodes.Name):
+        return node.name in _TIME_SHOWN and node.ctx == "load"
+    if (not isinstance(node, nodes.Call) or node.args or node.kwargs or node.dyn_args
+            or node.dyn_kwargs):
+        return False
+    target = node.node
+    if isinstance(target, nodes.Getattr):
+        return isinstance(target.node, nodes.Name) and target.node.name == "self"
+    return isinstance(target, nodes.Name) and target.name == "super"
+
+
+def _time_only_shown(env: SandboxedEnvironment, name: str, captured: bool = False,
+                     seen: set[tuple[str, bool]] | None = None) -> bool:
+    """Does template `name`, with all it extends, includes and imports, show the time
+    only as `{{ time_iso }}`/`{{ time_text }}` straight into the page (never `time`, a
+    filter on them, or output caught by a macro, `set` or `filter` block) and nothing
+    random? Then a page rendered with stand-ins for the two strings stays right for any
+    time. A static check, as a trial render cannot see branches it does not take."""
+    seen = set() if seen is None else seen
+    if (name, captured) in seen:
+        return True
+    seen.add((name, captured))
+    assert env.loader is not None
+    try:
+        source, filename, _ = env.loader.get_source(env, name)
+        tree = env.parse(source, name, filename)
+    except TemplateError:
+        return False
+    loaded: list[tuple[str, bool]] = []
+
+    def ok(node: nodes.Node, captured: bool) -> bool:
+        if isinstance(node, nodes.Output) and not captured:
+            return all(_as_is(n) or ok(n, captured) for n in node.nodes)
+        if isinstance(node, nodes.Name) and node.name in _NOT_KEPT:
+            return False
+        if isinstance(node, nodes.Filter) and node.name == "random":
+            return False
+        if isinstance(node, nodes.Block) and captured:
+            return False  # a child's block would be caught
+        if isinstance(node, _LOADING):
+            target = node.template
+            if not (isinstance(target, nodes.Const) and isinstance(target.value, str)):
+                return False
+            imported = isinstance(node, (nodes.Import, nodes.FromImport))
+            loaded.append((target.value, captured or imported))
+            return True
+        inner = (captured or isinstance(node, _CAPTURING)
+                 or (isinstance(node, nodes.For) and node.recursive))  # loop() returns text
+        return all(ok(child, inner) for child in node.iter_child_nodes())
+
+    return ok(tree, captured) and all(_time_only_shown(env, other, inside, seen)
+                                      for other, inside in loaded)
+
+
 def _languages(directories: Sequence[Path]) -> list[str]:
     found: set[str] = set()
     for directory in directories:
@@ -235,12 +303,31 @@ def _languages(directories: Sequence[Path]) -> list[str]:
 
 
 class Renderer:
-    """Renders stop pages; thread-safe once built (templates are loaded once)."""
+    """Renders stop pages; thread-safe once built (templates are loaded once).
 
-    def __init__(self, settings: StoppageSettings, *, base: Path | None = None) -> None:
+    Blocks repeat, and a render costs far more than the rest of a blocked request: the
+    page is kept per language, HTML or text, entry, list text and host, rendered with
+    stand-ins for `time_iso`/`time_text` that each answer replaces with its own time.
+    Only for templates that show the time in no other way (`_time_only_shown`, checked
+    at start); one that uses `time` itself is rendered per request (not per second:
+    `time` has microseconds, so even that could differ).
+    """
+
+    def __init__(self, settings: StoppageSettings, *, base: Path | None = None,
+                 cache_size: int = PAGE_CACHE_SIZE) -> None:
         """`base`: the directory a relative `settings.templates` is taken against
-        (the config file's, `Settings.base`); without it, the working directory."""
+        (the config file's, `Settings.base`); without it, the working directory.
+        `cache_size`: pages kept (0: none, every answer rendered)."""
         self.settings = settings
+        self.cache_size = cache_size
+        # Letters and digits only: autoescaping leaves them as they are, as it does the
+        # time strings put in their place; random, so no host name can hold one.
+        token = secrets.token_hex(12)
+        self._marks = {"time_iso": f"nftimeiso{token}", "time_text": f"nftimetext{token}"}
+        self._iso_mark = self._marks["time_iso"].encode("ascii")
+        self._text_mark = self._marks["time_text"].encode("ascii")
+        self._kept: set[tuple[str, bool]] = set()  # (language, html) whose pages are kept
+        self._pages: dict[tuple[object, ...], tuple[object, bytes]] = {}
         directories = [SHIPPED_TEMPLATES]
         if settings.templates is not None:
             own = settings.templates
@@ -282,23 +369,34 @@ class Renderer:
             raise ConfigError(where, f"stop page template: {e}") from e
 
     def _trial(self) -> None:
-        """Render every template once, blocked and generic, so errors show at start."""
+        """Render every template once, blocked and generic, so errors show at start.
+        Then choose the templates whose pages are kept: the static check, and (for
+        anything random) the same page with stand-ins at two different times."""
         from netfilter.listfile import Transparency
 
         sample = Verdict(Action.BLOCK, Match("sample", 1, "SAMPLE-1", "csam", "domain",
                                              "authority", "sample.invalid/"),
                          transparency=Transparency(issuer="Sample", legal_basis="Sample"))
         when = _utc(None)
+        later = when + timedelta(days=400, hours=13, minutes=31, seconds=17, microseconds=1)
         for lang in self.languages:
-            for verdict in (sample, Verdict(Action.ALLOW)):
-                context = self._context(verdict, lang, "sample.invalid", when)
-                for name, template in ((f"stop.{lang}.html", self._html[lang]),
-                                       (f"stop.{lang}.txt", self._text[lang])):
+            for html, name in ((True, f"stop.{lang}.html"), (False, f"stop.{lang}.txt")):
+                template = self._html[lang] if html else self._text[lang]
+                same = self.cache_size > 0 and _time_only_shown(self.env, name)
+                for verdict in (sample, Verdict(Action.ALLOW)):
                     try:
-                        template.render(context)
+                        template.render(self._context(verdict, lang, "sample.invalid", when))
                     except Exception as e:
                         raise ConfigError(name, f"stop page template does not render: "
                                                 f"{type(e).__name__}: {e}") from e
+                    try:
+                        same = same and len({
+                            template.render(self._context(verdict, lang, "sample.invalid", t)
+                                            | self._marks) for t in (when, later)}) == 1
+                    except Exception:
+                        same = False
+                if same:
+                    self._kept.add((lang, html))
 
     def _context(self, verdict: Verdict, lang: str, host: str | None,
                  when: datetime) -> dict[str, Any]:
@@ -330,8 +428,8 @@ class Renderer:
             "help_service": s.help_service,
             "help_url": s.help_url,
             "time": when,
-            "time_iso": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "time_text": when.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "time_iso": when.strftime(TIME_ISO),
+            "time_text": when.strftime(TIME_TEXT),
         }
 
     def render(self, verdict: Verdict, *, host: str | None, accept: str | None,
@@ -344,9 +442,7 @@ class Renderer:
         html = wants_html(accept, sec_fetch_dest)
         when = _utc(now)
         try:
-            context = self._context(verdict, lang, host, when)
-            template = self._html[lang] if html else self._text[lang]
-            body = template.render(context).encode("utf-8", "replace")
+            body = self._body(verdict, lang, html, host, when)
         except Exception:  # an operator's template must never cost the answer
             log.exception("stop page template failed; answering with the built-in page")
             lang = "en"
@@ -365,6 +461,28 @@ class Renderer:
             headers.append(("Link", self._link))
         return StopPage(STATUS, headers, body)
 
+    def _body(self, verdict: Verdict, lang: str, html: bool, host: str | None,
+              when: datetime) -> bytes:
+        """The rendered page: kept (see the class) unless its template uses the time
+        otherwise or the host is longer than any shown (kept pages stay small)."""
+        template = self._html[lang] if html else self._text[lang]
+        if (lang, html) not in self._kept or (host is not None and len(host) > MAX_HOST_SHOWN):
+            return template.render(self._context(verdict, lang, host, when)).encode(
+                "utf-8", "replace")
+        match = verdict.match if verdict.blocked else None
+        transparency = verdict.transparency if match is not None else None
+
+        def render(_key: object) -> tuple[object, bytes]:
+            context = self._context(verdict, lang, host, when) | self._marks
+            return transparency, template.render(context).encode("utf-8", "replace")
+
+        # The list's text by identity (it holds a dict, so it has no hash): the entry
+        # keeps the object alive, so no other object can have that id meanwhile.
+        key = (lang, html, match, id(transparency), host)
+        page = remember(self._pages, key, render, self.cache_size)[1]
+        return page.replace(self._iso_mark, when.strftime(TIME_ISO).encode("ascii")).replace(
+            self._text_mark, when.strftime(TIME_TEXT).encode("ascii"))
+
 
 def _fallback(verdict: Verdict, html: bool, when: datetime) -> bytes:
     """A minimal English page when a template fails at run time."""
@@ -373,7 +491,7 @@ def _fallback(verdict: Verdict, html: bool, when: datetime) -> bytes:
     if match is not None:
         lines.append(f"List {match.list_id}, version {match.list_version}, "
                      f"entry {match.ref}.")
-    lines.append(f"Date and time: {when.strftime('%Y-%m-%d %H:%M:%S UTC')}")
+    lines.append(f"Date and time: {when.strftime(TIME_TEXT)}")
     if not html:
         return ("\n".join([f"{STATUS} {REASON}", *lines]) + "\n").encode("utf-8", "replace")
     paragraphs = Markup("").join(Markup("<p>{}</p>\n").format(line) for line in lines[1:])

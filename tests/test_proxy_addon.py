@@ -868,3 +868,21 @@ def test_request_hook_only_while_there_are_routes(tmp_path: Path,
     with addon_for(write_config(tmp_path)) as (plain, _):
         assert plain.request is None
     assert callable(fenced.request)
+
+
+def test_running_freezes_what_is_loaded(addon: NetfilterAddon) -> None:
+    """Once running, the loaded engine and lists are out of the cyclic collector's
+    way (its full collections would walk them again and again under load)."""
+    import asyncio
+    import gc
+
+    async def start() -> None:
+        addon.running()
+
+    gc.unfreeze()
+    try:
+        asyncio.run(start())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        addon._loop = None

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -257,6 +258,17 @@ def _options_error(message: str) -> exceptions.OptionsError:
     return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]
 
 
+def freeze_long_lived(collect: bool = False) -> None:
+    """Exempt everything alive now (mitmproxy, the engine, the lists, the templates:
+    nearly all of it long-lived) from the cyclic garbage collector, whose full
+    collections under load otherwise walk all of it again and again (measured:
+    benchmarks/README.md). Frozen objects freed later by reference counting are
+    freed as usual; only cycles among them would stay."""
+    if collect:
+        gc.collect()
+    gc.freeze()
+
+
 def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
     # Called from requestheaders (and the CONNECT/TLS hooks). A request marked for
     # streaming (its Content-Length above `stream_large_bodies`, decided by mitmproxy
@@ -382,6 +394,7 @@ class NetfilterAddon:
             self._loop.add_signal_handler(signal.SIGHUP, self.reload_lists)
         if self.runtime is None:
             log.error("%s", NOT_CONFIGURED)
+        freeze_long_lived(collect=True)  # before any traffic: the pause costs nothing
 
     def done(self) -> None:
         if self._loop is not None:
@@ -411,6 +424,7 @@ class NetfilterAddon:
             runtime = f.result()
             if runtime is not self.runtime and ctx.options.netfilter_config == path:
                 self._install(runtime)
+            freeze_long_lived()  # the new lists, without a pause under load
 
         future.add_done_callback(installed)
 

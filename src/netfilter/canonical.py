@@ -161,11 +161,12 @@ def _split_scheme(data: bytes, url: object) -> tuple[str, bytes]:
 
 
 def _authority_host(authority: bytes) -> bytes:
-    """Strip userinfo and port, keeping a bracketed IPv6 literal whole."""
+    """Strip userinfo and port, keeping a bracketed IPv6 literal whole. Leading dots go
+    first (the host loses them anyway): ".[::1]" is "[::1]", never "[::1" + a port."""
     at = authority.rfind(b"@")
     if at >= 0:
         authority = authority[at + 1 :]
-    return _strip_port(authority)
+    return _strip_port(authority.lstrip(b"."))
 
 
 def _strip_port(hostport: bytes) -> bytes:

@@ -15,8 +15,6 @@ import random
 import re
 import resource
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -29,6 +27,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import yaml
+from tests.support import ChildProcess, free_port
 
 from netfilter.keys import generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
@@ -77,21 +76,6 @@ def missing_tools() -> list[str]:
     if not Path(SYSTEM_PYTHON_PACKAGES, "unboundmodule.py").exists():
         missing.append("python3-unbound")
     return missing
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((HOST, 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((HOST, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free loopback port found in 50 attempts")
 
 
 # ---------------------------------------------------------------- the workload
@@ -311,8 +295,8 @@ def sanity_problems(port: int, workload: Workload, *, filtering: bool) -> list[s
 
 
 @dataclass
-class Server:
-    """A server subprocess with its stderr in a file; started when it answers."""
+class Server(ChildProcess):
+    """A server subprocess with its output in a file; started when it answers."""
 
     name: str
     command: list[str]
@@ -323,51 +307,24 @@ class Server:
     audit: Path | None = None  # netfilter's audit log (events), for the filtering servers
     proc: subprocess.Popen[bytes] | None = None
 
+    start_bound = START_BOUND
+    stop_bound = STOP_BOUND
+
     @property
     def log_path(self) -> Path:
         return self.directory / f"{self.name}.stderr"
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self) -> Server:
-        env = {**os.environ, **self.env}
-        with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=err,
-                                         stderr=err, cwd=self.directory, env=env)
-        deadline = time.monotonic() + START_BOUND
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
-                                   f"answering; its stderr:\n{self.log()}")
-            try:
-                ask(self.port, self.probe_name, timeout=0.5)
-                return self
-            except (dns.exception.DNSException, OSError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer within {START_BOUND} s; "
-                           f"its stderr:\n{self.log()}")
+        self.popen(self.command, env={**os.environ, **self.env}, cwd=self.directory)
+        self.wait_until(self._answers, pause=0.1)
+        return self
 
-    def stop(self) -> int | None:
-        """SIGTERM, a bounded wait, then SIGKILL; the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_BOUND)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_BOUND)
-        return proc.returncode
+    def _answers(self) -> bool:
+        try:
+            ask(self.port, self.probe_name, timeout=0.5)
+        except (dns.exception.DNSException, OSError):
+            return False
+        return True
 
     def __enter__(self) -> Server:
         return self.start()

@@ -56,8 +56,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -71,6 +69,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support import ChildProcess, free_port, listening
 
 from netfilter.keys import generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
@@ -198,12 +197,6 @@ def _missing() -> list[str]:
 pytestmark = pytest.mark.skipif(
     bool(_missing()),
     reason=f"{', '.join(_missing())} missing; the proxy throughput benchmark drives them")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- the origin
@@ -459,7 +452,7 @@ end
 
 
 @dataclass
-class Proxy:
+class Proxy(ChildProcess):
     """One mitmdump on a free loopback port; `addon` adds the netfilter addon."""
 
     name: str
@@ -490,37 +483,19 @@ class Proxy:
             args += ["-s", str(self.router)]
         return args
 
+    start_bound = START_BOUND
+    stop_bound = STOP_BOUND
+
     def start(self) -> Proxy:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["PYTHONUNBUFFERED"] = "1"
         env["BENCH_PROXY"] = self.name  # the router tags what it forwards with it
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+        self.popen(self.command(), env=env, new_session=True)
         if PIN:  # before mitmdump starts its threads (they inherit it)
+            assert self.proc is not None
             os.sched_setaffinity(self.proc.pid, {PROXY_CPU})
-        deadline = time.monotonic() + START_BOUND
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n"
-                                   f"{self.log()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not listen in {START_BOUND} s:\n{self.log()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+        self.wait_until(lambda: listening(self.port))
+        return self
 
     def cpu(self) -> float:
         """CPU seconds used so far (user + system), from /proc."""
@@ -530,16 +505,6 @@ class Proxy:
         except OSError:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_BOUND)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_BOUND)
 
 
 def write_config(workload: Workload, directory: Path) -> Path:

@@ -9,10 +9,8 @@ those zones is forwarded to a loopback port where nothing listens.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from tests.support import (
     DEMO_LIST,
     DEMO_PUB,
     HOST,
+    ChildProcess,
     free_port,
     read_events,
     wait_for,
@@ -149,10 +148,12 @@ def _probe(port: int, message: dns.message.Message) -> bool:
     return True
 
 
-class _Process:
-    """A server subprocess with its stderr in a file; started ready, stopped politely."""
+class _Process(ChildProcess):
+    """A DNS server subprocess with its output in a file; started once it answers."""
 
     name = "server"
+    start_bound = START_BOUND
+    stop_bound = STOP_BOUND
 
     def __init__(self, directory: Path, port: int) -> None:
         self.directory = directory
@@ -166,57 +167,20 @@ class _Process:
     def probe_message(self) -> dns.message.Message:
         raise NotImplementedError
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def environment(self) -> dict[str, str] | None:
         return None  # the test's own
 
     def spawn(self) -> None:
-        with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, cwd=self.directory,
-                                         env=self.environment())
+        self.popen(self.command(), env=self.environment(), cwd=self.directory)
 
     def wait_ready(self) -> None:
-        """Query it until it answers (bounded); RuntimeError with its stderr otherwise."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_BOUND
+        """Query it until it answers (bounded); RuntimeError with its output otherwise."""
         probe = self.probe_message()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
-                                   f"answering; its stderr:\n{self.log()}")
-            if _probe(self.port, probe):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer within {START_BOUND} s; "
-                           f"its stderr:\n{self.log()}")
+        self.wait_until(lambda: _probe(self.port, probe))
 
     def start(self) -> None:
         self.spawn()
         self.wait_ready()
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait (bounded), then SIGKILL; the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_BOUND)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_BOUND)
-        return proc.returncode
 
     def __enter__(self) -> _Process:
         self.start()

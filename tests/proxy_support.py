@@ -13,13 +13,10 @@ import datetime as dt
 import http.server
 import ipaddress
 import os
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +30,9 @@ from tests.support import (
     DEMO_PUB,
     HOST,
     REPO,
+    ChildProcess,
     free_port,
+    listening,
     read_events,
     wait_for,
 )
@@ -211,8 +210,12 @@ class Origin:
 # ---------------------------------------------------------------- mitmdump
 
 
-class Mitmdump:
+class Mitmdump(ChildProcess):
     """`mitmdump -s addons/netfilter_proxy.py` on a free loopback port."""
+
+    name = "mitmdump"
+    start_bound = START_BOUND
+    stop_bound = STOP_BOUND
 
     def __init__(self, directory: Path, config: Path, confdir: Path, *,
                  routes: Sequence[str] = ("*.example=127.0.0.1", "*.test=127.0.0.1"),
@@ -238,46 +241,13 @@ class Mitmdump:
     def start(self) -> Mitmdump:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["PYTHONUNBUFFERED"] = "1"  # the log is read while it runs
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + START_BOUND
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mitmdump exited ({self.proc.returncode}):\n{self.log()}")
-            if self._listening() and "entries in force" in self.log():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mitmdump did not start in {START_BOUND}s:\n{self.log()}")
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection((HOST, self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+        self.popen(self.args, env=env, new_session=True)
+        self.wait_until(lambda: listening(self.port) and "entries in force" in self.log())
+        return self
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_BOUND)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_BOUND)
 
     @property
     def url(self) -> str:

@@ -1,12 +1,15 @@
-"""Helpers every integration test module shares: loopback ports, bounded waits, the
-demo list, the audit log's events, and skipping when a Debian tool is missing."""
+"""Helpers every integration test module (and the benchmarks) share: loopback ports,
+bounded waits, server child processes, the demo list, the audit log's events, and
+skipping when a Debian tool is missing."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +17,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "free_port", "read_events",
-           "require_tools", "wait_for"]
+__all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "ChildProcess", "free_port",
+           "listening", "read_events", "require_tools", "wait_for"]
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +58,75 @@ def wait_for(predicate: Callable[[], object], bound: float = 5.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def listening(port: int) -> bool:
+    """Does something accept TCP connections on HOST:port?"""
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class ChildProcess:
+    """A server run as a child process, its stdout and stderr in `log_path`: started
+    once `ready()` says so (bounded), stopped with SIGTERM, then SIGKILL (bounded).
+
+    Subclasses (plain classes or dataclasses) provide `name`, `log_path` and `proc`.
+    """
+
+    name: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+    start_bound = 30.0  # seconds the server may take to become ready
+    stop_bound = 10.0  # seconds it may take to exit after SIGTERM
+
+    def popen(self, args: list[str], *, env: dict[str, str] | None = None,
+              cwd: Path | None = None, new_session: bool = False) -> None:
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=out, cwd=cwd, env=env,
+                                         start_new_session=new_session)
+
+    def wait_until(self, ready: Callable[[], bool], pause: float = 0.05) -> None:
+        """Poll `ready` until true; RuntimeError with the log if the server exits or
+        is not ready within `start_bound` seconds (then it is stopped)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_bound
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
+                                   f"it was ready; its output:\n{self.log()}")
+            if ready():
+                return
+            time.sleep(pause)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not ready within {self.start_bound} s; "
+                           f"its output:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL; the exit status (None: never started)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_bound)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(self.stop_bound)
+        return proc.returncode
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -59,12 +59,6 @@ class PluginUnbound(_Process):
     def command(self) -> list[str]:
         return ["unbound", "-d", "-c", str(self.conf)]
 
-    def spawn(self) -> None:
-        with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, cwd=self.directory,
-                                         env=self.environment())
-
     def probe_message(self) -> dns.message.Message:
         return dns.message.make_query("clean.example", "A")
 

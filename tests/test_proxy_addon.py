@@ -870,19 +870,26 @@ def test_request_hook_only_while_there_are_routes(tmp_path: Path,
     assert callable(fenced.request)
 
 
-def test_running_freezes_what_is_loaded(addon: NetfilterAddon) -> None:
-    """Once running, the loaded engine and lists are out of the cyclic collector's
-    way (its full collections would walk them again and again under load)."""
+def test_running_and_a_new_config_freeze_what_is_loaded(config: Path, tmp_path: Path) -> None:
+    """Once running, and after a config set while running, the loaded engine and lists
+    are out of the cyclic collector's way (its full collections would walk them again
+    and again under load)."""
     import asyncio
     import gc
 
-    async def start() -> None:
-        addon.running()
+    with addon_for(config) as (addon, tctx):
 
-    gc.unfreeze()
-    try:
-        asyncio.run(start())
-        assert gc.get_freeze_count() > 0
-    finally:
+        async def start() -> None:
+            addon.running()
+
         gc.unfreeze()
-        addon._loop = None
+        try:
+            asyncio.run(start())
+            assert gc.get_freeze_count() > 0
+            gc.unfreeze()
+            other = write_config(tmp_path, allowed=["*.internal.test"], name="other.yaml")
+            tctx.configure(addon, netfilter_config=str(other))
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()
+            addon._loop = None

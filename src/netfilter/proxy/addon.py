@@ -321,6 +321,8 @@ class NetfilterAddon:
             self._targets.clear()
         if OPTION in updated:
             self._configure_config(ctx.options.netfilter_config)
+            if self._loop is not None:  # set again while running: new lists, maybe
+                freeze_long_lived()
         elif self.runtime is not None and updated & {"connection_strategy", "confdir"}:
             self._require_options(self.runtime)
 

@@ -37,7 +37,7 @@ from netfilter.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpo
 from netfilter.audit.log import AuditLog, load_node_key
 from netfilter.audit.merkle import leaf_hash
 from netfilter.audit.note import Signer, Verifier
-from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.store import AuditStore, StoredCheckpoint, keys_path
 from netfilter.audit.verify import verify_log
 from netfilter.config import load_config
 from netfilter.engine import Engine
@@ -463,7 +463,7 @@ def test_retention_removes_bodies_keeps_hashes(open_log: Callable[..., AuditLog]
     assert report.ok, report.problems
     assert (report.removed, report.size) == (8, 14)
     # the pseudonym key of a removed day is destroyed; today's stays
-    keys = dict(sqlite3.connect(path).execute("SELECT day, key FROM pseudonym_keys"))
+    keys = dict(sqlite3.connect(keys_path(path)).execute("SELECT day, key FROM pseudonym_keys"))
     assert old_day not in keys and keys[today] == today_key
     assert later.pseudonym_key(old_day) != old_key  # a new key cannot link the old day
     # an old event's inclusion proof still verifies from its kept leaf hash

@@ -7,11 +7,20 @@ tree stays one sequence. A committed batch survives kill -9 (WAL, synchronous=FU
 
 Retention deletes an event's body but keeps its leaf hash, so every proof and
 checkpoint still verifies and an auditor sees what was removed, when.
+
+The store is created 0600 (0640 when the operator names a group that may read it), and
+its -wal/-shm files follow the database's mode (SQLite copies it). The daily pseudonym
+keys live in a second file beside it (`NAME.keys.sqlite`, always 0600): the log itself
+can be handed to an auditor without the keys that would turn pseudonyms back into
+addresses.
 """
 
 from __future__ import annotations
 
+import grp
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +28,9 @@ from pathlib import Path
 
 from netfilter.errors import NetfilterError
 
-__all__ = ["AuditStore", "StoredCheckpoint", "StoredLeaf"]
+__all__ = ["AuditStore", "StoredCheckpoint", "StoredLeaf", "keys_path"]
+
+RETENTION_BATCH = 50_000  # bodies removed per write transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leaves (
@@ -40,11 +51,49 @@ CREATE TABLE IF NOT EXISTS cosignatures (
     size INTEGER NOT NULL, witness TEXT NOT NULL, line TEXT NOT NULL,
     PRIMARY KEY (size, witness)
 );
+"""
+KEYS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pseudonym_keys (
     day TEXT PRIMARY KEY,      -- a day's key, destroyed when retention passes the day
     key BLOB NOT NULL
 );
 """
+
+
+def keys_path(path: Path) -> Path:
+    """Where the pseudonym keys of the log at `path` are kept (never handed out)."""
+    return path.with_name(f"{path.stem}.keys{path.suffix or '.sqlite'}")
+
+
+def _group_id(group: str | None, where: Path) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise NetfilterError(where, f"audit.group {group!r} is not a group here") from None
+
+
+def _narrow(path: Path, mode: int, gid: int | None) -> None:
+    """Create `path` with `mode`, or take an existing file's extra permission bits away.
+
+    SQLite creates -wal and -shm with the database's mode, so they follow."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            info = name.stat()
+        except FileNotFoundError:
+            continue
+        if info.st_uid != os.getuid() and os.getuid() != 0:
+            continue  # another user's file: not ours to change (an auditor's read)
+        if gid is not None and info.st_gid != gid:
+            os.chown(name, -1, gid)
+        if stat.S_IMODE(info.st_mode) & ~mode:
+            os.chmod(name, stat.S_IMODE(info.st_mode) & mode)
 
 
 def _blob(value: bytes | str) -> bytes:
@@ -73,33 +122,70 @@ class StoredCheckpoint:
 class AuditStore:
     """One SQLite file; a connection per thread (sqlite3 objects are not shareable)."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True,
+                 group: str | None = None) -> None:
+        """`create`: a node's own store (made, and its modes narrowed); without it, an
+        existing log is only opened (an auditor's copy). `group` may read the log (0640)."""
         self.path = Path(path)
+        self.keys_path = keys_path(self.path)
         if not create and not self.path.exists():
             raise NetfilterError(self.path, "audit log not found")
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            gid = _group_id(group, self.path)
+            self.path.parent.mkdir(mode=0o750 if gid is not None else 0o700,
+                                   parents=True, exist_ok=True)
+            _narrow(self.path, 0o640 if gid is not None else 0o600, gid)
+            _narrow(self.keys_path, 0o600, None)
+        self._create = create
         self._local = threading.local()
         with self._connection() as db:
             db.executescript(SCHEMA)
+        if create:
+            self._move_keys_out()
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            raise NetfilterError(path, f"cannot open the audit log ({e})") from e
+        return db
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            try:
-                db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-            except sqlite3.Error as e:
-                raise NetfilterError(self.path, f"cannot open the audit log ({e})") from e
-            self._local.db = db
+            db = self._local.db = self._open(self.path)
         return db
 
+    def _keys(self) -> sqlite3.Connection:
+        """The pseudonym-key store (opened on first need: auditors never open it)."""
+        db: sqlite3.Connection | None = getattr(self._local, "keys", None)
+        if db is None:
+            if not self._create:
+                raise NetfilterError(self.keys_path, "pseudonym keys are the node's only")
+            db = self._local.keys = self._open(self.keys_path)
+            db.executescript(KEYS_SCHEMA)
+        return db
+
+    def _move_keys_out(self) -> None:
+        """Logs written before the keys had their own file kept them inside: move them."""
+        db = self._connection()
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                      " AND name = 'pseudonym_keys'").fetchone() is None:
+            return
+        rows = db.execute("SELECT day, key FROM pseudonym_keys").fetchall()
+        self._keys().executemany(
+            "INSERT OR IGNORE INTO pseudonym_keys (day, key) VALUES (?, ?)", rows)
+        db.execute("DROP TABLE pseudonym_keys")
+        db.execute("VACUUM")  # the dropped pages must not keep the keys readable
+
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        for name in ("db", "keys"):
+            db = getattr(self._local, name, None)
+            if db is not None:
+                db.close()
+                setattr(self._local, name, None)
 
     # ------------------------------------------------------------ writing
 
@@ -134,26 +220,28 @@ class AuditStore:
 
     def pseudonym_key(self, day: str, new_key: bytes) -> bytes:
         """The day's key: `new_key` if this process is the first to need one."""
-        db = self._connection()
+        db = self._keys()
         db.execute("INSERT OR IGNORE INTO pseudonym_keys (day, key) VALUES (?, ?)",
                    (day, new_key))
         return bytes(db.execute("SELECT key FROM pseudonym_keys WHERE day = ?",
                                 (day,)).fetchone()[0])
 
     def remove_before(self, day: str, now: str) -> int:
-        """Retention: drop event bodies (and pseudonym keys) of days before `day`."""
+        """Retention: drop event bodies (and pseudonym keys) of days before `day`.
+
+        In transactions of at most `RETENTION_BATCH` rows: a day's worth of bodies in
+        one write transaction would hold the store's lock against every appender."""
+        self._keys().execute("DELETE FROM pseudonym_keys WHERE day < ?", (day,))
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            removed = db.execute(
-                "UPDATE leaves SET event = NULL, removed = ? WHERE day < ? AND event IS NOT NULL",
-                (now, day)).rowcount
-            db.execute("DELETE FROM pseudonym_keys WHERE day < ?", (day,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return int(removed)
+        removed = 0
+        while True:
+            count = db.execute(
+                "UPDATE leaves SET event = NULL, removed = ? WHERE idx IN (SELECT idx FROM"
+                " leaves WHERE day < ? AND event IS NOT NULL ORDER BY idx LIMIT ?)",
+                (now, day, RETENTION_BATCH)).rowcount
+            removed += count
+            if count < RETENTION_BATCH:
+                return removed
 
     # ------------------------------------------------------------ reading
 
@@ -191,14 +279,23 @@ class AuditStore:
         return next(self.leaves(index, index + 1), None)
 
     def checkpoints(self) -> list[StoredCheckpoint]:
+        return list(self.iter_checkpoints())
+
+    def iter_checkpoints(self) -> Iterator[StoredCheckpoint]:
+        """Every checkpoint in size order, one at a time (90 days of them are large)."""
         rows = self._connection().execute(
             "SELECT size, root, note, created, frontier FROM checkpoints ORDER BY size")
-        return [StoredCheckpoint(int(s), bytes(r), bytes(n), c, bytes(f))
-                for s, r, n, c, f in rows]
+        for s, r, n, c, f in rows:
+            yield StoredCheckpoint(int(s), _blob(r), _blob(n), str(c), _blob(f))
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
-        rows = self.checkpoints()
-        return rows[-1] if rows else None
+        row = self._connection().execute(
+            "SELECT size, root, note, created, frontier FROM checkpoints"
+            " ORDER BY size DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        s, r, n, c, f = row
+        return StoredCheckpoint(int(s), _blob(r), _blob(n), str(c), _blob(f))
 
     def cosignatures(self, size: int) -> list[tuple[str, str]]:
         rows = self._connection().execute(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.proxy_support import (
     HOST,
@@ -379,6 +380,41 @@ def test_without_a_ca_a_blocked_connect_is_refused_and_nothing_decrypted(
                       "--cacert", str(rig.origin_cert))
         assert passed.status == 200, passed.stderr
         assert ISSUER in _issuer_line(passed)
+    finally:
+        proxy.stop()
+
+
+def test_ipv6_spellings_of_a_listed_ipv4_address_are_blocked(tmp_path: Path,
+                                                             rig: Rig) -> None:
+    # 127.0.0.1 listed; its IPv4-mapped and NAT64 forms must not reach the origin by
+    # a plain request or a CONNECT. The mapped loopback is an allowed destination as
+    # such (so before the fix the addon let it through to the origin); NAT64 is not,
+    # so nothing is ever dialled off loopback.
+    block = tmp_path / "block.yaml"
+    block.write_text("entries: [{domain: 127.0.0.1, ref: LOOP-1, category: test}]\n",
+                     encoding="utf-8")
+    config = write_config(tmp_path, allowed=["127.0.0.0/8", "::ffff:127.0.0.0/104"])
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["local"]["block"] = str(block)
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    proxy = Mitmdump(tmp_path, config, tmp_path / "confdir").start()  # intercept: none
+    try:
+        curl = Curl(proxy.url, tmp_path)
+        plain, secure = rig.plain.snapshot(), rig.secure.snapshot()
+        for host in ["[::ffff:127.0.0.1]", "[::FFFF:7F00:1]", "[0:0:0:0:0:ffff:127.0.0.1]",
+                     "[64:ff9b::7f00:1]"]:
+            result = curl(f"http://{host}:{rig.plain.port}/page", "-g")
+            assert result.status == 451, f"{host}: {result.stderr}\n{proxy.log()[-2000:]}"
+            assert "LOOP-1" in result.text
+            tunnel = curl(f"https://{host}:{rig.secure.port}/", "-g")
+            assert tunnel.connect_status == 451, f"{host}: {tunnel.stderr}"
+            tunnel = curl(f"http://{host}:{rig.plain.port}/", "-g", "--proxytunnel")
+            assert tunnel.connect_status == 451, f"{host}: {tunnel.stderr}"
+        assert rig.plain.snapshot() == plain
+        assert rig.secure.snapshot() == secure
+        assert "server connect" not in proxy.log()
+        assert wait_for(lambda: any(e.get("ref") == "LOOP-1"
+                                    for e in read_events(tmp_path / "audit.sqlite")))
     finally:
         proxy.stop()
 

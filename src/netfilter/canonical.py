@@ -5,6 +5,12 @@ same text the list's author hashed, so this module follows the "Canonicalization
 and "Suffix/Prefix Expressions" sections of the Safe Browsing v4 Update API guide
 to the letter.
 
+The guide leaves IPv6 open; here an IPv6 literal has one spelling, whatever the
+input's case, leading zeros or '::': its RFC 5952 text in brackets, a zone as
+'%25zone' (`[2001:db8::1]`, `[fe80::1%25eth0]`). An IPv6 address that leads to an
+IPv4 host (IPv4-mapped, NAT64 well-known prefix: `embedded_ipv4`) is that host's
+dotted quad, so an IPv4 entry cannot be passed by writing its address as IPv6.
+
 It sits on the hot path of a filtering proxy, so most URLs (already canonical)
 are recognised by one precompiled regular expression (``_FAST_URL``) and split
 without further work; everything else goes through the byte-exact slow path,
@@ -24,6 +30,7 @@ __all__ = [
     "canonical_host",
     "canonical_parts",
     "canonicalize",
+    "embedded_ipv4",
     "expressions",
     "host_expressions",
     "host_suffixes",
@@ -71,6 +78,8 @@ _DOTTED_QUAD = re.compile(
 )
 _IPV6_ZONE = re.compile(r"[a-z0-9_\-]+")
 _IP_LAST_CHARS = frozenset("0123456789]")
+# The first 96 bits of the IPv6 forms that embed an IPv4 address (see embedded_ipv4).
+_IPV4_EMBEDDINGS = (bytes(10) + b"\xff\xff", bytes.fromhex("0064ff9b") + bytes(8))
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 # Bytes the guide wants percent-escaped: <= 0x20, >= 0x7f, '#' and '%'.
 _ESCAPES = {b: f"%{b:02X}" for b in range(256) if b <= 0x20 or b >= 0x7F or b in b"#%"}
@@ -237,6 +246,21 @@ def _parse_ipv4(host: str) -> str | None:
     return f"{number >> 24}.{(number >> 16) & 255}.{(number >> 8) & 255}.{number & 255}"
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, where connecting to one reaches the
+    other: IPv4-mapped `::ffff:a.b.c.d` (RFC 4291 2.5.5.2: a dual-stack socket talks
+    IPv4 to it) and NAT64's well-known prefix `64:ff9b::/96` (RFC 6052 2.1: a
+    translator forwards to the IPv4 host). Else None: the deprecated IPv4-compatible
+    `::a.b.c.d` (RFC 4291 2.5.5.1) and the obsolete SIIT `::ffff:0:a.b.c.d` (RFC 2765,
+    dropped by RFC 6145) are routed as IPv6 by today's stacks, and the local-use
+    `64:ff9b:1::/48` (RFC 8215) embeds at an operator-chosen length.
+    """
+    packed = address.packed
+    if packed[:12] in _IPV4_EMBEDDINGS:
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
 def _format_ipv6(text: str) -> str | None:
     """RFC 5952 text of a valid IPv6 address, else None.
 
@@ -247,6 +271,12 @@ def _format_ipv6(text: str) -> str | None:
         address = ipaddress.IPv6Address(text)
     except ValueError:
         return None
+    return _rfc5952(address)
+
+
+def _rfc5952(address: ipaddress.IPv6Address) -> str | None:
+    """Lowercase hex, no leading zeros, the first longest run (>= 2) of zero groups as
+    '::', then '%zone'; None for a zone that is not a plain interface name."""
     packed = address.packed
     groups = [f"{packed[i] << 8 | packed[i + 1]:x}" for i in range(0, 16, 2)]
     best_start, best_len, start = -1, 1, -1
@@ -271,10 +301,25 @@ def _format_ipv6(text: str) -> str | None:
     return f"{text}%{scope}" if _IPV6_ZONE.fullmatch(scope) else None
 
 
+def _ipv6_host(text: str) -> str | None:
+    """The canonical host of an IPv6 literal (given without brackets), unescaped: the
+    dotted quad of an embedded IPv4 address (so no spelling of a listed IPv4 address
+    escapes its entry), else '[RFC 5952 text]'; None if `text` is no IPv6 address."""
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+    ipv4 = embedded_ipv4(address)  # a zone changes nothing about where it leads
+    if ipv4 is not None:
+        return str(ipv4)
+    formatted = _rfc5952(address)
+    return None if formatted is None else f"[{formatted}]"
+
+
 def _canon_ipv6(host: bytes) -> str:
     """Normalise a bracketed IPv6 literal; escape it as is if invalid."""
-    text = _format_ipv6(host[1:-1].decode("latin-1"))
-    return _escape(host) if text is None else _escape(f"[{text}]".encode("latin-1"))
+    text = _ipv6_host(host[1:-1].decode("latin-1"))
+    return _escape(host) if text is None else _escape(text.encode("latin-1"))
 
 
 def _canon_host(host: bytes) -> str:
@@ -351,9 +396,9 @@ def _slow_host(name: str | bytes) -> str:
         data = _collapse_dots(data)  # first, so that "h:80." reads as "h:80"
         if b":" in data:
             # A bare IPv6 address (from a resolver or CONNECT) rather than host:port.
-            text = _format_ipv6(data.lower().decode("latin-1"))
+            text = _ipv6_host(data.lower().decode("latin-1"))
             if text is not None:
-                return _escape(f"[{text}]".encode("latin-1"))
+                return _escape(text.encode("latin-1"))
     host = _canon_host(_strip_header_port(data))
     if not host:
         raise _invalid(name, "empty host name")

@@ -6,7 +6,9 @@ that into an `OptionsError` naming the option or the config key.
 - `allowed_destinations`: CIDRs (`127.0.0.0/8`, `::1/128`, a bare address) and host
   patterns (`localhost`, `*.test`: every name below `test`, not `test` itself). Empty
   means no restriction. A name is allowed by a pattern, never by what it resolves to,
-  so checking it needs no DNS lookup; an IP literal is allowed by a CIDR.
+  so checking it needs no DNS lookup; an IP literal is allowed by a CIDR, an
+  IPv4-mapped IPv6 one (`::ffff:10.0.0.1`) by the CIDRs of its IPv4 address, a NAT64
+  one (`64:ff9b::a00:1`) only when both its IPv6 and its IPv4 address are allowed.
 - routes (`netfilter_resolve`, like curl's `--resolve`): `NAME=ADDRESS` or
   `*.SUFFIX=ADDRESS` sends the proxy's connections for that name to a fixed address
   without a DNS lookup. Host header, SNI and every check keep the name. Meant for test
@@ -19,6 +21,8 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from netfilter.canonical import embedded_ipv4
 
 __all__ = [
     "DestinationPolicy",
@@ -114,9 +118,21 @@ class DestinationPolicy:
         # Only text with a ':' (IPv6) or made of digits and dots (IPv4) can be an
         # address: a name skips ipaddress, whose ValueError for it costs ~3 us.
         address = _ip(name) if ":" in name or _DOTTED.fullmatch(name) else None
-        if address is not None:
-            return any(address.version == n.version and address in n for n in self.networks)
-        return any(_matches(name, p) for p in self.patterns)
+        if address is None:
+            return any(_matches(name, p) for p in self.patterns)
+        if isinstance(address, ipaddress.IPv6Address):
+            ipv4 = embedded_ipv4(address)
+            if ipv4 is not None:
+                # A mapped address is its IPv4 host (the socket speaks IPv4); a NAT64
+                # one is reached through the translator: both must be allowed.
+                if not self._covers(ipv4):
+                    return False
+                if address.ipv4_mapped is not None:
+                    return True
+        return self._covers(address)
+
+    def _covers(self, address: IPAddress) -> bool:
+        return any(address.version == n.version and address in n for n in self.networks)
 
     def __str__(self) -> str:
         items = [str(n) for n in self.networks] + list(self.patterns)

@@ -441,14 +441,14 @@ def test_retention_seen_by_the_auditor(tmp_path: Path) -> None:
         data = Event("block", ORIGIN, time=old, ref=f"OLD-{i}").to_json().encode()
         rows.append((leaf_hash(data), data, old[:10]))
     store.append(rows)
-    AuditLog(store, origin=ORIGIN, key=n.key, retention_days=30).close()
+    AuditLog(store, origin=ORIGIN, key=n.key, retention_days=30).close()  # signs at start too
     result, proved, proved6, printed = run_all([
         ("verify", "--log", n.log, "--trust", n.pub),
         ("prove", "--log", n.log, "--index", "2", "--json"),
         ("prove", "--log", n.log, "--index", "6", "--json"),
         ("checkpoint", "--log", n.log)])
     assert result.returncode == 0, result
-    assert "7 events, 1 signed checkpoints, 6 event bodies removed by retention" in result.stdout
+    assert "7 events, 2 signed checkpoints, 6 event bodies removed by retention" in result.stdout
     proof = json.loads(proved.stdout)
     assert proof["event"] is None and proof["tree_size"] == 7
     leaf = store.leaf(2)

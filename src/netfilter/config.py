@@ -154,6 +154,14 @@ class AuditSettings(_Section):
     record_targets: bool = False
     tiles: Path | None = None  # keep this directory in the C2SP tlog-tiles layout
     tiles_listen: HostPort | None = None  # and serve it read-only over HTTP here
+    # Identical blocks (list, entry, front-end, action, recorded client) within this
+    # many seconds become one event with a count; 0 records every block on its own.
+    aggregate_window: float = Field(10.0, ge=0, le=3600)
+    # Events held in memory for the store; past it they are shed (counted), never
+    # waited for. Bounds what a crash can lose, by count.
+    queue_size: int = Field(16384, ge=16, le=1 << 20)
+    # A group that may read the log (it is then 0640, else 0600); never the keys file.
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 
 class MetricsSettings(_Section):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from netfilter.aggregate import BlockAggregator
 from netfilter.config import Settings
 from netfilter.errors import NetfilterError
 from netfilter.events import Event, EventSink, NullSink
@@ -79,9 +80,15 @@ class Engine:
 
     def __init__(self, settings: Settings, sink: EventSink | None = None, *,
                  pseudonym_key: Callable[[str], bytes] | None = None) -> None:
-        """`pseudonym_key(day)` shares the day's client-pseudonym key (the audit log's)."""
+        """`pseudonym_key(day)` shares the day's client-pseudonym key (the audit log's).
+
+        With an audit section, block events reach `sink` aggregated per
+        `audit.aggregate_window` (aggregate.py); `close()` passes on what is pending."""
         self.settings = settings
         self.sink: EventSink = sink or NullSink()
+        window = settings.audit.aggregate_window if settings.audit else 0.0
+        self.recorder: EventSink = (BlockAggregator(self.sink, window) if window > 0
+                                    else self.sink)
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
         self.clients = ClientRecorder(form, pseudonym_key)
@@ -206,6 +213,18 @@ class Engine:
 
     def _emit(self, event: Event) -> None:
         try:
-            self.sink.record(event)
+            self.recorder.record(event)
         except Exception:  # a failing sink must never take a front-end down
             log.exception("event sink failed")
+
+    def flush(self) -> None:
+        """Pass on the counts of open aggregation windows now (tests, reports)."""
+        if isinstance(self.recorder, BlockAggregator):
+            self.recorder.flush()
+
+    def close(self) -> None:
+        """Pass on what aggregation holds, then close the sink (a last checkpoint)."""
+        self.flush()
+        close = getattr(self.sink, "close", None)
+        if close is not None:
+            close()

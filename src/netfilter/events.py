@@ -17,7 +17,7 @@ from typing import IO, Literal, Protocol
 __all__ = ["Event", "EventSink", "EventType", "JsonLinesSink", "MemorySink", "NullSink"]
 
 EventType = Literal["block", "override", "list-loaded", "list-refused", "list-expired",
-                    "list-held", "config-changed", "retention"]
+                    "list-held", "config-changed", "retention", "shed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,11 @@ class Event:
     client: str | None = None  # in the configured form (privacy.py)
     detail: str | None = None  # non-personal protocol detail: qtype, HTTP method, reason
     target: str | None = None  # the blocked URL or name: only with audit.record_targets
+    # An aggregated block (aggregate.py): this many identical blocks between first and
+    # last; absent on a single block, which counts as one.
+    count: int | None = None
+    first: str | None = None
+    last: str | None = None
 
     def to_json(self) -> str:
         """One JSON object, sorted keys, None fields left out, `time` now when empty."""

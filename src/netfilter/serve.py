@@ -19,29 +19,13 @@ from pathlib import Path
 from netfilter.config import Settings
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError
-from netfilter.events import EventSink, NullSink
+from netfilter.node import make_engine
 
-__all__ = ["PARTS", "event_sink", "serve"]
+__all__ = ["PARTS", "serve"]
 
 log = logging.getLogger(__name__)
 PARTS = ("dns", "proxy", "stoppage")
 AVAILABLE = ("dns", "proxy", "stoppage")
-
-
-def event_sink(settings: Settings) -> EventSink:
-    """The audit log of the config; without an audit section, events are not kept."""
-    audit = settings.audit
-    if audit is None:
-        log.warning("no audit section: blocks and list events are not recorded")
-        return NullSink()
-    from netfilter.audit.log import AuditLog, load_node_key
-    from netfilter.audit.store import AuditStore
-
-    return AuditLog(AuditStore(settings.resolve(audit.path)), origin=settings.node.id,
-                    key=load_node_key(settings.resolve(settings.node.key)),
-                    retention_days=audit.retention_days,
-                    checkpoint_interval=audit.checkpoint_interval,
-                    tiles=settings.resolve(audit.tiles) if audit.tiles else None)
 
 
 def _serve_tiles(settings: Settings) -> http.server.HTTPServer | None:
@@ -62,12 +46,6 @@ def _serve_tiles(settings: Settings) -> http.server.HTTPServer | None:
     log.info("audit: serving tiles of %s on %s port %d", directory, host,
              server.server_address[1])
     return server
-
-
-def make_engine(settings: Settings) -> Engine:
-    """The engine with the config's audit log as its sink."""
-    sink = event_sink(settings)
-    return Engine(settings, sink, pseudonym_key=getattr(sink, "pseudonym_key", None))
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
@@ -145,7 +123,5 @@ def serve(settings: Settings, parts: Sequence[str] = (), *,
     try:
         runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml")))
     finally:
-        close = getattr(engine.sink, "close", None)
-        if close is not None:
-            close()  # commits what is queued and signs a last checkpoint
+        engine.close()  # passes on aggregated counts, commits, signs a last checkpoint
     return 0

@@ -1,10 +1,21 @@
-"""The audit log as the engine's event sink: batched appends on a writer thread.
+"""The audit log as the engine's event sink: appends on their own thread, never waited on.
 
 Front-ends call `record` on their hot path; it only serialises the event and queues
-it. A writer thread appends whole batches in one transaction and, every
-`checkpoint_interval` seconds, signs a checkpoint of the tree as stored. The queue is
-bounded: when it is full, `record` waits (back-pressure) and the wait is counted,
-so no event is ever dropped silently.
+it, and never waits: when the queue is full (the store's lock held by another
+process, a full disk) the event is shed, counted, logged loudly at most once per
+`SHED_LOG_INTERVAL`, and the count itself is appended as a `shed` event once the
+store takes writes again, so the log says what it lost. DNS and proxy answers go on.
+
+Two threads, each with its own store connection: the appender only appends batches
+(one transaction each, leaf indexes assigned inside it); the keeper signs a
+checkpoint every `checkpoint_interval` seconds, keeps the tiles and applies
+retention. Checkpoints and tiles can take seconds on a large log; on the appender's
+thread they starved it, and a crash then lost far more than the linger.
+
+What a kill -9 can lose is bounded by time and by count: events recorded in the last
+`linger` seconds (0.25 s) plus, while the store is slow, at most `queue_size`
+queued events. A checkpoint is signed at start when the log holds events that no
+checkpoint covers (an unclean stop), so they are covered from then on.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ __all__ = ["AuditLog", "load_node_key"]
 
 log = logging.getLogger(__name__)
 _STOP = b""
+SHED_LOG_INTERVAL = 10.0  # seconds between two "shedding" lines
+RETRY_DELAY = 1.0  # seconds between two tries of a failed append
 
 
 def load_node_key(path: Path) -> PrivateKey:
@@ -51,6 +64,10 @@ def frontier_range(size: int, data: bytes) -> CompactRange:
     return CompactRange(size, [data[i : i + 32] for i in range(0, len(data), 32)])
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
 class AuditLog:
     """An EventSink that appends to the tamper-evident log."""
 
@@ -62,19 +79,22 @@ class AuditLog:
         key: PrivateKey,
         retention_days: int = 90,
         checkpoint_interval: float = 60.0,
-        queue_size: int = 65536,
+        queue_size: int = 16384,
         batch_size: int = 4096,
         tiles: Path | None = None,
         linger: float = 0.25,
     ) -> None:
         """`tiles`: a directory kept up to date in the C2SP tlog-tiles layout.
 
-        `linger`: after an event arrives, the writer waits this long for more before
-        it commits them together. Each wake-up of the writer thread takes the GIL from
+        `queue_size`: events held in memory for the appender; past it, events are
+        shed (counted), never waited for. It bounds what a crash can lose by count.
+
+        `linger`: after an event arrives, the appender waits this long for more before
+        it commits them together. Each wake-up of the appender takes the GIL from
         the front-end's thread a few times (every SQLite call releases and retakes
         it); at a few blocks per second that cost a proxy ~2% of its throughput, one
         commit per event. Events are committed at most `linger` seconds after they
-        were recorded; close() and flush() do not wait for it.
+        were recorded (while the store takes writes); close() and flush() cut it short.
         """
         self.store = store
         self.origin = origin
@@ -84,22 +104,32 @@ class AuditLog:
         self.batch_size = batch_size
         self.linger = linger
         self._wake = threading.Event()  # set by close() and flush(): stop lingering
+        self._stop = threading.Event()  # tells the keeper to end
         self.queue: queue.Queue[bytes] = queue.Queue(maxsize=queue_size)
-        self.waits = 0  # record() calls that had to wait for room (a metric)
+        self.shed = 0  # events dropped because the queue was full (a metric)
+        self._shed_logged = 0  # the count at the last "shedding" line
+        self._shed_recorded = 0  # the count the log itself already says it lost
+        self._shed_since = ""  # when the first event not yet recorded as shed was shed
+        self._shed_last_line = 0.0
+        self.append_failures = 0  # failed append transactions, retried (a metric)
         self.appended = 0
         self._keys: dict[str, bytes] = {}
         self._closed = False
         self.tiles = tiles
         self._refresh_tiles = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
+        self._checkpoint_lock = threading.Lock()
+        self._appender = threading.Thread(target=self._append_loop, name="audit-appender",
+                                          daemon=True)
+        self._keeper = threading.Thread(target=self._keep, name="audit-keeper", daemon=True)
+        self._appender.start()
+        self._keeper.start()
 
     # ------------------------------------------------------------ sink side
 
     def record(self, event: Event) -> None:
         if not event.time:
-            event = replace(event, time=datetime.now(UTC).isoformat(timespec="milliseconds"))
+            event = replace(event, time=_now())
         data = event.to_json().encode()
         if self._closed:  # late events (shutdown races) are written, never dropped
             self._append([data])
@@ -107,17 +137,49 @@ class AuditLog:
         try:
             self.queue.put_nowait(data)
         except queue.Full:
-            with self._lock:
-                self.waits += 1
-            self.queue.put(data)
+            self._count_shed()
+
+    def _count_shed(self) -> None:
+        with self._lock:
+            self.shed += 1
+            if not self._shed_since:
+                self._shed_since = _now()
+            now = time.monotonic()
+            if now - self._shed_last_line < SHED_LOG_INTERVAL:
+                return
+            self._shed_last_line = now
+            new, self._shed_logged = self.shed - self._shed_logged, self.shed
+        log.error("audit: the log is not taking writes (store locked or disk full?): "
+                  "%d events shed since the last report, %d in all; answers go on",
+                  new, self.shed)
 
     def pseudonym_key(self, day: str) -> bytes:
         """The key of `day` for client pseudonyms, shared through the store by every
-        process of the node, and destroyed by retention with that day's events."""
+        process of the node, and destroyed by retention with that day's events.
+
+        If the key store cannot be reached (locked, disk full), a key of this process
+        serves for the day: pseudonyms then differ between processes, but no answer
+        waits on the disk."""
         key = self._keys.get(day)
         if key is None:
-            key = self._keys[day] = self.store.pseudonym_key(day, secrets.token_bytes(32))
+            fresh = secrets.token_bytes(32)
+            try:
+                key = self.store.pseudonym_key(day, fresh)
+            except Exception as e:  # the disk or the database: never the front-end's problem
+                log.error("audit: cannot keep the pseudonym key of %s (%s); using a key of "
+                          "this process for the day", day, e)
+                key = fresh
+            self._keys[day] = key
         return key
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics and the shutdown line."""
+        return {"appended": self.appended, "queued": self.queue.qsize(), "shed": self.shed,
+                "append_failures": self.append_failures}
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued event is committed."""
@@ -130,28 +192,32 @@ class AuditLog:
             self._wake.clear()
 
     def close(self) -> None:
-        """Commit what is queued, sign a last checkpoint, stop the writer."""
-        self.queue.put(_STOP)
+        """Commit what is queued, sign a last checkpoint, stop both threads."""
+        self._stop.set()
+        self.queue.put(_STOP)  # the appender takes it after what is queued
         self._wake.set()
-        self._thread.join(timeout=60)
+        self._appender.join(timeout=60)
+        self._keeper.join(timeout=60)
         self._closed = True
+        self._record_shed()
         self.checkpoint()
+        if self.shed:
+            log.error("audit: %d events were shed in all while the log took no writes",
+                      self.shed)
 
-    # ------------------------------------------------------------ writer side
+    # ------------------------------------------------------------ the appender
 
-    def _run(self) -> None:
-        next_checkpoint = time.monotonic() + self.checkpoint_interval
-        self._apply_retention()
+    def _append_loop(self) -> None:
         while True:
             try:
-                first = self.queue.get(timeout=min(1.0, self.checkpoint_interval))
+                first = self.queue.get(timeout=1.0)
             except queue.Empty:
-                first = None
-            if (first is not None and first != _STOP and self.linger > 0
-                    and self.queue.qsize() < self.batch_size):  # busy: no waiting
-                self._wake.wait(self.linger)
-            batch = [] if first is None else [first]
-            while first is not None and len(batch) < self.batch_size:
+                self._record_shed()
+                continue
+            if first != _STOP and self.linger > 0 and self.queue.qsize() < self.batch_size:
+                self._wake.wait(self.linger)  # busy: no waiting
+            batch = [first]
+            while len(batch) < self.batch_size:
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
@@ -164,10 +230,17 @@ class AuditLog:
                 self.queue.task_done()
             if stop:
                 return
-            if time.monotonic() >= next_checkpoint:
-                next_checkpoint = time.monotonic() + self.checkpoint_interval
-                self._safely(self.checkpoint)
-                self._safely(self._apply_retention)
+            self._record_shed()
+
+    def _record_shed(self) -> None:
+        """Once the store takes writes again, the log itself says how much it lost."""
+        with self._lock:
+            lost, since = self.shed - self._shed_recorded, self._shed_since
+            self._shed_recorded, self._shed_since = self.shed, ""
+        if lost:
+            event = Event("shed", self.origin, action="drop", time=_now(),
+                          detail=f"shed={lost} since={since}", count=lost)
+            self._append([event.to_json().encode()])
 
     def _append(self, events: list[bytes]) -> None:
         rows = [(leaf_hash(e), e, e[e.find(b'"time":"') + 8 :][:10].decode()) for e in events]
@@ -176,9 +249,30 @@ class AuditLog:
                 self.store.append(rows)
                 self.appended += len(rows)
                 return
-            except Exception:  # the disk or the database: keep the events, retry
-                log.exception("audit: append failed; retrying in 1 s")
-                time.sleep(1.0)
+            except Exception as e:  # the disk or the database: keep the events, retry
+                self.append_failures += 1
+                if self.append_failures == 1 or self.append_failures % 60 == 0:
+                    log.error("audit: append failed (%s); retrying every %.0f s, events "
+                              "queue meanwhile and are shed when the queue is full",
+                              e, RETRY_DELAY)
+                time.sleep(RETRY_DELAY)
+
+    # ------------------------------------------------------------ the keeper
+
+    def _keep(self) -> None:
+        self._safely(self._checkpoint_after_unclean_stop)
+        self._safely(self._apply_retention)
+        while not self._stop.wait(self.checkpoint_interval):
+            self._safely(self.checkpoint)
+            self._safely(self._apply_retention)
+
+    def _checkpoint_after_unclean_stop(self) -> None:
+        latest = self.store.latest_checkpoint()
+        size = self.store.size()
+        if size and (latest is None or latest.size < size):
+            log.warning("audit: %d events are covered by no checkpoint (an unclean stop?); "
+                        "signing one now", size - (latest.size if latest else 0))
+            self.checkpoint()
 
     @staticmethod
     def _safely(step: object) -> None:
@@ -189,6 +283,10 @@ class AuditLog:
 
     def checkpoint(self) -> StoredCheckpoint | None:
         """Sign the tree as stored now (any process may; one per size is kept)."""
+        with self._checkpoint_lock:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> StoredCheckpoint | None:
         size = self.store.size()
         if size == 0:
             return None
@@ -217,9 +315,8 @@ class AuditLog:
         cutoff = (datetime.now(UTC) - timedelta(days=self.retention_days)).strftime("%Y-%m-%d")
         removed = self.store.remove_before(cutoff, datetime.now(UTC).isoformat(timespec="seconds"))
         self._keys = {d: k for d, k in self._keys.items() if d >= cutoff}
-        if removed:  # recorded by the writer itself: never wait on its own queue
+        if removed:  # recorded directly: never wait on the queue
             self._refresh_tiles = True  # removed bodies must leave the entry bundles too
-            event = Event("retention", self.origin, action="remove",
-                          time=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            event = Event("retention", self.origin, action="remove", time=_now(),
                           detail=f"removed={removed} before={cutoff}")
             self._append([event.to_json().encode()])

@@ -33,6 +33,7 @@ class Report:
     lists: dict[str, int] = field(default_factory=dict)  # "list vN" -> entries in force
     retention: list[str] = field(default_factory=list)
     removed: int = 0  # events in the period whose bodies retention removed
+    shed: int = 0  # events lost to a full queue (the log says so itself)
 
     def per(self, key: str) -> Counter[str]:
         index = GROUP.index(key)
@@ -53,14 +54,16 @@ def build_report(store: AuditStore, start: str, end: str) -> Report:
             continue
         event: dict[str, Any] = json.loads(leaf.event)
         kind = event.get("type")
-        if kind == "block":
+        if kind == "block":  # aggregated blocks carry their count (aggregate.py)
             report.blocks[tuple(str(event.get(k, "") if k != "day" else leaf.day)
-                                for k in GROUP)] += 1
+                                for k in GROUP)] += int(event.get("count", 1))
         elif kind == "override":
             report.overrides[(leaf.day, str(event.get("list")), str(event.get("ref")))] += 1
         elif kind == "list-loaded":
             entries = str(event.get("detail", "")).split("entries=")[-1].split()[0]
             report.lists[f"{event.get('list')} v{event.get('version')}"] = int(entries or 0)
+        elif kind == "shed":
+            report.shed += int(event.get("count", 0))
         elif kind == "retention":
             report.retention.append(f"{event.get('time', '')[:19]} {event.get('detail', '')}")
     return report
@@ -92,6 +95,7 @@ def _as_dict(report: Report) -> dict[str, Any]:
         "lists_in_force": report.lists,
         "retention": report.retention,
         "removed_by_retention": report.removed,
+        "shed": report.shed,
     }
 
 
@@ -106,6 +110,8 @@ def _text(report: Report) -> str:
     lines.append("lists in force (entries):")
     lines += [f"  {name}: {entries}" for name, entries in sorted(report.lists.items())]
     lines.append(f"event bodies removed by retention in the period: {report.removed}")
+    if report.shed:
+        lines.append(f"events lost while the log took no writes (shed): {report.shed}")
     lines += [f"  retention run {r}" for r in report.retention]
     return "\n".join(lines) + "\n"
 
@@ -143,7 +149,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #999;padding:.2rem .4re
 </head><body>
 <h1>Blocking report {html.escape(report.start)} to {html.escape(report.end)}</h1>
 <p>Blocks: {data["blocks_total"]}. Local exceptions used: {sum(report.overrides.values())}.
-Event bodies removed by retention: {report.removed}. Aggregates only; no per-person data.</p>
+Event bodies removed by retention: {report.removed}.
+Events lost while the log took no writes: {report.shed}. Aggregates only; no per-person data.</p>
 {_bars("Blocks per day", report.per("day"))}
 {_bars("Blocks per category", report.per("category"))}
 <h2>Blocks by day, list, entry, category, front-end and action</h2>
@@ -166,10 +173,11 @@ def authority_export(store: AuditStore, start: str, end: str, signer: Signer) ->
         if event.get("type") != "block":
             continue
         key = (str(event.get("list")), str(event.get("ref")))
-        hits[key] += 1
+        hits[key] += int(event.get("count", 1))  # an aggregated block counts them all
         when = str(event.get("time", leaf.day))
-        first_last = seen.setdefault(key, [when, when])
-        first_last[0], first_last[1] = min(first_last[0], when), max(first_last[1], when)
+        first, last = str(event.get("first", when)), str(event.get("last", when))
+        first_last = seen.setdefault(key, [first, last])
+        first_last[0], first_last[1] = min(first_last[0], first), max(first_last[1], last)
         frontends[key].add(str(event.get("frontend")))
     lines = [f"netfilter authority export v1 {signer.name}",
              f"period {start} {end} generated {datetime.now(UTC).isoformat(timespec='seconds')}"]

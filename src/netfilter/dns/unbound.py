@@ -27,7 +27,7 @@ from netfilter.dns.answers import extra_text
 from netfilter.dns.wire import EDE_OPTION
 from netfilter.engine import Answer, Engine, Verdict
 from netfilter.errors import NetfilterError
-from netfilter.serve import make_engine
+from netfilter.node import make_engine
 
 __all__ = ["Plugin"]
 
@@ -73,9 +73,7 @@ class Plugin:
     def close(self) -> None:
         """Commit queued events and sign a last checkpoint (Unbound's deinit)."""
         if self._engine is not None:
-            close = getattr(self._engine.sink, "close", None)
-            if close is not None:
-                close()
+            self._engine.close()
 
     # ------------------------------------------------------------ the module API
 

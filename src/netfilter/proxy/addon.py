@@ -68,6 +68,7 @@ from netfilter.canonical import canonical_parts
 from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import ConfigError, NetfilterError
+from netfilter.node import make_engine
 from netfilter.proxy import early
 from netfilter.proxy.decisions import (
     HostDecision,
@@ -79,7 +80,6 @@ from netfilter.proxy.decisions import (
 )
 from netfilter.proxy.destinations import DestinationPolicy, Routes, normalize_host
 from netfilter.proxy.replies import refusal, stop_page
-from netfilter.serve import make_engine
 from netfilter.stoppage import Renderer
 
 __all__ = ["ConnState", "NetfilterAddon", "Runtime", "Target", "build_runtime", "make_target"]
@@ -108,9 +108,7 @@ class Runtime:
     stamps: tuple[FileStamp, ...] = ()
 
     def close(self) -> None:
-        close = getattr(self.engine.sink, "close", None)
-        if close is not None:
-            close()  # commits queued events and signs a last checkpoint
+        self.engine.close()  # aggregated counts, queued events, a last checkpoint
 
 
 @dataclass

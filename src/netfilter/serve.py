@@ -35,7 +35,7 @@ def _serve_tiles(settings: Settings) -> http.server.HTTPServer | None:
         return None
     if audit.tiles is None:
         raise ConfigError("audit.tiles_listen", "needs audit.tiles (the directory to serve)")
-    from netfilter.audit.tiles import serve_tiles
+    from netfilter.audit.tileserver import serve_tiles
     from netfilter.config import parse_hostport
 
     directory = settings.resolve(audit.tiles)

@@ -12,7 +12,8 @@ from netfilter.audit import merkle
 from netfilter.audit.note import Signer
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore
-from netfilter.audit.tiles import serve_tiles, write_tiles
+from netfilter.audit.tiles import write_tiles
+from netfilter.audit.tileserver import serve_tiles
 from netfilter.audit.verify import checkpoint_origin, verify_log
 from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.config import load_config, parse_hostport

@@ -8,13 +8,11 @@
 Tiles cover the tree of the latest checkpoint. An event whose body retention removed
 is served as an empty entry; its leaf hash stays in the level-0 tile, so the tree
 still verifies. `write_tiles` fills a static directory any web server can serve;
-`serve_tiles` is a small read-only HTTP server for it.
+`tileserver.serve_tiles` is a small read-only HTTP server for it.
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import struct
 import tempfile
@@ -22,9 +20,10 @@ from pathlib import Path
 
 from netfilter.audit.merkle import root
 from netfilter.audit.store import AuditStore
+from netfilter.audit.tileserver import serve_tiles as serve_tiles  # moved; tests import it here
 from netfilter.errors import NetfilterError
 
-__all__ = ["serve_tiles", "tile_path", "write_tiles"]
+__all__ = ["tile_path", "write_tiles"]
 
 WIDTH = 256
 
@@ -78,20 +77,3 @@ def write_tiles(store: AuditStore, out: str | Path, *, refresh: bool = False) ->
         level += 1
     _write(base, "checkpoint", latest.note)  # last: readers never see tiles missing
     return size
-
-
-class _ReadOnly(http.server.SimpleHTTPRequestHandler):
-    """Files only: no directory listings, no writes, quiet logs."""
-
-    def list_directory(self, path: str | os.PathLike[str]) -> None:
-        self.send_error(404)
-        return None
-
-    def log_message(self, format: str, *args: object) -> None:
-        return None
-
-
-def serve_tiles(directory: str | Path, host: str, port: int) -> http.server.HTTPServer:
-    """A threaded read-only HTTP server over the tiles directory (call serve_forever)."""
-    handler = functools.partial(_ReadOnly, directory=str(directory))
-    return http.server.ThreadingHTTPServer((host, port), handler)

@@ -910,7 +910,8 @@ def test_a_stuck_store_sheds_counted_and_never_blocks_record(
     blocks = [e for e in events if e["type"] == "block"]
     said = [e for e in events if e["type"] == "shed"]
     assert len(blocks) == 300 - shed and log.appended == len(events)
-    assert sum(int(e["count"]) for e in said) == shed, said
+    assert sum(int(e["count"]) for e in said) == shed == log.shed_blocks, said
+    assert all(str(e["detail"]).startswith(f"events={e['count']} blocks=") for e in said)
     for tag in ("x", "y"):  # what was kept is in order
         kept = [int(str(e["ref"]).split(":")[1]) for e in blocks if e["ref"].startswith(tag)]
         assert kept == sorted(kept)

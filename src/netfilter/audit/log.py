@@ -107,6 +107,8 @@ class AuditLog:
         self._stop = threading.Event()  # tells the keeper to end
         self.queue: queue.Queue[bytes] = queue.Queue(maxsize=queue_size)
         self.shed = 0  # events dropped because the queue was full (a metric)
+        self.shed_blocks = 0  # the blocks those events counted (aggregated ones weigh more)
+        self._blocks_recorded = 0
         self._shed_logged = 0  # the count at the last "shedding" line
         self._shed_recorded = 0  # the count the log itself already says it lost
         self._shed_since = ""  # when the first event not yet recorded as shed was shed
@@ -137,11 +139,12 @@ class AuditLog:
         try:
             self.queue.put_nowait(data)
         except queue.Full:
-            self._count_shed()
+            self._count_shed((event.count or 1) if event.type == "block" else 0)
 
-    def _count_shed(self) -> None:
+    def _count_shed(self, blocks: int) -> None:
         with self._lock:
             self.shed += 1
+            self.shed_blocks += blocks
             if not self._shed_since:
                 self._shed_since = _now()
             now = time.monotonic()
@@ -179,7 +182,7 @@ class AuditLog:
     def stats(self) -> dict[str, int]:
         """Counters for metrics and the shutdown line."""
         return {"appended": self.appended, "queued": self.queue.qsize(), "shed": self.shed,
-                "append_failures": self.append_failures}
+                "shed_blocks": self.shed_blocks, "append_failures": self.append_failures}
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued event is committed."""
@@ -236,10 +239,12 @@ class AuditLog:
         """Once the store takes writes again, the log itself says how much it lost."""
         with self._lock:
             lost, since = self.shed - self._shed_recorded, self._shed_since
-            self._shed_recorded, self._shed_since = self.shed, ""
-        if lost:
+            blocks = self.shed_blocks - self._blocks_recorded
+            self._shed_recorded, self._blocks_recorded = self.shed, self.shed_blocks
+            self._shed_since = ""
+        if lost:  # count: the blocks lost, so reports can still add up every answer
             event = Event("shed", self.origin, action="drop", time=_now(),
-                          detail=f"shed={lost} since={since}", count=lost)
+                          detail=f"events={lost} blocks={blocks} since={since}", count=blocks)
             self._append([event.to_json().encode()])
 
     def _append(self, events: list[bytes]) -> None:

@@ -33,7 +33,7 @@ class Report:
     lists: dict[str, int] = field(default_factory=dict)  # "list vN" -> entries in force
     retention: list[str] = field(default_factory=list)
     removed: int = 0  # events in the period whose bodies retention removed
-    shed: int = 0  # events lost to a full queue (the log says so itself)
+    shed: int = 0  # blocks whose events were lost to a full queue (the log says so itself)
 
     def per(self, key: str) -> Counter[str]:
         index = GROUP.index(key)
@@ -111,7 +111,7 @@ def _text(report: Report) -> str:
     lines += [f"  {name}: {entries}" for name, entries in sorted(report.lists.items())]
     lines.append(f"event bodies removed by retention in the period: {report.removed}")
     if report.shed:
-        lines.append(f"events lost while the log took no writes (shed): {report.shed}")
+        lines.append(f"blocks not logged while the log took no writes (shed): {report.shed}")
     lines += [f"  retention run {r}" for r in report.retention]
     return "\n".join(lines) + "\n"
 
@@ -150,7 +150,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #999;padding:.2rem .4re
 <h1>Blocking report {html.escape(report.start)} to {html.escape(report.end)}</h1>
 <p>Blocks: {data["blocks_total"]}. Local exceptions used: {sum(report.overrides.values())}.
 Event bodies removed by retention: {report.removed}.
-Events lost while the log took no writes: {report.shed}. Aggregates only; no per-person data.</p>
+Blocks not logged while the log took no writes: {report.shed}.
+Aggregates only; no per-person data.</p>
 {_bars("Blocks per day", report.per("day"))}
 {_bars("Blocks per category", report.per("category"))}
 <h2>Blocks by day, list, entry, category, front-end and action</h2>

@@ -1,0 +1,146 @@
+"""A resolver never waits on its log: with the store's write lock held by another process,
+then with its disk full, every clean and blocked query is answered in time; the log sheds
+(counted, loudly, rate-limited) and says so itself once it takes writes again, so every
+block answered is still accounted for in the log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+import yaml
+
+from netfilter.audit.store import AuditStore
+from netfilter.audit.verify import verify_log
+from netfilter.keys import load_public_key
+from tests.dns_support import HOST, Netfilter, Unbound, read_events, require_tools, start_all
+
+HOLD_LOCK = r"""
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the store's write lock, as another writer holds it
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+CLIENTS = [f"127.0.0.{i}" for i in range(2, 202)]  # many keys: aggregation cannot absorb them
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MB tmpfs for the audit store, to be filled up (needs root, as CI has).
+
+    Not much smaller: SQLite lets its WAL grow to ~4 MB before it folds it back."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs",
+                           str(disk)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+class Tally:
+    """Queries sent, and how each was answered (or not, within the client's timeout)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.blocked = 0
+        self.clean = 0
+        self.unanswered: list[str] = []
+        self.sent = 0
+
+    def ask(self, name: str, source: str, *, blocked: bool) -> None:
+        self.sent += 1
+        query = dns.message.make_query(name, "A")
+        try:
+            answer = dns.query.udp(query, HOST, port=self.port, timeout=2.0, source=source)
+        except (dns.exception.Timeout, OSError) as e:
+            self.unanswered.append(f"{name} from {source}: {type(e).__name__}")
+            return
+        if blocked:
+            assert answer.rcode() == dns.rcode.NXDOMAIN, answer
+            self.blocked += 1
+        else:
+            assert answer.rcode() == dns.rcode.NOERROR and answer.answer, answer
+            self.clean += 1
+
+    def run(self, seconds: float) -> None:
+        """Clean and blocked names from many client addresses for `seconds` (bounded)."""
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end and i < 20000:
+            source = CLIENTS[i % len(CLIENTS)]
+            self.ask(f"n{i % 7}.blocked.example", source, blocked=True)
+            self.ask("clean.example", source, blocked=False)
+            i += 1
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full."""
+    filler = disk / "filler"
+    try:
+        with filler.open("wb") as f:
+            for _ in range(10000):
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+    assert filler.exists()
+    return filler
+
+
+def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
+                                                      small_disk: Path) -> None:
+    require_tools("unbound")
+    upstream = Unbound(tmp_path)
+    node = Netfilter(tmp_path / "nf", upstreams=[upstream.address], audit_client="full")
+    store_path = small_disk / "audit.sqlite"
+    node.config["audit"].update({"path": str(store_path), "queue_size": 64,
+                                 "checkpoint_interval": 1})
+    node.conf.write_text(yaml.safe_dump(node.config), encoding="utf-8")
+    start_all([upstream, node])
+    try:
+        tally = Tally(node.port)
+        tally.run(1.0)  # the log takes writes
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store_path), "6"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        tally.run(5.0)  # the store's write lock is held by another process
+        assert holder.wait(30) == 0
+        filler = fill(small_disk)
+        tally.run(5.0)  # the disk is full
+        filler.unlink()
+        tally.run(3.0)  # writes go through again
+        assert tally.unanswered == [], tally.unanswered[:5]
+        assert tally.blocked > 1000 and tally.clean > 1000
+    finally:
+        node.stop()
+        upstream.stop()
+    output = node.log()
+    assert "Traceback" not in output
+    shedding = [line for line in output.splitlines() if "events shed since" in line]
+    assert 1 <= len(shedding) <= 4, shedding  # loud, and rate-limited (one per 10 s)
+    events = read_events(store_path)
+    shed = sum(int(e.get("count", 0)) for e in events if e["type"] == "shed")
+    logged = sum(int(e.get("count", 1)) for e in events if e["type"] == "block")
+    assert shed > 0, "the log says nothing of what it lost"
+    assert logged + shed == tally.blocked  # every block answered is accounted for
+    store = AuditStore(store_path, create=False)
+    report = verify_log(store, load_public_key(tmp_path / "nf" / "var" / "node.pub"))
+    assert report.ok, report.problems

@@ -101,7 +101,7 @@ class AuditLog:
         self.signer = Signer.from_private_key(origin, key)
         self.retention_days = retention_days
         self.checkpoint_interval = checkpoint_interval
-        self.batch_size = batch_size
+        self.batch_size = min(batch_size, queue_size)  # in memory: two queues' worth at most
         self.linger = linger
         self._wake = threading.Event()  # set by close() and flush(): stop lingering
         self._stop = threading.Event()  # tells the keeper to end

@@ -5,7 +5,7 @@ costs ~100 us per packet), so this module reads only what the filter needs: the
 header, the one question, the EDNS OPT record of a query, and CNAME targets in an
 upstream answer. Every read is bounds-checked; anything malformed raises
 `FormError`, which the server answers with FORMERR (or drops when no header is
-readable). Block answers are built with dnslib in answers.py.
+readable). Block answers are written by hand in answers.py.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ LINGER = 0.25  # the appender's linger (audit/log.py)
 
 
 def crash_during_flood(tmp_path: Path, *, window: float) -> tuple[Netfilter, Flood, float]:
+    """A node flooded from two clients, killed with SIGKILL 3 s in; the answers' times."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     upstream = Unbound(tmp_path)
     node = Netfilter(tmp_path / "nf", upstreams=[upstream.address], audit_client="full")
     node.config["audit"].update({"queue_size": QUEUE, "checkpoint_interval": 1,

@@ -204,6 +204,7 @@ class AuditLog:
         self._closed = True
         self._record_shed()
         self.checkpoint()
+        log.info("audit: %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats().items())))
         if self.shed:
             log.error("audit: %d events were shed in all while the log took no writes",
                       self.shed)

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("report", "aggregate counts for a period (never per person)"),
                        ("export-authority", "per entry: hits, first/last seen (signed)"),
                        ("tiles", "write (and optionally serve) the C2SP tlog-tiles layout"),
-                       ("cosign", "store witness cosignatures of the latest checkpoint")):
+                       ("cosign", "store witness cosignatures of the latest checkpoint"),
+                       ("export", "write a copy of the log for an auditor (no pseudonym keys)")):
         cmd = asub.add_parser(name, help=text)
         where = cmd.add_mutually_exclusive_group(required=True)
         where.add_argument("--log", help="the audit log (SQLite file)")
@@ -136,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export-authority":
             cmd.add_argument("--key", metavar="NODE.key",
                              help="the node key (default: node.key of --config)")
+        if name == "export":
+            cmd.add_argument("--out", required=True, metavar="FILE")
+            cmd.add_argument("--mode", default="0644", metavar="OCTAL",
+                             help="file mode, 0644 or narrower (default 0644: an export is "
+                                  "meant to be handed over; it holds no pseudonym keys)")
 
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
     srv.add_argument("parts", nargs="*", metavar="PART",

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from netfilter.audit import merkle
 from netfilter.audit.note import Signer
 from netfilter.audit.report import authority_export, build_report, render
-from netfilter.audit.store import AuditStore
+from netfilter.audit.store import AuditStore, keys_path
 from netfilter.audit.tiles import write_tiles
 from netfilter.audit.tileserver import serve_tiles
-from netfilter.audit.verify import checkpoint_origin, verify_log
+from netfilter.audit.verify import VerifyReport, checkpoint_origin, verify_log
 from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.config import load_config, parse_hostport
 from netfilter.errors import NetfilterError
@@ -23,13 +25,38 @@ from netfilter.keys import load_private_key, load_public_key
 __all__ = ["run"]
 
 
-def _store(args: argparse.Namespace) -> AuditStore:
+def _log_path(args: argparse.Namespace) -> Path:
+    """The log named by --log or --config, checked to be an audit log before anything
+    opens it for writing (the store would create the tables an edited file lacks)."""
     if args.log:
-        return AuditStore(args.log, create=False)
-    settings = load_config(args.config)
-    if settings.audit is None:
-        raise NetfilterError(args.config, "has no audit section")
-    return AuditStore(settings.resolve(settings.audit.path), create=False)
+        path = Path(args.log)
+    else:
+        settings = load_config(args.config)
+        if settings.audit is None:
+            raise NetfilterError(args.config, "has no audit section")
+        path = settings.resolve(settings.audit.path)
+    if not path.exists():
+        raise NetfilterError(path, "audit log not found")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise NetfilterError(path, f"cannot open the audit log ({e})") from e
+    missing = sorted({"leaves", "checkpoints"} - tables)
+    if missing:
+        raise NetfilterError(path, f"not an audit log: it has no {' or '.join(missing)} table")
+    return path
+
+
+def _store(path: Path) -> AuditStore:
+    try:
+        return AuditStore(path, create=False)
+    except sqlite3.Error as e:
+        raise NetfilterError(path, f"cannot open the audit log ({e})") from e
 
 
 def _export_signer(store: AuditStore, args: argparse.Namespace) -> Signer:
@@ -56,7 +83,10 @@ def _read_checkpoint_file(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = _store(args)
+    path = _log_path(args)
+    if args.audit_cmd == "export":
+        return _export(path, Path(args.out), args.mode)
+    store = _store(path)
     if args.audit_cmd == "checkpoint":
         latest = store.latest_checkpoint()
         if latest is None:
@@ -96,19 +126,75 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.audit_cmd == "verify":
         since = _read_checkpoint_file(args.since) if args.since else None
-        report = verify_log(store, load_public_key(args.trust), since)
-        summary = (f"{report.size} events, {report.checkpoints} signed checkpoints, "
-                   f"{report.removed} event bodies removed by retention (leaf hashes kept)")
-        if report.since is not None:
-            summary += f", consistent with your checkpoint of size {report.since}"
-        if report.ok:
-            print(f"OK {store.path}: {summary}")
-            return 0
-        for problem in report.problems:
-            print(f"FAIL {problem}")
-        print(f"FAIL {store.path}: {len(report.problems)} problem(s); {summary}")
-        return 1
+        return _verify(store, verify_log(store, load_public_key(args.trust), since))
     return _prove(store, args)
+
+
+def _verify(store: AuditStore, report: VerifyReport) -> int:
+    """FAIL lines, then WARN lines (what no checkpoint covers), then the verdict: the
+    latest checkpoint's size and time are printed to compare with one an auditor holds."""
+    summary = (f"{report.size} events, {report.checkpoints} signed checkpoints, "
+               f"{report.removed} event bodies removed by retention (leaf hashes kept)")
+    if report.latest is not None:
+        summary += f", latest checkpoint: size {report.latest[0]}, signed at {report.latest[1]}"
+    if report.since_consistent:
+        summary += f", consistent with your checkpoint of size {report.since}"
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    for warning in report.warnings:
+        print(f"WARN {warning}")
+    if report.ok:
+        print(f"OK {store.path}: {summary}")
+        return 0
+    print(f"FAIL {store.path}: {len(report.problems)} problem(s); {summary}")
+    return 1
+
+
+def _export(source: Path, out: Path, octal: str) -> int:
+    """A consistent copy of the log for an auditor: sqlite3's backup API (what a running
+    node has only in its WAL is included), one file (no -wal), no pseudonym keys (an
+    old-format log's table is dropped and the file rebuilt, so no freed page keeps them).
+    It is meant to be handed over, so it may be readable by others (0644 by default)."""
+    try:
+        mode = int(octal, 8)
+    except ValueError:
+        raise NetfilterError("--mode", f"{octal!r} is not an octal file mode") from None
+    if not 0 <= mode <= 0o644 or mode & ~0o644:
+        raise NetfilterError("--mode", f"{octal} grants more than 0644")
+    if out.resolve() in (source.resolve(), keys_path(source).resolve()):
+        raise NetfilterError(out, "is the log itself (or its keys): give another file")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        dst = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")
+            dst.execute("PRAGMA secure_delete=ON")
+            dst.execute("DROP TABLE IF EXISTS pseudonym_keys")
+            dst.execute("VACUUM")
+            if dst.execute("SELECT 1 FROM sqlite_master WHERE name = 'pseudonym_keys'"
+                           ).fetchone() is not None:
+                raise NetfilterError(tmp, "pseudonym keys are still in the export")
+            (size,) = dst.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM leaves").fetchone()
+            (signed,) = dst.execute("SELECT MAX(size) FROM checkpoints").fetchone()
+        finally:
+            dst.close()
+            src.close()
+        os.chmod(tmp, mode)
+        os.replace(tmp, out)
+    except sqlite3.Error as e:
+        raise NetfilterError(source, f"cannot export the audit log ({e})") from e
+    except OSError as e:
+        raise NetfilterError(out, f"cannot write the export ({e.strerror or e})") from e
+    finally:
+        for name in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            name.unlink(missing_ok=True)
+    readable = "readable by every local user" if mode & 0o004 else "not world-readable"
+    print(f"wrote {out}: {size} events, the latest signed checkpoint of size {signed or 0}; "
+          f"no pseudonym keys; mode {mode:04o} ({readable})")
+    return 0
 
 
 def _prove(store: AuditStore, args: argparse.Namespace) -> int:

@@ -305,3 +305,13 @@ class AuditStore:
         rows = self._connection().execute(
             "SELECT witness, line FROM cosignatures WHERE size = ? ORDER BY witness", (size,))
         return [(w, line) for w, line in rows]
+
+    def checkpoint_at(self, size: int) -> StoredCheckpoint | None:
+        """The checkpoint of `size` (verify names the latest that holds, and its time)."""
+        row = self._connection().execute(
+            "SELECT size, root, note, created, frontier FROM checkpoints WHERE size = ?",
+            (size,)).fetchone()
+        if row is None:
+            return None
+        s, r, n, c, f = row
+        return StoredCheckpoint(int(s), _blob(r), _blob(n), str(c), _blob(f))

@@ -4,8 +4,11 @@
 
 The addon sets `connection_strategy=lazy` itself (the upstream is opened only for a
 request it forwards) and, when the config has `proxy.confdir`, mitmproxy's `confdir`
-(the CA used for interception; clients must trust its mitmproxy-ca-cert.pem). The
-listening address is mitmdump's own (`--listen-host`, `-p`), not `proxy.listen`.
+(the CA used for interception; clients must trust its mitmproxy-ca-cert.pem). Unless
+`audit.client` is `full`, no client is named in mitmdump's output: the addon drops
+mitmproxy's "client connect/disconnect" lines, strips the client from its other lines
+and sets `flow_detail=0`. The listening address is mitmdump's own (`--listen-host`,
+`-p`), not `proxy.listen`.
 Reload the lists with SIGHUP, the `netfilter.reload` command, or by setting
 `netfilter_config` again. A bad config makes mitmdump exit with the reason.
 

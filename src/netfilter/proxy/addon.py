@@ -62,6 +62,7 @@ from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
+from mitmproxy.utils import human
 
 from netfilter import InvalidURL
 from netfilter.canonical import canonical_parts
@@ -251,6 +252,43 @@ def _hosts(*origins: str) -> tuple[str, ...] | None:
     return tuple(hosts)
 
 
+# mitmproxy tags each connection's records with the client's (address, port), printed
+# as "[127.0.0.1:54321]", and logs every connect and disconnect at info level.
+_TAGGING_LOGGERS = ("mitmproxy.proxy.server", "mitmproxy.proxy.layers.http._http_h2",
+                    __name__)
+_CONNECTION_LINES = frozenset({"client connect", "client disconnect"})
+
+
+class ClientLogFilter(logging.Filter):
+    """Keeps clients out of the proxy's log unless `audit.client` is `full`: the node's
+    privacy setting holds for its logs too. mitmproxy's connect and disconnect lines
+    are dropped; every other record (warnings and errors too) stays, without the client
+    tag and with the client's address:port in its text written as "client"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addon: NetfilterAddon | None = None  # the loaded addon: its config decides
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        peer = getattr(record, "client", None)
+        if not peer:
+            return True
+        runtime = self.addon.runtime if self.addon is not None else None
+        if runtime is not None and runtime.engine.clients.form == "full":
+            return True
+        if isinstance(record.msg, str) and record.msg in _CONNECTION_LINES:
+            return False
+        record.client = None
+        address = human.format_address(peer)
+        text = record.getMessage()
+        if address in text:
+            record.msg, record.args = text.replace(address, "client"), ()
+        return True
+
+
+_CLIENT_LOG = ClientLogFilter()  # one per process: a reloaded script re-points it
+
+
 def _options_error(message: str) -> exceptions.OptionsError:
     """mitmproxy's error for a bad option value (its constructor is untyped)."""
     return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]
@@ -296,6 +334,9 @@ class NetfilterAddon:
 
     def load(self, loader: Loader) -> None:
         early.install()  # blocked uploads answered without reading their body
+        _CLIENT_LOG.addon = self
+        for name in _TAGGING_LOGGERS:
+            logging.getLogger(name).addFilter(_CLIENT_LOG)  # no-op when already there
         loader.add_option(
             OPTION, str, "",
             "The netfilter YAML config (lists, proxy, stoppage, audit). Required: "
@@ -321,7 +362,8 @@ class NetfilterAddon:
             self._configure_config(ctx.options.netfilter_config)
             if self._loop is not None:  # set again while running: new lists, maybe
                 freeze_long_lived()
-        elif self.runtime is not None and updated & {"connection_strategy", "confdir"}:
+        elif self.runtime is not None and updated & {"connection_strategy", "confdir",
+                                                     "flow_detail"}:
             self._require_options(self.runtime)
 
     def _configure_config(self, path: str) -> None:
@@ -374,6 +416,13 @@ class NetfilterAddon:
             old.close()
 
     def _require_options(self, runtime: Runtime) -> None:
+        # mitmdump's flow lines name each request's client (and URL): off unless the
+        # operator records clients in full.
+        form = runtime.engine.clients.form
+        if "flow_detail" in ctx.options and ctx.options.flow_detail and form != "full":
+            log.info("netfilter: setting flow_detail=0 (flow lines name clients; "
+                     "audit.client is %s)", form)
+            ctx.options.update(flow_detail=0)  # type: ignore[no-untyped-call]
         # The upstream must not be contacted before a request is decided: mitmproxy's
         # default `eager` strategy connects at CONNECT and before the TLS handshake.
         if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
@@ -489,8 +538,8 @@ class NetfilterAddon:
         if state.connect_host is not None and state.decision is not None:
             decision = state.decision
             if sni and sni != state.connect_host:
-                log.warning("netfilter: TLS SNI %s differs from CONNECT %s (client %s)",
-                            sni, state.connect_host, ip)
+                log.warning("netfilter: TLS SNI %s differs from CONNECT %s", sni,
+                            state.connect_host, extra={"client": client.peername})
                 state.sni_mismatch = sni
                 decision = combine(decision, decide_host(rt.engine, sni, rt.mode, client=ip,
                                                          detail="TLS"))

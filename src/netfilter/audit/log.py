@@ -119,6 +119,7 @@ class AuditLog:
         self._closed = False
         self.tiles = tiles
         self._refresh_tiles = False
+        self._retained_day = ""  # the UTC day retention last ran
         self._lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         self._appender = threading.Thread(target=self._append_loop, name="audit-appender",
@@ -266,11 +267,14 @@ class AuditLog:
     # ------------------------------------------------------------ the keeper
 
     def _keep(self) -> None:
+        """Checkpoints every interval; retention at start and when the UTC day turns
+        (it works in whole days, and finding what to remove reads the whole table)."""
         self._safely(self._checkpoint_after_unclean_stop)
         self._safely(self._apply_retention)
         while not self._stop.wait(self.checkpoint_interval):
             self._safely(self.checkpoint)
-            self._safely(self._apply_retention)
+            if datetime.now(UTC).strftime("%Y-%m-%d") != self._retained_day:
+                self._safely(self._apply_retention)
 
     def _checkpoint_after_unclean_stop(self) -> None:
         latest = self.store.latest_checkpoint()
@@ -318,11 +322,20 @@ class AuditLog:
         return stored
 
     def _apply_retention(self) -> None:
-        cutoff = (datetime.now(UTC) - timedelta(days=self.retention_days)).strftime("%Y-%m-%d")
-        removed = self.store.remove_before(cutoff, datetime.now(UTC).isoformat(timespec="seconds"))
+        """Remove the bodies of events older than the retention period.
+
+        The `retention` event is appended first, naming what is about to go: a crash
+        in between leaves an announced removal still to do, never bodies gone without
+        the log saying so (which `verify` would call a targeted deletion)."""
+        now = datetime.now(UTC)
+        cutoff = (now - timedelta(days=self.retention_days)).strftime("%Y-%m-%d")
         self._keys = {d: k for d, k in self._keys.items() if d >= cutoff}
-        if removed:  # recorded directly: never wait on the queue
-            self._refresh_tiles = True  # removed bodies must leave the entry bundles too
+        due = self.store.removable_before(cutoff)
+        if due:  # recorded directly: never wait on the queue
             event = Event("retention", self.origin, action="remove", time=_now(),
-                          detail=f"removed={removed} before={cutoff}")
+                          detail=f"removed={due} before={cutoff}")
             self._append([event.to_json().encode()])
+        removed = self.store.remove_before(cutoff, now.isoformat(timespec="seconds"))
+        if removed:
+            self._refresh_tiles = True  # removed bodies must leave the entry bundles too
+        self._retained_day = now.strftime("%Y-%m-%d")

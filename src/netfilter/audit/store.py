@@ -230,22 +230,38 @@ class AuditStore:
         return bytes(db.execute("SELECT key FROM pseudonym_keys WHERE day = ?",
                                 (day,)).fetchone()[0])
 
+    def removable_before(self, day: str) -> int:
+        """How many event bodies retention would remove (a read: no write lock)."""
+        row = self._connection().execute(
+            "SELECT COUNT(*) FROM leaves WHERE day < ? AND event IS NOT NULL", (day,))
+        return int(row.fetchone()[0])
+
     def remove_before(self, day: str, now: str) -> int:
         """Retention: drop event bodies (and pseudonym keys) of days before `day`.
 
-        In transactions of at most `RETENTION_BATCH` rows: a day's worth of bodies in
-        one write transaction would hold the store's lock against every appender."""
+        The rows are found by reads, which never hold the store's write lock, and
+        removed in write transactions of at most `RETENTION_BATCH` rows by index: a
+        scan inside an UPDATE would hold the lock against every appender for as long
+        as it reads the table."""
         self._keys().execute("DELETE FROM pseudonym_keys WHERE day < ?", (day,))
         db = self._connection()
-        removed = 0
+        removed, start = 0, 0
         while True:
-            count = db.execute(
-                "UPDATE leaves SET event = NULL, removed = ? WHERE idx IN (SELECT idx FROM"
-                " leaves WHERE day < ? AND event IS NOT NULL ORDER BY idx LIMIT ?)",
-                (now, day, RETENTION_BATCH)).rowcount
-            removed += count
-            if count < RETENTION_BATCH:
+            found = [int(r[0]) for r in db.execute(
+                "SELECT idx FROM leaves WHERE idx >= ? AND day < ? AND event IS NOT NULL"
+                " ORDER BY idx LIMIT ?", (start, day, RETENTION_BATCH))]
+            if not found:
                 return removed
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                removed += db.executemany(
+                    "UPDATE leaves SET event = NULL, removed = ? WHERE idx = ?"
+                    " AND event IS NOT NULL", [(now, idx) for idx in found]).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            start = found[-1] + 1
 
     # ------------------------------------------------------------ reading
 

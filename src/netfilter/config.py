@@ -141,6 +141,15 @@ class StoppageSettings(_Section):
     help_service: str | None = Field(None, max_length=500)  # optional confidential help text
     help_url: str | None = Field(None, max_length=500)
     templates: Path | None = None  # a directory overriding the shipped templates
+    # Against slow clients (slowloris): connections at once, and of those that have
+    # sent something, per client address (IPv6: per /64). When full, or at a client's
+    # cap, the oldest connection whose request head is not whole yet is closed for the
+    # new one (at the cap, that client's own).
+    max_clients: int = Field(512, ge=1, le=65536)
+    max_clients_per_address: int = Field(32, ge=1, le=65536)
+    header_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a request head
+    # ... and this, once more than half of max_clients are in use
+    busy_header_timeout: float = Field(2.0, gt=0, le=300)
 
 
 class AuditSettings(_Section):

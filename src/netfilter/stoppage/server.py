@@ -8,6 +8,9 @@ HTTP/1.1 reader: request line and header fields only, at most 8 KiB in all, with
 time limit; garbage is answered 400, an oversized head 431, a slow one 408, and the
 server goes on. The request body, if any, is never read as such, only drained briefly
 after the answer so that closing does not reset the connection under the client.
+Connections are admitted by `netfilter.slots` (per-client caps, the oldest idle
+connection evicted when full, short head deadlines when busy): a slowloris from a few
+addresses cannot keep other clients from their answer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from urllib.parse import urlsplit
 from netfilter.canonical import InvalidURL
 from netfilter.config import StoppageSettings, parse_hostport
 from netfilter.engine import Action, Engine, Verdict
+from netfilter.slots import Slot, Slots, protocol_factory
 from netfilter.stoppage.render import REASON, Renderer, StopPage
 
 __all__ = ["MAX_HEAD", "StopPageServer"]
@@ -33,11 +37,9 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 8192  # request line and header fields together, bytes
 MAX_FIELDS = 100
 MAX_HOST = 255  # longer is no DNS name: not looked up
-READ_TIMEOUT = 10.0  # seconds for the whole request head
 WRITE_TIMEOUT = 10.0
 LINGER_TIME = 1.0  # after answering, drain what the client still sends, this long
 LINGER_BYTES = 65536
-MAX_CLIENTS = 512
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r?\n")
@@ -204,17 +206,20 @@ class StopPageServer:
     """Serves the stop page on `settings.listen` until stopped."""
 
     def __init__(self, engine: Engine, settings: StoppageSettings, *,
-                 renderer: Renderer | None = None, read_timeout: float = READ_TIMEOUT,
-                 write_timeout: float = WRITE_TIMEOUT, max_clients: int = MAX_CLIENTS) -> None:
+                 renderer: Renderer | None = None, read_timeout: float | None = None,
+                 write_timeout: float = WRITE_TIMEOUT, max_clients: int | None = None) -> None:
         """`renderer` defaults to one built from `settings` (a relative template
-        directory taken against the config file's directory)."""
+        directory taken against the config file's directory); `read_timeout` and
+        `max_clients` override the settings' `header_timeout` and `max_clients`."""
         self.engine = engine
         self.settings = settings
         self.renderer = renderer or Renderer(settings, base=engine.settings.base)
-        self.read_timeout = read_timeout
         self.write_timeout = write_timeout
-        self.max_clients = max_clients
         self.stats: Counter[str] = Counter()
+        self.slots = Slots(max_clients or settings.max_clients,
+                           settings.max_clients_per_address,
+                           read_timeout or settings.header_timeout,
+                           settings.busy_header_timeout, self.stats)
         self.address: tuple[str, int] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -229,8 +234,9 @@ class StopPageServer:
 
     async def start(self) -> None:
         host, port = parse_hostport(self.settings.listen, any_port=True)
-        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_HEAD,
-                                                  reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol_factory(self._client, MAX_HEAD),
+                                                host, port, reuse_address=True)
         sockname = self._server.sockets[0].getsockname()
         self.address = (host, int(sockname[1]))
         log.info("stoppage: serving on %s port %d", host, self.address[1])
@@ -255,15 +261,17 @@ class StopPageServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._clients) >= self.max_clients:
-            self.stats["refused_busy"] += 1
+        assert task is not None
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        slot = self.slots.admit(client, reader, task.cancel)
+        if slot is None:
             writer.close()
             return
-        if task is not None:
-            self._clients.add(task)
+        self._clients.add(task)
         self._writers.add(writer)
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, client, slot)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             self.stats["client_gone"] += 1
         except asyncio.CancelledError:
@@ -272,19 +280,18 @@ class StopPageServer:
             self.stats["internal_errors"] += 1
             log.exception("stop page request failed")
         finally:
+            self.slots.release(slot)
             self._writers.discard(writer)
-            if task is not None:
-                self._clients.discard(task)
+            self._clients.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else None
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     client: str | None, slot: Slot) -> None:
         self.stats["connections"] += 1
         try:
-            async with asyncio.timeout(self.read_timeout):
+            async with self.slots.reading(slot):
                 request = await read_request(reader)
         except TimeoutError:
             self.stats["timeout"] += 1

@@ -225,8 +225,9 @@ class Netfilter(_Process):
                  lists: Sequence[dict[str, Any]] | None = None,
                  local: dict[str, Any] | None = None, audit_client: str = "truncated",
                  env: dict[str, str] | None = None, ipv6: bool = False,
-                 **dns_settings: Any) -> None:
-        """`env`: extra environment; `ipv6`: listen on [::1] too, same port."""
+                 audit: dict[str, Any] | None = None, **dns_settings: Any) -> None:
+        """`env`: extra environment; `ipv6`: listen on [::1] too, same port; `audit`:
+        more keys of the audit section (e.g. `aggregate_window: 0`)."""
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, free_port())
         self.env = env or {}
@@ -239,7 +240,8 @@ class Netfilter(_Process):
             "lists": list(lists),
             "local": local or {},
             "dns": {"listen": self._listen(), "upstreams": list(upstreams), **dns_settings},
-            "audit": {"path": str(directory / "audit.sqlite"), "client": audit_client},
+            "audit": {"path": str(directory / "audit.sqlite"), "client": audit_client,
+                      **(audit or {})},
         }
         self.conf = directory / "nf.yaml"
         self.conf.write_text(yaml.safe_dump(self.config), encoding="utf-8")

@@ -138,7 +138,9 @@ def servers(request: pytest.FixtureRequest,
         broken = {"timeout": BROKEN_TIMEOUT, "env": env}
         group = Servers(
             unbound=unbound,
-            main=Netfilter(base / "main", upstreams=[up], env=env, ipv6=IPV6, **blocking),
+            # every block its own event: the tests below read each one's detail
+            main=Netfilter(base / "main", upstreams=[up], env=env, ipv6=IPV6,
+                           audit={"aggregate_window": 0}, **blocking),
             routed=Netfilter(base / "routed", upstreams=[up], route_url_hosts_to_proxy=True,
                              proxy_ipv4=PROXY4, env=env, **blocking),
             fuzz=Netfilter(base / "fuzz", upstreams=[up], timeout=BROKEN_TIMEOUT, env=env,

@@ -116,6 +116,24 @@ class DnsSettings(_Section):
     route_url_hosts_to_proxy: bool = False  # answer host-index names with the proxy
     proxy_ipv4: ipaddress.IPv4Address | None = None  # the proxy's address for that routing
     proxy_ipv6: ipaddress.IPv6Address | None = None
+    # DNS over TCP: a connection holds a slot, so no client may keep them all.
+    # Connections at once, all clients; when full, the longest-idle one makes room.
+    tcp_max_connections: int = Field(512, ge=1, le=65536)
+    # Connections per client (an IPv4 address, an IPv6 /64); at the cap its own
+    # longest-idle one makes room. A NATed site or a forwarder needs a few; 16 x 32
+    # clients are needed to fill 512 slots.
+    tcp_per_client: int = Field(16, ge=1, le=65536)
+    tcp_idle_timeout: float = Field(10.0, gt=0, le=3600)  # seconds with no query, then close
+    # Seconds a connection may last however busy (a query every few seconds must not
+    # hold a slot for ever); 2 minutes is ample for a stub's reuse.
+    tcp_max_lifetime: float = Field(120.0, gt=0, le=86400)
+    tcp_max_queries: int = Field(1000, ge=1, le=1 << 20)  # per connection, then close
+    # Queries in flight per connection; past it the next is read once one is answered
+    # (Knot Resolver's net.tcp_pipeline, default 100).
+    tcp_pipeline: int = Field(100, ge=1, le=65535)
+    # Bytes of answers a client has not read yet that we keep for it; past it the
+    # connection is dropped (a slow or absent reader must not grow our memory).
+    tcp_max_buffer: int = Field(256 * 1024, ge=4096, le=64 << 20)
 
     @model_validator(mode="after")
     def _routing_needs_an_address(self) -> DnsSettings:

@@ -5,14 +5,26 @@ name, and either answer the block (answers.py) or forward the packet as it came
 (only the id is rewritten). Upstream answers are scanned for CNAME targets, so a
 clean name that aliases a blocked one is blocked too. A malformed packet is answered
 FORMERR when its header is readable and dropped otherwise; either way it is counted
-and the server goes on.
+and the server goes on. A query our own code fails on is answered SERVFAIL (or dropped),
+counted, and reported in at most one log line per interval, never with the client's
+address or a traceback (`FaultLog`).
+
+TCP connections are bounded as a resolver bounds them (Unbound's incoming-num-tcp,
+tcp-idle-timeout and per-client limits, Knot Resolver's tcp_pipeline): connections per
+client (IPv4 address, IPv6 /64) and in total (at either cap, the connection idle
+longest makes room for a new one), and per connection its lifetime, queries, queries
+in flight and answer bytes the client has not read (`DnsSettings`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -30,13 +42,146 @@ __all__ = ["DnsServer"]
 
 log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
-TCP_IDLE = 10.0
-MAX_TCP_CLIENTS = 512
+FAULT_LOG_INTERVAL = 10.0  # seconds between log lines about internal errors
 CLASS_IN, CLASS_ANY = 1, 255
+_LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def _qtype_name(qtype: int) -> str:
     return str(QTYPE.get(qtype, f"TYPE{qtype}"))
+
+
+class FaultLog:
+    """Internal errors on single packets: each one counted, at most one log line per
+    interval (how many, and the first one's type and message), never the client's
+    address, no traceback (one at DEBUG per process). A packet that trips a bug must
+    not cost a log line: 3k such packets a second once wrote 36 MB of log in 10 s."""
+
+    _traced = False  # the one traceback at DEBUG, per process
+
+    def __init__(self, stats: Counter[str], interval: float = FAULT_LOG_INTERVAL) -> None:
+        self.stats = stats
+        self.interval = interval
+        self._held = 0
+        self._first = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, where: str, error: BaseException) -> None:
+        self.stats["internal_errors"] += 1
+        if not FaultLog._traced and log.isEnabledFor(logging.DEBUG):
+            FaultLog._traced = True
+            log.debug("dns: internal error in %s (its traceback, shown once)", where,
+                      exc_info=error)
+        self._held += 1
+        if not self._first:
+            message = str(error)[:200].encode("unicode_escape").decode("ascii")
+            self._first = f"{type(error).__name__} in {where}: {message}"
+        if self._timer is None:  # quiet until now: this one at once
+            log.warning("dns: internal error, %s; the queries it hits are answered SERVFAIL "
+                        "or dropped, counted, and reported at most every %g s", self._first,
+                        self.interval)
+            self._held, self._first = 0, ""
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._report)
+        except RuntimeError:  # no loop (not serving): nothing to hold the next ones back
+            self._timer = None
+
+    def _report(self, again: bool = True) -> None:
+        """The count held back in the last interval, if any; quiet again if none."""
+        self._timer = None
+        if self._held:
+            log.warning("dns: %d more internal error(s), the first %s", self._held,
+                        self._first)
+            self._held, self._first = 0, ""
+            if again:
+                self._schedule()
+
+    def close(self) -> None:
+        """Report what is held back now."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._report(again=False)
+
+
+def _client_key(address: str) -> str:
+    """Whom a TCP connection counts against: an IPv4 address, or an IPv6 /64 (a single
+    host may hold a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class _TcpConnection:
+    """What the TCP limits need to know about one connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter, client: str, key: str,
+                 settings: DnsSettings, stats: Counter[str]) -> None:
+        self.writer = writer
+        self.client = client
+        self.key = key
+        self.pipeline = settings.tcp_pipeline
+        self.max_buffer = settings.tcp_max_buffer
+        self.stats = stats
+        self.in_flight = 0
+        self.last_active = time.monotonic()
+        self.room = asyncio.Event()  # fewer than `pipeline` queries in flight
+        self.room.set()
+        self.settled = asyncio.Event()  # none in flight
+        self.settled.set()
+
+    def responder(self) -> Respond:
+        """A new query's respond: effective once (a failure after the answer must not
+        settle it twice); drops the connection when the answers the client has not
+        read pass `tcp_max_buffer`."""
+        self.in_flight += 1
+        self.settled.clear()
+        if self.in_flight >= self.pipeline:
+            self.room.clear()
+        done = False
+
+        def respond(answer: bytes) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self.in_flight -= 1
+            self.last_active = time.monotonic()
+            self.room.set()
+            if not self.in_flight:
+                self.settled.set()
+            writer = self.writer
+            if answer and not writer.is_closing():
+                writer.write(struct.pack("!H", len(answer)) + answer)
+                if writer.transport.get_write_buffer_size() > self.max_buffer:
+                    self.stats["tcp_dropped_unread"] += 1
+                    self.reset()
+
+        return respond
+
+    def reset(self) -> None:
+        """Drop the connection with a reset: what is unsent is discarded, ours and the
+        kernel's (a plain close would leave it queued for a client that never reads)."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        """Close; with a reset when answers are still unsent."""
+        if self.writer.transport.get_write_buffer_size():
+            self.reset()
+        else:
+            self.writer.close()
 
 
 class DnsServer:
@@ -49,9 +194,11 @@ class DnsServer:
         self.upstream = UpstreamPool(list(settings.upstreams), settings.timeout, self.stats)
         self._listeners: list[PythonListener | RelayListener] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self.fault = FaultLog(self.stats)
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tcp_clients: set[asyncio.Task[None]] = set()
-        self._tcp_writers: set[asyncio.StreamWriter] = set()
+        self._tcp: set[_TcpConnection] = set()
+        self._tcp_per_client: Counter[str] = Counter()
         self._background: set[asyncio.Future[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
@@ -84,8 +231,8 @@ class DnsServer:
     async def stop(self) -> None:
         for server in self._tcp_servers:
             server.close()
-        for writer in list(self._tcp_writers):
-            writer.close()  # the handlers see EOF and end (cancelling logs on 3.11)
+        for connection in list(self._tcp):
+            connection.close()  # the handlers see EOF and end (cancelling logs on 3.11)
         if self._tcp_clients:
             await asyncio.wait(list(self._tcp_clients), timeout=1.0)
         if self._sweeper is not None:
@@ -93,6 +240,7 @@ class DnsServer:
         for listener in self._listeners:
             listener.close()
         await self.upstream.stop()
+        self.fault.close()
         log.info("dns: stopped; %s", ", ".join(f"{key} {value}" for key, value
                                               in sorted(self.counts().items())))
 
@@ -168,18 +316,16 @@ class DnsServer:
         """A UDP query for the full path."""
         try:
             self.handle(data, client, respond, over_tcp=False)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("query from %s failed", client)
+        except Exception as error:
+            self.failed("query", error, data, respond, over_tcp=False)
 
     def answer_udp(self, answer: bytes | None, data: bytes, client: str,
                    respond: Respond) -> None:
         """The upstream's answer to a UDP query (None: none came, or shutting down)."""
         try:
             self.answered(answer, data, parse_query(data), client, respond, False)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("answer to %s failed", client)
+        except Exception as error:
+            self.failed("answer", error, data, respond, over_tcp=False)
 
     def retry(self, data: bytes, client: str, respond: Respond) -> None:
         """A UDP query the first upstream did not answer: the next upstreams."""
@@ -187,13 +333,34 @@ class DnsServer:
             query = parse_query(data)
             self.upstream.forward(data, query.question_end, self._forwarded,
                                   (data, query, client, respond, False), attempt=1)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("retry for %s failed", client)
+        except Exception as error:
+            self.failed("retry", error, data, respond, over_tcp=False)
+
+    def failed(self, where: str, error: Exception, data: bytes, respond: Respond, *,
+               over_tcp: bool) -> None:
+        """A query our code failed on: counted and reported (FaultLog), answered
+        SERVFAIL (with the question when it parses), dropped when no header is
+        readable. The client's address is never logged."""
+        self.fault(where, error)
+        try:
+            answer = b""
+            if len(data) >= 12 and not data[2] & 0x80:
+                try:
+                    answer = error_answer(data, RCODE.SERVFAIL, parse_query(data))
+                except FormError:
+                    answer = error_answer(data, RCODE.SERVFAIL)
+            if answer or over_tcp:  # over TCP, b"" settles the connection's count
+                respond(answer)
+        except Exception:  # answering failed too: counted once, nothing more to do
+            pass
 
     def _forwarded(self, answer: bytes | None,
                    context: tuple[bytes, Query, str, Respond, bool]) -> None:
-        self.answered(answer, *context)
+        try:
+            self.answered(answer, *context)
+        except Exception as error:  # never into the upstream socket's callback
+            data, _, _, respond, over_tcp = context
+            self.failed("answer", error, data, respond, over_tcp=over_tcp)
 
     def answered(self, answer: bytes | None, data: bytes, query: Query, client: str,
                  respond: Respond, over_tcp: bool) -> None:
@@ -212,14 +379,18 @@ class DnsServer:
 
     async def _answer_over_tcp(self, data: bytes, query: Query, client: str,
                                respond: Respond) -> None:
-        for address in self.upstream.addresses:
-            answer = await query_tcp(address, data, self.settings.timeout)
-            end = query.question_end
-            if answer is not None and answer[:2] == data[:2] and answer[12:end] == data[12:end]:
-                respond(self._filter_answer(answer, data, query, client, True))
-                return
-        self.stats["servfail"] += 1
-        respond(error_answer(data, RCODE.SERVFAIL, query))
+        try:
+            for address in self.upstream.addresses:
+                answer = await query_tcp(address, data, self.settings.timeout)
+                end = query.question_end
+                if (answer is not None and answer[:2] == data[:2]
+                        and answer[12:end] == data[12:end]):
+                    respond(self._filter_answer(answer, data, query, client, True))
+                    return
+            self.stats["servfail"] += 1
+            respond(error_answer(data, RCODE.SERVFAIL, query))
+        except Exception as error:
+            self.failed("answer over tcp", error, data, respond, over_tcp=True)
 
     def _filter_answer(self, answer: bytes, data: bytes, query: Query, client: str,
                        over_tcp: bool) -> bytes:
@@ -254,55 +425,97 @@ class DnsServer:
 
     # ------------------------------------------------------------ TCP
 
+    def _admit(self, writer: asyncio.StreamWriter) -> _TcpConnection | None:
+        """A new connection within the limits, or None (it is closed). A client at its
+        cap, or a server with every slot taken, closes its (or anybody's) connection
+        idle longest for the new one: an idle connection serves nobody now, and
+        holding many open costs a client its own oldest ones first."""
+        settings, stats = self.settings, self.stats
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else "?"
+        key = _client_key(client)
+        if self._tcp_per_client[key] >= settings.tcp_per_client and not self._evict(key):
+            stats["tcp_refused_client"] += 1
+            return None
+        if len(self._tcp) >= settings.tcp_max_connections and not self._evict(None):
+            stats["tcp_refused_full"] += 1
+            return None
+        connection = _TcpConnection(writer, client, key, settings, stats)
+        self._tcp.add(connection)
+        self._tcp_per_client[key] += 1
+        return connection
+
+    def _evict(self, key: str | None) -> bool:
+        """Close the connection with no query in flight that was active longest ago
+        (of client `key`, or of anybody); False: every one is busy."""
+        idle = [c for c in self._tcp if not c.in_flight and key in (None, c.key)]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self._release(oldest)
+        oldest.close()
+        self.stats["tcp_closed_for_new"] += 1
+        return True
+
+    def _release(self, connection: _TcpConnection) -> None:
+        """Give the connection's slot back (once)."""
+        if connection in self._tcp:
+            self._tcp.discard(connection)
+            self._tcp_per_client[connection.key] -= 1
+            if not self._tcp_per_client[connection.key]:
+                del self._tcp_per_client[connection.key]
+
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._tcp_clients) >= MAX_TCP_CLIENTS or task is None:
+        connection = self._admit(writer) if task is not None else None
+        if connection is None or task is None:
             writer.close()
             return
         self._tcp_clients.add(task)
-        self._tcp_writers.add(writer)
-        client = str(writer.get_extra_info("peername", ("?",))[0])
-        outstanding = 0
-        all_answered = asyncio.Event()
-        all_answered.set()
+        settings, stats = self.settings, self.stats
+        loop = asyncio.get_running_loop()
+        end_of_life = loop.time() + settings.tcp_max_lifetime
 
-        def respond(answer: bytes) -> None:
-            nonlocal outstanding
-            outstanding -= 1
-            if outstanding == 0:
-                all_answered.set()
-            if answer and not writer.is_closing():
-                writer.write(struct.pack("!H", len(answer)) + answer)
+        def limit(seconds: float) -> asyncio.Timeout:
+            return asyncio.timeout_at(min(loop.time() + seconds, end_of_life))
 
         try:
-            while True:
-                async with asyncio.timeout(TCP_IDLE):
+            for _ in range(settings.tcp_max_queries):
+                if not connection.room.is_set():  # answers come within the timeout
+                    async with limit(settings.timeout + 1.0):
+                        await connection.room.wait()
+                async with limit(settings.tcp_idle_timeout):
                     length = struct.unpack("!H", await reader.readexactly(2))[0]
                     data = await reader.readexactly(length)
-                outstanding += 1
-                all_answered.clear()
+                connection.last_active = time.monotonic()
+                respond = connection.responder()
                 try:
-                    self.handle(data, client, respond, over_tcp=True)
-                except Exception:
-                    self.stats["internal_errors"] += 1
-                    log.exception("tcp query from %s failed", client)
-                    respond(error_answer(data, RCODE.SERVFAIL) if len(data) >= 12 else b"")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    self.handle(data, connection.client, respond, over_tcp=True)
+                except Exception as error:
+                    self.failed("tcp query", error, data, respond, over_tcp=True)
+                async with limit(settings.tcp_idle_timeout):
+                    await writer.drain()  # a client that does not read: closed at idle
+            else:
+                stats["tcp_closed_max_queries"] += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except TimeoutError:
+            stats["tcp_closed_lifetime" if loop.time() >= end_of_life else "tcp_closed_idle"] += 1
         except asyncio.CancelledError:
             # Shutting down: end quietly (Python 3.11's start_server logs a cancelled
             # handler as an error).
-            all_answered.set()
+            connection.settled.set()
         finally:
-            # A client may half-close after its last query: answer what is in flight.
+            # A client may half-close after its last query: answer what is in flight
+            # (unless we closed it: evicted, or reset for not reading).
             try:
-                async with asyncio.timeout(self.settings.timeout + 0.5):
-                    await all_answered.wait()
-                    await writer.drain()
+                if not writer.is_closing():
+                    async with asyncio.timeout(settings.timeout + 0.5):
+                        await connection.settled.wait()
+                        await writer.drain()
             except (TimeoutError, ConnectionError):
                 pass
             self._tcp_clients.discard(task)
-            self._tcp_writers.discard(writer)
-            writer.close()
+            self._release(connection)
+            connection.close()

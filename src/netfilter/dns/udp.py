@@ -17,7 +17,6 @@ Two ways to do the clean part, same behaviour:
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 from collections.abc import Callable
@@ -35,7 +34,6 @@ except ImportError:  # built without a C compiler
 
 __all__ = ["PythonListener", "RelayListener", "relay_available", "relay_built"]
 
-log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
 Address = tuple[Any, ...]
 _UNSEEN = object()  # a name not in the engine's host cache
@@ -78,19 +76,23 @@ class PythonListener(asyncio.DatagramProtocol):
                     stats["forwarded"] += 1
                     self.forward(data, question[2], self._answered, (addr, data, question))
                     return
-            except Exception:  # a bug must cost one query, never the server
-                self.stats["internal_errors"] += 1
-                log.exception("query from %s failed", addr[0])
+            except Exception as error:  # a bug must cost one query, never the server
+                self.server.failed("query", error, data, self._responder(addr),
+                                   over_tcp=False)
                 return
         self.server.query_udp(data, str(addr[0]), self._responder(addr))
 
     def _answered(self, answer: bytes | None, context: tuple[Any, ...]) -> None:
         addr, data, question = context
-        if (answer is not None and len(answer) <= question[3]
-                and (answer[6:8] == b"\x00\x00" or answer_is_plain(answer, question[2]))):
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.sendto(answer, addr)
+        try:
+            if (answer is not None and len(answer) <= question[3]
+                    and (answer[6:8] == b"\x00\x00" or answer_is_plain(answer, question[2]))):
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.sendto(answer, addr)
+                return
+        except Exception as error:  # never into the upstream socket's callback
+            self.server.failed("answer", error, data, self._responder(addr), over_tcp=False)
             return
         # No answer, one too big for the client, or CNAMEs to check: the full path.
         self.server.answer_udp(answer, data, str(addr[0]), self._responder(addr))
@@ -182,9 +184,8 @@ class RelayListener:
     def _from_clients(self) -> None:
         try:
             handed_over = self.relay.from_clients(self.engine.host_cache)
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("dns relay failed reading queries")
+        except Exception as error:
+            self.server.fault("the relay reading queries", error)
             return
         for data, addr in handed_over:
             self.server.query_udp(data, str(addr[0]), self._responder(addr))
@@ -192,9 +193,8 @@ class RelayListener:
     def _from_upstream(self) -> None:
         try:
             handed_over, refused = self.relay.from_upstream()
-        except Exception:
-            self.stats["internal_errors"] += 1
-            log.exception("dns relay failed reading answers")
+        except Exception as error:
+            self.server.fault("the relay reading answers", error)
             return
         for answer, data, addr in handed_over:
             self.server.answer_udp(answer, data, str(addr[0]), self._responder(addr))

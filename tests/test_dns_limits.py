@@ -181,18 +181,18 @@ def test_a_client_whose_connections_are_all_busy_is_refused(silent: str,
                                                             tmp_path: Path) -> None:
     """Every connection of a client at its limit has a query in flight (the upstream
     never answers): its next one is closed at once; another client is served."""
-    with serving(tmp_path, silent, timeout=2.0, tcp_per_client=2) as server:
+    with serving(tmp_path, silent, timeout=3.0, tcp_per_client=2) as server:
         busy = [connect(server.port) for _ in range(2)]
         try:
             for sock in busy:
                 dns.query.send_tcp(sock, dns.message.make_query("clean.example", "A"))
-            time.sleep(0.3)  # read by the server: in flight
+            time.sleep(0.8)  # read by the server: in flight
             with connect(server.port) as extra:
                 assert closed_by_server(extra, bound=1.0)
             out = dig(server.port, "-b", OTHER, "+tcp", "blocked.example")  # no upstream
             assert "status: NXDOMAIN" in out, out
             for sock in busy:
-                response, _ = dns.query.receive_tcp(sock, expiration=time.time() + 4)
+                response, _ = dns.query.receive_tcp(sock, expiration=time.time() + 5)
                 assert response.rcode() == dns.rcode.SERVFAIL
         finally:
             for sock in busy:
@@ -212,13 +212,13 @@ def test_a_busy_connection_is_closed_at_its_lifetime(unbound: Unbound,
             start = time.monotonic()
             answered = 0
             with suppress(EOFError, ConnectionError, TimeoutError):
-                while time.monotonic() - start < 6:
+                while time.monotonic() - start < 8:
                     assert address_of(ask(sock)) == "192.0.2.10"
                     answered += 1
                     time.sleep(0.5)
             lasted = time.monotonic() - start
         found = counts(server)
-    assert 1.9 <= lasted < 4.0, f"closed after {lasted:.1f} s"
+    assert 1.9 <= lasted < 5.5, f"closed after {lasted:.1f} s"
     assert answered >= 3
     assert found["tcp_closed_lifetime"] == 1
 

@@ -33,7 +33,7 @@ from netfilter.audit.checkpoint import Checkpoint, sign_checkpoint
 from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
-from netfilter.audit.tiles import write_tiles
+from netfilter.audit.tiles import Refresh, write_tiles
 from netfilter.errors import KeyFileError
 from netfilter.events import Event
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
@@ -118,7 +118,7 @@ class AuditLog:
         self._keys: dict[str, bytes] = {}
         self._closed = False
         self.tiles = tiles
-        self._refresh_tiles = False
+        self._refresh_tiles: Refresh = False
         self._retained_day = ""  # the UTC day retention last ran
         self._lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
@@ -335,7 +335,8 @@ class AuditLog:
             event = Event("retention", self.origin, action="remove", time=_now(),
                           detail=f"removed={due} before={cutoff}")
             self._append([event.to_json().encode()])
-        removed = self.store.remove_before(cutoff, now.isoformat(timespec="seconds"))
-        if removed:
-            self._refresh_tiles = True  # removed bodies must leave the entry bundles too
+        when = now.isoformat(timespec="seconds")
+        if self.store.remove_before(cutoff, when):
+            # removed bodies must leave the entry bundles too: only those bundles
+            self._refresh_tiles = self.store.removed_range(when) or True
         self._retained_day = now.strftime("%Y-%m-%d")

@@ -236,6 +236,12 @@ class AuditStore:
             "SELECT COUNT(*) FROM leaves WHERE day < ? AND event IS NOT NULL", (day,))
         return int(row.fetchone()[0])
 
+    def removed_range(self, when: str) -> tuple[int, int] | None:
+        """The index range (lo, hi) of the bodies one retention run (`when`) removed."""
+        row = self._connection().execute(
+            "SELECT MIN(idx), MAX(idx) + 1 FROM leaves WHERE removed = ?", (when,)).fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
+
     def remove_before(self, day: str, now: str) -> int:
         """Retention: drop event bodies (and pseudonym keys) of days before `day`.
 

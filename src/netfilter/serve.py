@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import logging
 import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from netfilter.config import Settings
+from netfilter.audit.tileserver import TileServer
+from netfilter.config import Settings, parse_hostport
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError
 from netfilter.node import make_engine
@@ -28,20 +28,17 @@ PARTS = ("dns", "proxy", "stoppage")
 AVAILABLE = ("dns", "proxy", "stoppage")
 
 
-def _serve_tiles(settings: Settings) -> http.server.HTTPServer | None:
+def _serve_tiles(settings: Settings) -> TileServer | None:
     """The audit log's tiles, read-only over HTTP for auditors and witnesses."""
     audit = settings.audit
     if audit is None or audit.tiles_listen is None:
         return None
     if audit.tiles is None:
         raise ConfigError("audit.tiles_listen", "needs audit.tiles (the directory to serve)")
-    from netfilter.audit.tileserver import serve_tiles
-    from netfilter.config import parse_hostport
-
     directory = settings.resolve(audit.tiles)
     directory.mkdir(parents=True, exist_ok=True)
     host, port = parse_hostport(audit.tiles_listen, any_port=True)
-    server = serve_tiles(directory, host, port)
+    server = TileServer(directory, host, port)
     threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
     log.info("audit: serving tiles of %s on %s port %d", directory, host,
              server.server_address[1])

@@ -1,4 +1,5 @@
-"""The `netfilter` command. User mistakes end in one line on stderr and exit 1 (2 for usage)."""
+"""The `netfilter` command. User mistakes end in one line on stderr and exit 1 (2 for usage,
+and for a part of `serve` that cannot listen)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from netfilter import __version__
 from netfilter.canonical import InvalidURL, canonicalize
 from netfilter.config import load_config
 from netfilter.digest import read_hmac_key
-from netfilter.errors import NetfilterError
+from netfilter.errors import ListenError, NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
 from netfilter.listfile import build_bundle, open_bundle
 from netfilter.lists import Lists, ListSource, load_lists
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except NetfilterError as e:
         print(f"netfilter: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ListenError) else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -4,8 +4,9 @@
     ├── ConfigError         a configuration key or file is wrong
     ├── KeyFileError        a key file is missing, unreadable or not an Ed25519 key
     ├── SourceError         a list source (YAML/CSV, local list) is malformed
-    └── BundleError         a list bundle does not verify or cannot be read
-        └── BundleExpired   a bundle verified but its `expires` time has passed
+    ├── BundleError         a list bundle does not verify or cannot be read
+    │   └── BundleExpired   a bundle verified but its `expires` time has passed
+    └── ListenError         a part of `netfilter serve` cannot open its listening socket
 
 Each carries the offending path or key and the reason, so one line tells the user
 what, where and why.
@@ -18,6 +19,7 @@ __all__ = [
     "BundleExpired",
     "ConfigError",
     "KeyFileError",
+    "ListenError",
     "NetfilterError",
     "SourceError",
 ]
@@ -50,3 +52,8 @@ class BundleError(NetfilterError):
 
 class BundleExpired(BundleError):
     """A list bundle verified, but its expiry time has passed."""
+
+
+class ListenError(NetfilterError):
+    """A part cannot listen where it is configured to (a port in use, an address not
+    on this host, a privileged port); `netfilter serve` exits 2."""

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from netfilter.audit.tileserver import TileServer
 from netfilter.config import Settings, parse_hostport
 from netfilter.engine import Engine
-from netfilter.errors import ConfigError
+from netfilter.errors import ConfigError, ListenError
 from netfilter.node import make_engine
 
 __all__ = ["PARTS", "serve"]
@@ -38,11 +41,33 @@ def _serve_tiles(settings: Settings) -> TileServer | None:
     directory = settings.resolve(audit.tiles)
     directory.mkdir(parents=True, exist_ok=True)
     host, port = parse_hostport(audit.tiles_listen, any_port=True)
-    server = TileServer(directory, host, port)
+    try:
+        server = TileServer(directory, host, port)
+    except OSError as e:
+        raise _listen_error("tiles", audit.tiles_listen, e) from None
     threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
     log.info("audit: serving tiles of %s on %s port %d", directory, host,
              server.server_address[1])
     return server
+
+
+def _listen_error(part: str, listen: str, error: OSError) -> ListenError:
+    """One line for a socket a part could not open: which part, where and why."""
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        host, port = parse_hostport(listen, any_port=True)
+        return ListenError(part, f"cannot listen on {host} port {port} ({reason})")
+    return ListenError(part, f"cannot start ({reason})")
+
+
+def _check_bindable(listen: str) -> None:
+    """OSError unless `listen` can be bound now. mitmdump binds in its child, whose
+    failure would reach us only as an exit status after lines of its own (and a
+    foreign listener on the port would pass the child's readiness probe)."""
+    host, port = parse_hostport(listen)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
@@ -74,33 +99,46 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    servers: list[DnsServer | StopPageServer | ProxyProcess] = []
+    # each part with its name and where it listens (for a one-line error if it cannot)
+    servers: list[tuple[str, Callable[[], str], DnsServer | StopPageServer | ProxyProcess]] = []
 
     def reload() -> None:
         loop.run_in_executor(None, engine.reload)
-        for server in servers:
+        for _, _, server in servers:
             if isinstance(server, ProxyProcess):
                 server.reload()  # the proxy's own engine, in the mitmdump child
 
     loop.add_signal_handler(signal.SIGHUP, reload)
-    if "dns" in parts:
-        assert settings.dns is not None
-        servers.append(DnsServer(engine, settings.dns))
-    if "stoppage" in parts:
-        assert settings.stoppage is not None
+    if settings.dns is not None and "dns" in parts:
+        dns, listens = DnsServer(engine, settings.dns), settings.dns.listen
+        # the addresses are opened in order: the first not yet serving failed
+        servers.append(("dns", lambda: listens[min(len(dns.addresses), len(listens) - 1)],
+                        dns))
+    if settings.stoppage is not None and "stoppage" in parts:
         renderer = Renderer(settings.stoppage, base=settings.base)
-        servers.append(StopPageServer(engine, settings.stoppage, renderer=renderer))
-    if "proxy" in parts:
-        assert settings.proxy is not None
-        servers.append(ProxyProcess(settings.proxy, config_path, settings.base))
-    tiles = _serve_tiles(settings)
+        listen = settings.stoppage.listen
+        servers.append(("stoppage", lambda: listen,
+                        StopPageServer(engine, settings.stoppage, renderer=renderer)))
+    if settings.proxy is not None and "proxy" in parts:
+        proxy_listen = settings.proxy.listen
+        servers.append(("proxy", lambda: proxy_listen,
+                        ProxyProcess(settings.proxy, config_path, settings.base)))
+    tiles: TileServer | None = None
+    started: list[DnsServer | StopPageServer | ProxyProcess] = []
     try:
-        for server in servers:
-            await server.start()
+        tiles = _serve_tiles(settings)
+        for name, where, server in servers:
+            started.append(server)  # stopped below even when it fails half-way
+            try:
+                if isinstance(server, ProxyProcess):
+                    _check_bindable(where())
+                await server.start()
+            except OSError as e:
+                raise _listen_error(name, where(), e) from None
         log.info("netfilter: serving %s", ", ".join(parts))
         await stop.wait()
     finally:
-        for server in servers:
+        for server in reversed(started):
             await server.stop()
         if tiles is not None:
             tiles.shutdown()

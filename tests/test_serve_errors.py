@@ -1,0 +1,115 @@
+"""`netfilter serve` when a part cannot listen (its port taken): one line naming the
+part and the address, exit 2, no traceback; the parts already started are stopped and
+the audit log is closed with a signed checkpoint.
+
+Real `netfilter serve` subprocesses; the ports are taken by real sockets of this test.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import DEMO_LIST, DEMO_PUB, HOST, free_port
+
+IN_USE = "(address already in use)"
+
+
+@contextmanager
+def _taken(port: int, kind: int = socket.SOCK_STREAM) -> Iterator[None]:
+    """HOST:port in use by a socket of this process (listening, for TCP)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((HOST, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        yield
+
+
+def _serve(tmp_path: Path, sections: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": {"id": "errors-test.example", "key": str(tmp_path / "node.key")},
+        "lists": [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)]}],
+        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none"},
+        **sections}), encoding="utf-8")
+    return subprocess.run([sys.executable, "-m", "netfilter.cli", "serve", "--config",
+                           str(config)], capture_output=True, text=True, timeout=90)
+
+
+def _one_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one error line; every other line on stderr is an INFO log line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    other = [line for line in result.stderr.splitlines()
+             if not line.startswith("netfilter: INFO: ")]
+    assert len(other) == 1 and other[0].startswith("netfilter: error: "), result.stderr
+    return other[0]
+
+
+def _checkpoints(tmp_path: Path) -> int:
+    db = sqlite3.connect(f"file:{tmp_path / 'audit.sqlite'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_dns_port_in_use(tmp_path: Path) -> None:
+    port = free_port()
+    with _taken(port, socket.SOCK_DGRAM):
+        result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{port}"],
+                                           "upstreams": [f"{HOST}:9"]}})
+    assert _one_error(result) == (f"netfilter: error: dns: cannot listen on {HOST} port "
+                                  f"{port} {IN_USE}")
+    assert _checkpoints(tmp_path) >= 1  # the audit log was closed, signed
+
+
+def test_dns_names_the_address_that_failed(tmp_path: Path) -> None:
+    first, second = free_port(), free_port()
+    with _taken(second):
+        result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{first}", f"{HOST}:{second}"],
+                                           "upstreams": [f"{HOST}:9"]}})
+    assert _one_error(result).endswith(f"dns: cannot listen on {HOST} port {second} {IN_USE}")
+    assert f"dns: serving on {HOST} port {first}" in result.stderr
+    assert "dns: stopped" in result.stderr  # the half-started part was stopped
+
+
+def test_stoppage_port_in_use_after_dns_started(tmp_path: Path) -> None:
+    dns_port, port = free_port(), free_port()
+    with _taken(port):
+        result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{dns_port}"],
+                                           "upstreams": [f"{HOST}:9"]},
+                                   "stoppage": {"listen": f"{HOST}:{port}"}})
+    assert _one_error(result).endswith(f"stoppage: cannot listen on {HOST} port {port} "
+                                       f"{IN_USE}")
+    assert "dns: stopped" in result.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:  # released
+        again.bind((HOST, dns_port))
+    assert _checkpoints(tmp_path) >= 1
+
+
+def test_proxy_port_in_use(tmp_path: Path) -> None:
+    pytest.importorskip("mitmproxy")
+    port = free_port()
+    with _taken(port):
+        result = _serve(tmp_path, {"proxy": {"listen": f"{HOST}:{port}", "intercept": "none"}})
+    assert _one_error(result).endswith(f"proxy: cannot listen on {HOST} port {port} {IN_USE}")
+
+
+def test_tiles_port_in_use(tmp_path: Path) -> None:
+    stop_port, port = free_port(), free_port()
+    with _taken(port):
+        result = _serve(tmp_path, {
+            "stoppage": {"listen": f"{HOST}:{stop_port}"},
+            "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none",
+                      "tiles": str(tmp_path / "tiles"), "tiles_listen": f"{HOST}:{port}"}})
+    assert _one_error(result).endswith(f"tiles: cannot listen on {HOST} port {port} {IN_USE}")

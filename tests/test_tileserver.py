@@ -137,7 +137,7 @@ def test_read_only_and_malformed(served: TileServer) -> None:
 
 
 def test_keep_alive_bounded(tiles: Path) -> None:
-    for server in _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_requests=3)):
+    for server in _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_requests=4)):
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
         try:
             conn.request("GET", "/checkpoint")
@@ -146,9 +146,12 @@ def test_keep_alive_bounded(tiles: Path) -> None:
             conn.request("GET", "/tile/0/000.p/3")
             response = conn.getresponse()
             assert response.read() == TILE and conn.sock is first  # the same connection
+            conn.request("HEAD", "/missing")  # no body, so the connection stays usable
+            response = conn.getresponse()
+            assert response.status == 404 and response.read() == b""
             conn.request("GET", "/checkpoint")
             response = conn.getresponse()
-            assert response.getheader("connection") == "close"  # the third and last
+            assert response.getheader("connection") == "close"  # the fourth and last
             response.read()
         finally:
             conn.close()

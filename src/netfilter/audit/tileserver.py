@@ -157,11 +157,12 @@ class TileServer:
                 and "transfer-encoding" not in fields)
         if method not in ("GET", "HEAD"):
             return self._error(405, keep, [("Allow", "GET, HEAD")]), keep
+        head_only = method == "HEAD"
         found = self._file(target)
         if found is None:
-            return self._error(404, keep), keep
+            return self._error(404, keep, head_only=head_only), keep
         data, headers = found
-        return self._response(200, data, headers, keep, head_only=method == "HEAD"), keep
+        return self._response(200, data, headers, keep, head_only=head_only), keep
 
     def _file(self, target: str) -> tuple[bytes, list[tuple[str, str]]] | None:
         """A regular file below the directory and its header fields; None for anything
@@ -185,10 +186,11 @@ class TileServer:
         return data, [("Content-Type", "application/octet-stream")]
 
     def _error(self, status: int, keep: bool = False,
-               headers: list[tuple[str, str]] | None = None) -> bytes:
+               headers: list[tuple[str, str]] | None = None, *,
+               head_only: bool = False) -> bytes:
         body = f"{status} {REASONS[status]}\n".encode()
         return self._response(status, body, [("Content-Type", "text/plain; charset=utf-8"),
-                                             *(headers or [])], keep)
+                                             *(headers or [])], keep, head_only=head_only)
 
     @staticmethod
     def _response(status: int, body: bytes, headers: list[tuple[str, str]], keep: bool,

@@ -273,7 +273,7 @@ class Netfilter(_Process):
                 self.wait_ready()
                 return
             except RuntimeError:
-                if "Address already in use" not in self.log() or attempt == 2:
+                if "already in use" not in self.log().lower() or attempt == 2:
                     raise
 
 
@@ -286,7 +286,7 @@ def start_all(servers: Sequence[_Process]) -> None:
             try:
                 server.wait_ready()
             except RuntimeError:
-                if "Address already in use" not in server.log():
+                if "already in use" not in server.log().lower():
                     raise
                 server.stop()
                 server.start()  # retries on new ports

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from netfilter.audit.note import Signer
 from netfilter.audit.report import authority_export, build_report
 from netfilter.audit.store import AuditStore
 from netfilter.config import load_config
+from netfilter.engine import Engine
 from netfilter.events import Event, MemorySink
 from netfilter.keys import load_private_key
 from netfilter.node import make_engine
@@ -173,3 +175,21 @@ def test_a_flood_through_the_engine_is_one_event_and_counted_in_reports(
     export = authority_export(store, day, day, signer).decode()
     record = json.loads(export.splitlines()[2])
     assert record["hits"] == 5007 and record["first"] <= record["last"]
+
+
+def test_a_failing_sink_is_one_line_per_interval_not_a_traceback_per_block(
+        build: BuildBundle, authority: tuple[Path, Path], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenSink:
+        def record(self, event: Event) -> None:
+            raise OSError("disk gone")
+
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(f"lists:\n  - path: {build()}\n    trust: [{authority[1]}]\n",
+                      encoding="utf-8")
+    engine = Engine(load_config(config), BrokenSink())
+    for i in range(2000):
+        assert engine.check_host("sub.blocked.example", client=f"192.0.2.{i % 250}").blocked
+    lines = [r for r in caplog.records if "event sink failed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert "Traceback" not in caplog.text

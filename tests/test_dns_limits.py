@@ -23,8 +23,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from netfilter.dns.server import _client_key
 from netfilter.dns.udp import relay_built
+from netfilter.slots import client_key as _client_key
 from tests.dns_support import HOST, Netfilter, Unbound, dig, require_tools, tcp, udp
 
 OTHER = "127.0.0.2"  # a second client address

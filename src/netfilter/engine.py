@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -62,6 +63,7 @@ ALLOW = Verdict(Action.ALLOW)
 
 
 HOST_CACHE_SIZE = 1 << 17  # names; cleared wholesale when full
+SINK_FAILURE_LOG_INTERVAL = 10.0  # seconds between two "event sink failed" lines
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class Engine:
         window = settings.audit.aggregate_window if settings.audit else 0.0
         self.recorder: EventSink = (BlockAggregator(self.sink, window) if window > 0
                                     else self.sink)
+        self._sink_failures = 0
+        self._sink_failure_line = -SINK_FAILURE_LOG_INTERVAL
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
         self.clients = ClientRecorder(form, pseudonym_key)
@@ -214,8 +218,15 @@ class Engine:
     def _emit(self, event: Event) -> None:
         try:
             self.recorder.record(event)
-        except Exception:  # a failing sink must never take a front-end down
-            log.exception("event sink failed")
+        except Exception as e:  # a failing sink must never take a front-end down
+            self._sink_failures += 1
+            now = time.monotonic()
+            if now - self._sink_failure_line >= SINK_FAILURE_LOG_INTERVAL:
+                # one line per interval, not a traceback per event: a flood of blocks
+                # against a broken sink must not become a flood of log
+                self._sink_failure_line = now
+                log.error("event sink failed (%s: %s); %d failures in all", type(e).__name__,
+                          str(e)[:200], self._sink_failures)
 
     def flush(self) -> None:
         """Pass on the counts of open aggregation windows now (tests, reports)."""

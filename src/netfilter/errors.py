@@ -14,6 +14,9 @@ what, where and why.
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
     "BundleError",
     "BundleExpired",
@@ -57,3 +60,11 @@ class BundleExpired(BundleError):
 class ListenError(NetfilterError):
     """A part cannot listen where it is configured to (a port in use, an address not
     on this host, a privileged port); `netfilter serve` exits 2."""
+
+    @classmethod
+    def from_os_error(cls, part: str, host: str, port: int, error: OSError) -> ListenError:
+        """One line for a socket a part could not open: which part, where and why."""
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            return cls(part, f"cannot listen on {host} port {port} ({reason})")
+        return cls(part, f"cannot start ({reason})")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 import signal
 import socket
 import threading
@@ -53,11 +51,8 @@ def _serve_tiles(settings: Settings) -> TileServer | None:
 
 def _listen_error(part: str, listen: str, error: OSError) -> ListenError:
     """One line for a socket a part could not open: which part, where and why."""
-    reason = os.strerror(error.errno).lower() if error.errno else str(error)
-    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-        host, port = parse_hostport(listen, any_port=True)
-        return ListenError(part, f"cannot listen on {host} port {port} ({reason})")
-    return ListenError(part, f"cannot start ({reason})")
+    host, port = parse_hostport(listen, any_port=True)
+    return ListenError.from_os_error(part, host, port, error)
 
 
 def _check_bindable(listen: str) -> None:

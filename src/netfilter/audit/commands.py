@@ -19,7 +19,7 @@ from netfilter.audit.tileserver import serve_tiles
 from netfilter.audit.verify import VerifyReport, checkpoint_origin, verify_log
 from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.config import load_config, parse_hostport
-from netfilter.errors import NetfilterError
+from netfilter.errors import ListenError, NetfilterError
 from netfilter.keys import load_private_key, load_public_key
 
 __all__ = ["run"]
@@ -110,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote tlog-tiles of {size} events to {args.out}")
         if args.listen:
             host, port = parse_hostport(args.listen)
-            server = serve_tiles(args.out, host, port)
+            try:
+                server = serve_tiles(args.out, host, port)
+            except OSError as e:
+                raise ListenError.from_os_error("tiles", host, port, e) from None
             print(f"serving {args.out} on http://{args.listen}/ (read-only)")
             try:
                 server.serve_forever()

@@ -32,7 +32,6 @@ from pathlib import Path
 from netfilter.audit.checkpoint import Checkpoint
 from netfilter.audit.merkle import EMPTY_ROOT, HASH_SIZE, root
 from netfilter.audit.store import AuditStore, StoredCheckpoint
-from netfilter.audit.tileserver import serve_tiles as serve_tiles  # moved; tests import it here
 from netfilter.errors import NetfilterError
 
 __all__ = ["tile_path", "write_tiles"]

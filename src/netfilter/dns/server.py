@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import struct
@@ -37,6 +36,7 @@ from netfilter.dns.udp import PythonListener, RelayListener, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
+from netfilter.slots import client_key
 
 __all__ = ["DnsServer"]
 
@@ -104,20 +104,6 @@ class FaultLog:
         if self._timer is not None:
             self._timer.cancel()
         self._report(again=False)
-
-
-def _client_key(address: str) -> str:
-    """Whom a TCP connection counts against: an IPv4 address, or an IPv6 /64 (a single
-    host may hold a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
 
 
 class _TcpConnection:
@@ -433,7 +419,7 @@ class DnsServer:
         settings, stats = self.settings, self.stats
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else "?"
-        key = _client_key(client)
+        key = client_key(client)
         if self._tcp_per_client[key] >= settings.tcp_per_client and not self._evict(key):
             stats["tcp_refused_client"] += 1
             return None

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "ChildProcess", "free_port",
-           "listening", "read_events", "require_tools", "wait_for"]
+__all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "ChildProcess", "connect_from",
+           "free_port", "listening", "read_events", "require_tools", "wait_for"]
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,16 @@ def wait_for(predicate: Callable[[], object], bound: float = 5.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def connect_from(port: int, source: str = HOST) -> socket.socket:
+    """A TCP connection to HOST:port from `source` (any 127.0.0.0/8 address on Linux), so
+    a test can be several clients as per-client limits see them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect((HOST, port))
+    return sock
 
 
 def listening(port: int) -> bool:

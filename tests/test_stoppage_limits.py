@@ -23,6 +23,7 @@ from netfilter.config import load_config
 from netfilter.engine import Engine
 from netfilter.slots import client_key
 from netfilter.stoppage.server import StopPageServer
+from tests.support import connect_from
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "lists" / "demo"
@@ -55,18 +56,10 @@ def _serve(tmp_path: Path, client: Callable[[StopPageServer], T],
     return asyncio.run(main())
 
 
-def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
 def _ask(port: int, source: str) -> tuple[bytes, float]:
     """A normal client: the whole request at once; (the answer, seconds it took)."""
     start = time.monotonic()
-    with _connect(port, source) as sock:
+    with connect_from(port, source) as sock:
         sock.sendall(REQUEST)
         answer = b""
         while chunk := sock.recv(65536):
@@ -155,14 +148,14 @@ def test_slowloris_does_not_starve_normal_clients(tmp_path: Path) -> None:
 
 def test_per_client_cap_evicts_that_clients_oldest_idle(tmp_path: Path) -> None:
     def client(server: StopPageServer) -> None:
-        other = [_connect(server.port, "127.0.0.3") for _ in range(3)]
-        mine = [_connect(server.port) for _ in range(8)]
+        other = [connect_from(server.port, "127.0.0.3") for _ in range(3)]
+        mine = [connect_from(server.port) for _ in range(8)]
         try:
             for sock in other + mine:
                 sock.sendall(b"GET / HTTP/1.1\r\n")  # a head begun, not finished
             time.sleep(0.2)
             assert len(server.slots) == 11
-            newest = _connect(server.port)  # the 9th from 127.0.0.1
+            newest = connect_from(server.port)  # the 9th from 127.0.0.1
             newest.sendall(b"GET / HTTP/1.1\r\n")
             data, took = _closed(mine[0], 3.0)
             assert data == b"" and took < 2.0  # its oldest idle one made way
@@ -183,7 +176,7 @@ def test_per_client_cap_evicts_that_clients_oldest_idle(tmp_path: Path) -> None:
 
 def test_full_server_evicts_the_oldest_idle(tmp_path: Path) -> None:
     def client(server: StopPageServer) -> None:
-        idle = [_connect(server.port, f"127.0.0.{10 + i}") for i in range(16)]
+        idle = [connect_from(server.port, f"127.0.0.{10 + i}") for i in range(16)]
         try:
             for sock in idle:
                 sock.sendall(b"GET / HTTP/1.1\r\n")
@@ -202,13 +195,13 @@ def test_full_server_evicts_the_oldest_idle(tmp_path: Path) -> None:
 
 def test_busy_server_shortens_head_deadlines(tmp_path: Path) -> None:
     def client(server: StopPageServer) -> None:
-        idle = [_connect(server.port, f"127.0.0.{10 + i}") for i in range(6)]
+        idle = [connect_from(server.port, f"127.0.0.{10 + i}") for i in range(6)]
         try:
             time.sleep(0.2)
             start = time.monotonic()
             # 6 of 16 in use: not busy, these keep the 5 s deadline
             assert _closed(idle[0], 0.8)[1] >= 0.7
-            more = [_connect(server.port, f"127.0.0.{20 + i}") for i in range(4)]
+            more = [connect_from(server.port, f"127.0.0.{20 + i}") for i in range(4)]
             idle += more  # now 10 of 16: busy; old and new get 0.5 s
             for sock in idle:
                 data, _ = _closed(sock, 4.0)

@@ -12,7 +12,6 @@ import http.client
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from netfilter.audit.log import AuditLog, load_node_key
 from netfilter.audit.store import AuditStore
 from netfilter.audit.tileserver import TileServer
 from netfilter.events import Event
-from tests.support import free_port, wait_for
+from tests.support import connect_from, free_port, wait_for
 
 CHECKPOINT = b"tiles-test.example\n3\nAAAA\n\n\xe2\x80\x94 tiles-test.example xyz\n"
 TILE = bytes(range(256)) * 3
@@ -65,14 +64,6 @@ def served(tiles: Path) -> Iterator[TileServer]:
                                  max_per_client=8))
 
 
-def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
 def _get(port: int, path: str, method: str = "GET",
          source: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
@@ -87,7 +78,7 @@ def _get(port: int, path: str, method: str = "GET",
 
 
 def _raw(port: int, request: bytes) -> bytes:
-    with _connect(port) as sock:
+    with connect_from(port) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
@@ -176,7 +167,7 @@ def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer) -> N
     idle = []
     try:
         for i in range(300):  # from 30 addresses, 10 each, sending nothing
-            idle.append(_connect(port, f"127.0.0.{10 + i // 10}"))
+            idle.append(connect_from(port, f"127.0.0.{10 + i // 10}"))
         opened = time.monotonic()
         assert threading.active_count() <= before[0] + 1
         assert _threads() <= before[1] + 1
@@ -201,7 +192,7 @@ def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer) -> N
 
 
 def test_idle_connection_lives_for_the_timeout(served: TileServer) -> None:
-    with _connect(served.server_address[1], "127.0.0.2") as sock:
+    with connect_from(served.server_address[1], "127.0.0.2") as sock:
         start = time.monotonic()
         assert sock.recv(1) == b""
         assert 0.8 < time.monotonic() - start < 3.0

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +19,20 @@ import dns.query
 import dns.rcode
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from netfilter.audit.store import AuditStore
 from netfilter.audit.verify import verify_log
 from netfilter.keys import load_public_key
-from tests.dns_support import HOST, Netfilter, Unbound, read_events, require_tools, start_all
+from tests.dns_support import (
+    HOST,
+    Netfilter,
+    Unbound,
+    free_port,
+    read_events,
+    require_tools,
+    start_all,
+)
 
 HOLD_LOCK = r"""
 import sqlite3, sys, time
@@ -91,6 +101,13 @@ class Tally:
             i += 1
 
 
+def metrics(port: int) -> dict[str, float]:
+    """The node's /metrics, parsed by Prometheus' own parser."""
+    text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples}
+
+
 def fill(disk: Path) -> Path:
     """Write a file until the disk is full."""
     filler = disk / "filler"
@@ -113,6 +130,8 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
     store_path = small_disk / "audit.sqlite"
     node.config["audit"].update({"path": str(store_path), "queue_size": 64,
                                  "checkpoint_interval": 1})
+    metrics_port = free_port()
+    node.config["metrics"] = {"listen": f"{HOST}:{metrics_port}"}
     node.conf.write_text(yaml.safe_dump(node.config), encoding="utf-8")
     start_all([upstream, node])
     try:
@@ -129,6 +148,9 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
         tally.run(3.0)  # writes go through again
         assert tally.unanswered == [], tally.unanswered[:5]
         assert tally.blocked > 1000 and tally.clean > 1000
+        scraped = metrics(metrics_port)  # the node says so in its metrics
+        assert urllib.request.urlopen(f"http://{HOST}:{metrics_port}/health",
+                                      timeout=5).read() == b"ok\n"
     finally:
         node.stop()
         upstream.stop()
@@ -141,6 +163,11 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
     logged = sum(int(e.get("count", 1)) for e in events if e["type"] == "block")
     assert shed > 0, "the log says nothing of what it lost"
     assert logged + shed == tally.blocked  # every block answered is accounted for
+    assert scraped["netfilter_audit_shed_total"] > 0
+    assert scraped["netfilter_audit_shed_blocks_total"] <= shed
+    assert scraped["netfilter_audit_append_failures_total"] > 0  # the full disk
+    assert scraped["netfilter_audit_appended_total"] > 0
+    assert scraped["netfilter_engine_sink_failures_total"] == 0
     store = AuditStore(store_path, create=False)
     report = verify_log(store, load_public_key(tmp_path / "nf" / "var" / "node.pub"))
     assert report.ok, report.problems

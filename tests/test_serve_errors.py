@@ -113,3 +113,12 @@ def test_tiles_port_in_use(tmp_path: Path) -> None:
             "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none",
                       "tiles": str(tmp_path / "tiles"), "tiles_listen": f"{HOST}:{port}"}})
     assert _one_error(result).endswith(f"tiles: cannot listen on {HOST} port {port} {IN_USE}")
+
+
+def test_metrics_port_in_use(tmp_path: Path) -> None:
+    stop_port, port = free_port(), free_port()
+    with _taken(port):
+        result = _serve(tmp_path, {"stoppage": {"listen": f"{HOST}:{stop_port}"},
+                                   "metrics": {"listen": f"{HOST}:{port}"}})
+    assert _one_error(result).endswith(f"metrics: cannot listen on {HOST} port {port} {IN_USE}")
+    assert _checkpoints(tmp_path) >= 1  # the audit log was closed properly

@@ -154,6 +154,13 @@ class BlockAggregator:
         with self._lock:
             return sum(w.repeats for w in self._open.values())
 
+    def stats(self) -> dict[str, int]:
+        """For metrics: blocks folded so far, blocks pending, windows open."""
+        with self._lock:
+            pending = sum(w.repeats for w in self._open.values())
+            return {"blocks_folded": self.folded, "blocks_pending": pending,
+                    "windows_open": len(self._open)}
+
     def flush(self) -> None:
         """Pass on every open window's count now (shutdown, tests)."""
         with self._lock:

@@ -228,6 +228,13 @@ class Engine:
                 log.error("event sink failed (%s: %s); %d failures in all", type(e).__name__,
                           str(e)[:200], self._sink_failures)
 
+    def stats(self) -> dict[str, int]:
+        """For metrics: events the sink refused, and the aggregation's counts."""
+        out = {"sink_failures": self._sink_failures}
+        if isinstance(self.recorder, BlockAggregator):
+            out.update(self.recorder.stats())
+        return out
+
     def flush(self) -> None:
         """Pass on the counts of open aggregation windows now (tests, reports)."""
         if isinstance(self.recorder, BlockAggregator):

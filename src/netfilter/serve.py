@@ -20,6 +20,7 @@ from netfilter.audit.tileserver import TileServer
 from netfilter.config import Settings, parse_hostport
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError
+from netfilter.metrics import MetricsServer, NodeMetrics
 from netfilter.node import make_engine
 
 __all__ = ["PARTS", "serve"]
@@ -45,6 +46,38 @@ def _serve_tiles(settings: Settings) -> TileServer | None:
         raise _listen_error("tiles", audit.tiles_listen, e) from None
     threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
     log.info("audit: serving tiles of %s on %s port %d", directory, host,
+             server.server_address[1])
+    return server
+
+
+def _serve_metrics(settings: Settings, engine: Engine, parts: list[object],
+                   tiles: TileServer | None) -> MetricsServer | None:
+    """The parts' counters for Prometheus on `metrics.listen`, and /health."""
+    if settings.metrics is None:
+        return None
+    from netfilter.dns.server import DnsServer
+    from netfilter.stoppage.server import StopPageServer
+
+    metrics = NodeMetrics()
+    metrics.add("engine", engine.stats, gauges=frozenset({"blocks_pending", "windows_open"}))
+    audit_stats = getattr(engine.sink, "stats", None)
+    if audit_stats is not None:  # the audit log: appended, shed, queued, failures
+        metrics.add("audit", audit_stats, gauges=frozenset({"queued"}))
+    for part in parts:
+        if isinstance(part, DnsServer):
+            metrics.add("dns", part.counts)
+        elif isinstance(part, StopPageServer):
+            metrics.add("stoppage", part.stats.copy)
+    if tiles is not None:
+        metrics.add("tiles", tiles.stats.copy)
+    listen = settings.metrics.listen
+    host, port = parse_hostport(listen, any_port=True)
+    try:
+        server = MetricsServer(metrics, host, port)
+    except OSError as e:
+        raise _listen_error("metrics", listen, e) from None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics: serving /metrics and /health on %s port %d", host,
              server.server_address[1])
     return server
 
@@ -119,6 +152,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
         servers.append(("proxy", lambda: proxy_listen,
                         ProxyProcess(settings.proxy, config_path, settings.base)))
     tiles: TileServer | None = None
+    metrics: MetricsServer | None = None
     started: list[DnsServer | StopPageServer | ProxyProcess] = []
     try:
         tiles = _serve_tiles(settings)
@@ -130,14 +164,16 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
                 await server.start()
             except OSError as e:
                 raise _listen_error(name, where(), e) from None
+        metrics = _serve_metrics(settings, engine, [s for _, _, s in servers], tiles)
         log.info("netfilter: serving %s", ", ".join(parts))
         await stop.wait()
     finally:
         for server in reversed(started):
             await server.stop()
-        if tiles is not None:
-            tiles.shutdown()
-            tiles.server_close()
+        for http in (tiles, metrics):
+            if http is not None:
+                http.shutdown()
+                http.server_close()
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,

@@ -174,6 +174,4 @@ class BlockAggregator:
         """Flush, then close the sink behind (commits and signs a last checkpoint)."""
         self._closed = True
         self.flush()
-        close = getattr(self.sink, "close", None)
-        if close is not None:
-            close()
+        self.sink.close()

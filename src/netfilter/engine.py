@@ -243,6 +243,4 @@ class Engine:
     def close(self) -> None:
         """Pass on what aggregation holds, then close the sink (a last checkpoint)."""
         self.flush()
-        close = getattr(self.sink, "close", None)
-        if close is not None:
-            close()
+        self.sink.close()

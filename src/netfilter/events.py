@@ -1,8 +1,8 @@
 """Events the engine hands to a sink: blocks, overrides, list loads and refusals.
 
-The sink is a one-method protocol so the audit log can replace the interim JSON-lines
-writer without the engine changing. Events carry no blocked URL in plain text: the
-list and entry reference identify what was blocked.
+The sink is a two-method protocol (record, close) so the audit log can replace the
+interim JSON-lines writer without the engine changing. Events carry no blocked URL in
+plain text: the list and entry reference identify what was blocked.
 """
 
 from __future__ import annotations
@@ -57,11 +57,18 @@ class EventSink(Protocol):
     def record(self, event: Event) -> None:
         """Take an event; must not block the caller on disk for long."""
 
+    def close(self) -> None:
+        """Commit what was taken and release the sink (the audit log signs a last
+        checkpoint); every sink has it, so a caller never has to ask."""
+
 
 class NullSink:
     """Records nothing (a `check` from the command line)."""
 
     def record(self, event: Event) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -73,6 +80,9 @@ class MemorySink:
 
     def record(self, event: Event) -> None:
         self.events.append(event)
+
+    def close(self) -> None:
+        """Nothing to release: the events stay readable after close."""
 
 
 class JsonLinesSink:

@@ -2,9 +2,17 @@
 
 `addons/netfilter_proxy.py` only wires `NetfilterAddon` into mitmdump; the decisions
 (decisions.py), destination rules (destinations.py) and answers (replies.py) live here.
+
+mitmproxy is the optional `proxy` extra: the addon's names are imported on first use
+(module `__getattr__`), so `netfilter serve dns` in an install without it can import
+`netfilter.proxy.process` and the decision code.
 """
 
-from netfilter.proxy.addon import ConnState, NetfilterAddon, Runtime, build_runtime
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from netfilter.proxy.decisions import (
     HostDecision,
     InterceptMode,
@@ -20,6 +28,9 @@ from netfilter.proxy.destinations import (
     parse_destination,
     parse_route,
 )
+
+if TYPE_CHECKING:
+    from netfilter.proxy.addon import ConnState, NetfilterAddon, Runtime, build_runtime
 
 __all__ = [
     "ConnState",
@@ -38,3 +49,12 @@ __all__ = [
     "parse_destination",
     "parse_route",
 ]
+
+_NEED_MITMPROXY = frozenset({"ConnState", "NetfilterAddon", "Runtime", "build_runtime"})
+
+
+def __getattr__(name: str) -> Any:
+    """The addon's names, imported (with mitmproxy) only when asked for."""
+    if name in _NEED_MITMPROXY:
+        return getattr(importlib.import_module("netfilter.proxy.addon"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

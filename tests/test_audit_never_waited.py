@@ -149,7 +149,7 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
         assert tally.unanswered == [], tally.unanswered[:5]
         assert tally.blocked > 1000 and tally.clean > 1000
         scraped = metrics(metrics_port)  # the node says so in its metrics
-        assert urllib.request.urlopen(f"http://{HOST}:{metrics_port}/health",
+        assert urllib.request.urlopen(f"http://{HOST}:{metrics_port}/healthz",
                                       timeout=5).read() == b"ok\n"
     finally:
         node.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -92,6 +93,10 @@ class Engine:
         self.recorder: EventSink = (BlockAggregator(self.sink, window) if window > 0
                                     else self.sink)
         self._sink_failures = 0
+        # For metrics, plain counts (a dict increment per match, nothing per clean
+        # check): matches by (front-end, list, category, action) and reloads by result.
+        self.matches: Counter[tuple[str, str, str, str]] = Counter()
+        self.reloads: Counter[str] = Counter()
         self._sink_failure_line = -SINK_FAILURE_LOG_INTERVAL
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
@@ -158,10 +163,12 @@ class Engine:
             try:
                 state = self._load(installed=self._state.lists.versions())
             except NetfilterError as e:
+                self.reloads["refused"] += 1
                 log.error("list reload refused, previous lists stay in force: %s", e)
                 return False
             self._state = state
             self.host_cache = state.host_matches
+            self.reloads["ok"] += 1
             return True
 
     # ------------------------------------------------------------ checks
@@ -184,8 +191,10 @@ class Engine:
                       target=target[:2000] if target else None)
         self._emit(event)
         if not match.blocks:
+            self.matches[(frontend, match.list_id, match.category, "exception")] += 1
             return Verdict(Action.ALLOW, match)
         answer = state.answers.get(match.list_id, Answer.STOPPAGE)
+        self.matches[(frontend, match.list_id, match.category, answer.value)] += 1
         return Verdict(Action.BLOCK, match, answer, transparency)
 
     def check_url(self, url: str | bytes, *, frontend: str = "proxy",

@@ -33,7 +33,8 @@ MAX_PER_CLIENT = 16
 MAX_REQUESTS = 100  # per connection
 MAX_HEAD = 8192
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
+           431: "Request Header Fields Too Large", 503: "Service Unavailable",
+           505: "HTTP Version Not Supported"}
 
 
 Resource = tuple[bytes, list[tuple[str, str]]]  # a body and its header fields
@@ -164,18 +165,24 @@ class ReadOnlyServer:
         found = self._lookup(target)
         if found is None:
             return self._error(404, keep, head_only=head_only), keep
-        data, headers = found
-        return self._response(200, data, headers, keep, head_only=head_only), keep
+        status, data, headers = found
+        return self._response(status, data, headers, keep, head_only=head_only), keep
 
     def resource(self, path: str) -> Resource | None:
         """The body and header fields at `path` (percent-decoded, from "/"); None: 404."""
         raise NotImplementedError
 
-    def _lookup(self, target: str) -> Resource | None:
+    def resource_status(self, path: str) -> tuple[int, bytes, list[tuple[str, str]]] | None:
+        """`resource` with its status (a key of REASONS): 200 unless a subclass says
+        otherwise (a health check answers 503 when not ready)."""
+        found = self.resource(path)
+        return None if found is None else (200, *found)
+
+    def _lookup(self, target: str) -> tuple[int, bytes, list[tuple[str, str]]] | None:
         path = urlsplit(target).path if "://" in target else target.partition("?")[0]
         if not path.startswith("/"):
             return None
-        return self.resource(unquote(path))
+        return self.resource_status(unquote(path))
 
     def _error(self, status: int, keep: bool = False,
                headers: list[tuple[str, str]] | None = None, *,

@@ -1,29 +1,71 @@
 """Prometheus metrics of a node: the running parts' own counters, read at each scrape.
 
-The parts keep plain counters (the audit log's appended and shed events, the DNS
-server's packet counts, the HTTP servers' connection limits); nothing on a hot path
-touches a metrics library. At a scrape, each registered source is read and its
-counters become `netfilter_<part>_<name>_total`, its gauges `netfilter_<part>_<name>`.
-`MetricsServer` serves `/metrics` (Prometheus text format) and `/health` on
+The parts keep plain counters (dict increments, a bucket list for latency); nothing on a
+hot path touches a metrics library. At a scrape, `NodeMetrics` reads them and
+prometheus-client renders the families: plain counters of a part become
+`netfilter_<part>_<name>_total` (gauges `netfilter_<part>_<name>`), and `for_node` adds
+the labelled families (requests by front-end and verdict, blocks by list, category and
+action, latency per front-end, upstream errors, lists, audit, reloads). `MetricsServer`
+serves `/metrics`, `/healthz` (alive) and `/readyz` (ready for traffic) on
 `metrics.listen`, with the connection limits of every small server of the node.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from netfilter.httpd import ReadOnlyServer, Resource
 
-__all__ = ["MetricsServer", "NodeMetrics"]
+if TYPE_CHECKING:
+    from netfilter.audit.log import AuditLog
+    from netfilter.dns.server import DnsServer
+    from netfilter.engine import Engine
+    from netfilter.stoppage.server import StopPageServer
+
+__all__ = ["LatencyHistogram", "MetricsServer", "NodeMetrics", "for_node"]
 
 Source = Callable[[], Mapping[str, int | float]]
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+# seconds: a local answer takes well under a millisecond, a forwarded one an upstream's
+# round trip (up to dns.timeout)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class LatencyHistogram:
+    """Fixed buckets as a list of counts and a sum: `observe` is a bisect and two
+    additions (a prometheus_client Histogram takes a lock per observation)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last one: above the largest bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative, as Prometheus wants them, ending with +Inf."""
+        out, total = [], 0
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), list(self.counts), strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -34,10 +76,13 @@ class _Part:
 
 
 class NodeMetrics:
-    """A registry of the parts' counters; `render()` is the exposition text."""
+    """A registry of the parts' counters; `render()` is the exposition text,
+    `not_ready()` the readiness checks that fail."""
 
     def __init__(self) -> None:
         self._parts: list[_Part] = []
+        self._families: list[Callable[[], Iterable[Metric]]] = []
+        self._checks: list[tuple[str, Callable[[], bool]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -45,6 +90,14 @@ class NodeMetrics:
         """Read `source()` at every scrape; names in `gauges` go up and down, the others
         only up (counters)."""
         self._parts.append(_Part(part, source, gauges))
+
+    def add_families(self, families: Callable[[], Iterable[Metric]]) -> None:
+        """Labelled families, built at every scrape from a part's counters."""
+        self._families.append(families)
+
+    def add_check(self, name: str, check: Callable[[], bool]) -> None:
+        """A readiness condition; `name` is what /readyz says when it is false."""
+        self._checks.append((name, check))
 
     def collect(self) -> Iterator[Metric]:
         for part in self._parts:
@@ -58,25 +111,222 @@ class NodeMetrics:
                     yield GaugeMetricFamily(name, f"{part.name}: {key}", value=value)
                 else:
                     yield CounterMetricFamily(name, f"{part.name}: {key}", value=value)
+        for families in self._families:
+            try:
+                built = list(families())
+            except Exception:  # as above
+                continue
+            yield from built
+
+    def not_ready(self) -> list[str]:
+        """The names of the readiness checks that fail (a failing check fails)."""
+        failing = []
+        for name, check in self._checks:
+            try:
+                ok = check()
+            except Exception:
+                ok = False
+            if not ok:
+                failing.append(name)
+        return failing
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+# ---------------------------------------------------------------- the node's families
+
+
+def _requests(dns: DnsServer | None, stoppage: StopPageServer | None) -> Iterator[Metric]:
+    family = CounterMetricFamily(
+        "netfilter_requests", "Queries and requests answered, by front-end and verdict "
+        "(dns: block, allow = forwarded upstream, route = sent to the proxy, invalid = "
+        "malformed or unsupported; stoppage: block, allow = the generic page)",
+        labels=["frontend", "verdict"])
+    if dns is not None:
+        s = dns.stats
+        relayed = dns.relay_counts().get("relayed", 0)
+        family.add_metric(["dns", "block"], s["blocked"] + s["blocked_cname"])
+        family.add_metric(["dns", "allow"], s["forwarded"] + relayed - s["blocked_cname"])
+        family.add_metric(["dns", "route"], s["routed"])
+        family.add_metric(["dns", "invalid"],
+                          s["formerr"] + s["notimp"] + s["badvers"] + s["dropped"])
+    if stoppage is not None:
+        family.add_metric(["stoppage", "block"], stoppage.stats["blocked"])
+        family.add_metric(["stoppage", "allow"], stoppage.stats["generic"])
+    yield family
+
+
+def _latency(parts: Mapping[str, LatencyHistogram]) -> Iterator[Metric]:
+    family = HistogramMetricFamily(
+        "netfilter_request_duration_seconds", "Time from a query or request to its answer, "
+        "per front-end. dns: only queries decided in Python (blocked, or forwarded by the "
+        "full path); clean queries the C relay or the fast path forwards are not timed "
+        "one by one", labels=["frontend"])
+    for frontend, histogram in parts.items():
+        family.add_metric([frontend], histogram.buckets(), histogram.sum)
+    yield family
+
+
+def _blocks(engine: Engine) -> Iterator[Metric]:
+    blocks = CounterMetricFamily(
+        "netfilter_blocks", "Blocks by front-end, list, category and how they were "
+        "answered (nxdomain, stoppage, refused)",
+        labels=["frontend", "list", "category", "action"])
+    lifted = CounterMetricFamily(
+        "netfilter_exceptions", "Matches a local exception lifted, by front-end, list "
+        "and category", labels=["frontend", "list", "category"])
+    for (frontend, list_id, category, action), count in sorted(engine.matches.copy().items()):
+        if action == "exception":
+            lifted.add_metric([frontend, list_id, category], count)
+        else:
+            blocks.add_metric([frontend, list_id, category, action], count)
+    reloads = CounterMetricFamily("netfilter_reloads", "List reloads by result (ok, "
+                                  "refused: the lists in force stay)", labels=["result"])
+    for result in ("ok", "refused"):
+        reloads.add_metric([result], engine.reloads[result])
+    yield from (blocks, lifted, reloads)
+
+
+def _lists(engine: Engine) -> Iterator[Metric]:
+    lists = engine.lists
+    now = time.time()
+    version = GaugeMetricFamily("netfilter_list_version", "Version of each list in force",
+                                labels=["list", "source"])
+    entries = GaugeMetricFamily("netfilter_list_entries", "Entries of each list in force",
+                                labels=["list", "source"])
+    age = GaugeMetricFamily("netfilter_list_age_seconds",
+                            "Seconds since the authority issued the list in force",
+                            labels=["list"])
+    expiry = GaugeMetricFamily("netfilter_list_expiry_seconds", "Seconds until the list "
+                               "in force expires (negative: expired)", labels=["list"])
+    for matcher in lists.blocking:
+        version.add_metric([matcher.list_id, matcher.source], matcher.version)
+        entries.add_metric([matcher.list_id, matcher.source], matcher.entry_count)
+    for bundle in lists.bundles:
+        m = bundle.manifest
+        age.add_metric([m.list_id], now - m.issued.timestamp())
+        if m.expires is not None:
+            expiry.add_metric([m.list_id], m.expires.timestamp() - now)
+    yield from (version, entries, age, expiry)
+
+
+def _upstreams(dns: DnsServer) -> Iterator[Metric]:
+    errors = CounterMetricFamily(
+        "netfilter_upstream_errors", "ICMP errors (upstream unreachable) per DNS upstream",
+        labels=["upstream"])
+    timeouts = CounterMetricFamily(
+        "netfilter_upstream_timeouts", "Forwarding attempts that got no answer in time, "
+        "per DNS upstream (the C relay's own are netfilter_dns_relay_given_back_total)",
+        labels=["upstream"])
+    for upstream, error_count, timeout_count in dns.upstream_counts():
+        errors.add_metric([upstream], error_count)
+        timeouts.add_metric([upstream], timeout_count)
+    yield from (errors, timeouts)
+
+
+def _checkpoint_age(audit: AuditLog) -> Iterator[Metric]:
+    if audit.last_checkpoint_time:  # none yet in this process: no sample
+        yield GaugeMetricFamily("netfilter_audit_last_checkpoint_age_seconds",
+                                "Seconds since the stored log was last found covered by "
+                                "a signed checkpoint",
+                                value=time.time() - audit.last_checkpoint_time)
+
+
+class _AuditWritable:
+    """Readiness of the audit log, from its counters: not taking writes when appends
+    failed since the previous check and none went through."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.seen = (0, 0)
+        self.ok = True
+
+    def __call__(self) -> bool:
+        now = (self.audit.appended, self.audit.append_failures)
+        if now[0] != self.seen[0]:
+            self.ok = True
+        elif now[1] != self.seen[1]:
+            self.ok = False
+        self.seen = now
+        return self.ok
+
+
+def for_node(engine: Engine, parts: Iterable[object] = (),
+             tiles: ReadOnlyServer | None = None) -> NodeMetrics:
+    """The metrics and readiness checks of a node: its engine, its audit log (the
+    engine's sink, when it is one), and the running parts among `parts` (a DnsServer,
+    a StopPageServer; others are ignored)."""
+    from netfilter.audit.log import AuditLog
+    from netfilter.dns.server import DnsServer
+    from netfilter.stoppage.server import StopPageServer
+
+    metrics = NodeMetrics()
+    metrics.add("engine", engine.stats, gauges=frozenset({"blocks_pending", "windows_open"}))
+    metrics.add_families(lambda: _blocks(engine))
+    metrics.add_families(lambda: _lists(engine))
+    metrics.add_check("lists", lambda: bool(engine.lists.blocking))
+    audit = engine.sink
+    if isinstance(audit, AuditLog):  # appended, queued (the queue's depth), shed, failures
+        metrics.add("audit", audit.stats, gauges=frozenset({"queued"}))
+        metrics.add_families(lambda: _checkpoint_age(audit))
+        metrics.add_check("audit", _AuditWritable(audit))
+    dns: DnsServer | None = None
+    stoppage: StopPageServer | None = None
+    for part in parts:
+        if isinstance(part, DnsServer):
+            dns = part
+        elif isinstance(part, StopPageServer):
+            stoppage = part
+    latency: dict[str, LatencyHistogram] = {}
+    if dns is not None:
+        server = dns
+        metrics.add("dns", server.stats.copy)
+        metrics.add("dns_relay", server.relay_counts)
+        metrics.add_families(lambda: _upstreams(server))
+        metrics.add_check("upstream", server.upstream_answering)
+        latency["dns"] = server.latency
+    if stoppage is not None:
+        metrics.add("stoppage", stoppage.stats.copy)
+        latency["stoppage"] = stoppage.latency
+    if dns is not None or stoppage is not None:
+        metrics.add_families(lambda: _requests(dns, stoppage))
+        metrics.add_families(lambda: _latency(latency))
+    if tiles is not None:
+        metrics.add("tiles", tiles.stats.copy)
+    return metrics
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+_TEXT: list[tuple[str, str]] = [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Cache-Control", "no-store")]
+
+
 class MetricsServer(ReadOnlyServer):
-    """`/metrics` and `/health` over HTTP (call serve_forever in a thread of its own)."""
+    """`/metrics`, `/healthz` and `/readyz` over HTTP (call serve_forever in a thread of
+    its own). /healthz: the process answers. /readyz: 200 when every readiness check
+    passes, else 503 naming the ones that fail (for load balancers)."""
 
     name = "metrics"
 
-    def __init__(self, metrics: NodeMetrics, host: str, port: int) -> None:
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, **limits: Any) -> None:
         self.metrics = metrics
-        super().__init__(host, port)
+        super().__init__(host, port, **limits)
 
     def resource(self, path: str) -> Resource | None:
         if path == "/metrics":
             return self.metrics.render(), [("Content-Type", CONTENT_TYPE_LATEST),
                                            ("Cache-Control", "no-store")]
-        if path == "/health":
-            return b"ok\n", [("Content-Type", "text/plain; charset=utf-8"),
-                             ("Cache-Control", "no-store")]
+        if path == "/healthz":
+            return b"ok\n", list(_TEXT)
         return None
+
+    def resource_status(self, path: str) -> tuple[int, bytes, list[tuple[str, str]]] | None:
+        if path == "/readyz":
+            failing = self.metrics.not_ready()
+            if failing:
+                return 503, f"not ready: {', '.join(failing)}\n".encode(), list(_TEXT)
+            return 200, b"ready\n", list(_TEXT)
+        return super().resource_status(path)

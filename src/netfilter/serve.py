@@ -20,7 +20,7 @@ from netfilter.audit.tileserver import TileServer
 from netfilter.config import Settings, parse_hostport
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError
-from netfilter.metrics import MetricsServer, NodeMetrics
+from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
 
 __all__ = ["PARTS", "serve"]
@@ -52,24 +52,10 @@ def _serve_tiles(settings: Settings) -> TileServer | None:
 
 def _serve_metrics(settings: Settings, engine: Engine, parts: list[object],
                    tiles: TileServer | None) -> MetricsServer | None:
-    """The parts' counters for Prometheus on `metrics.listen`, and /health."""
+    """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz."""
     if settings.metrics is None:
         return None
-    from netfilter.dns.server import DnsServer
-    from netfilter.stoppage.server import StopPageServer
-
-    metrics = NodeMetrics()
-    metrics.add("engine", engine.stats, gauges=frozenset({"blocks_pending", "windows_open"}))
-    audit_stats = getattr(engine.sink, "stats", None)
-    if audit_stats is not None:  # the audit log: appended, shed, queued, failures
-        metrics.add("audit", audit_stats, gauges=frozenset({"queued"}))
-    for part in parts:
-        if isinstance(part, DnsServer):
-            metrics.add("dns", part.counts)
-        elif isinstance(part, StopPageServer):
-            metrics.add("stoppage", part.stats.copy)
-    if tiles is not None:
-        metrics.add("tiles", tiles.stats.copy)
+    metrics = for_node(engine, parts, tiles)
     listen = settings.metrics.listen
     host, port = parse_hostport(listen, any_port=True)
     try:
@@ -77,7 +63,7 @@ def _serve_metrics(settings: Settings, engine: Engine, parts: list[object],
     except OSError as e:
         raise _listen_error("metrics", listen, e) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics: serving /metrics and /health on %s port %d", host,
+    log.info("metrics: serving /metrics, /healthz and /readyz on %s port %d", host,
              server.server_address[1])
     return server
 

@@ -115,6 +115,9 @@ class AuditLog:
         self._shed_last_line = 0.0
         self.append_failures = 0  # failed append transactions, retried (a metric)
         self.appended = 0
+        # time.time() when this process last found the stored tree covered by a signed
+        # checkpoint (signed here or by another writer, or empty); 0.0: not yet (a metric)
+        self.last_checkpoint_time = 0.0
         self._keys: dict[str, bytes] = {}
         self._closed = False
         self.tiles = tiles
@@ -299,9 +302,11 @@ class AuditLog:
     def _checkpoint(self) -> StoredCheckpoint | None:
         size = self.store.size()
         if size == 0:
+            self.last_checkpoint_time = time.time()  # nothing to cover
             return None
         latest = self.store.latest_checkpoint()
         if latest is not None and latest.size == size:
+            self.last_checkpoint_time = time.time()
             return latest
         if latest is not None and latest.size < size:
             compact = frontier_range(latest.size, latest.frontier)
@@ -316,6 +321,7 @@ class AuditLog:
                                   datetime.now(UTC).isoformat(timespec="seconds"),
                                   frontier_bytes(compact))
         self.store.add_checkpoint(stored)
+        self.last_checkpoint_time = time.time()
         if self.tiles is not None:
             write_tiles(self.store, self.tiles, refresh=self._refresh_tiles)
             self._refresh_tiles = False

@@ -36,6 +36,7 @@ from netfilter.dns.udp import PythonListener, RelayListener, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
+from netfilter.metrics import LatencyHistogram
 from netfilter.slots import client_key
 
 __all__ = ["DnsServer"]
@@ -181,6 +182,11 @@ class DnsServer:
         self._listeners: list[PythonListener | RelayListener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.fault = FaultLog(self.stats)
+        # Time to answer, for queries decided in Python (blocked, or forwarded by the
+        # full path); the clean fast path (C relay, PythonListener) is not timed.
+        self.latency = LatencyHistogram()
+        self._upstream_seen = (0, 0)  # (answers, SERVFAILs) at the last readiness check
+        self._upstream_ok = True
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tcp_clients: set[asyncio.Task[None]] = set()
         self._tcp: set[_TcpConnection] = set()
@@ -237,6 +243,38 @@ class DnsServer:
             counts.update(listener.counts())
         return dict(counts)
 
+    def relay_counts(self) -> dict[str, int]:
+        """The C relays' own packet counters, summed over the listeners ({} without)."""
+        counts: Counter[str] = Counter()
+        for listener in self._listeners:
+            if isinstance(listener, RelayListener):
+                counts.update(listener.counts())
+        return dict(counts)
+
+    def upstream_counts(self) -> list[tuple[str, int, int]]:
+        """Per upstream ("host:port"): ICMP errors and attempts timed out. The C relay
+        talks to the first upstream only; its ICMP errors count there, and its
+        time-outs are the relay's `given_back`."""
+        pool = self.upstream
+        relay_errors = self.stats["upstream_errors"] - sum(pool.errors)
+        return [(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+                 pool.errors[i] + (relay_errors if i == 0 else 0), pool.timeouts[i])
+                for i, (host, port) in enumerate(pool.addresses)]
+
+    def upstream_answering(self) -> bool:
+        """For readiness: False once queries got SERVFAIL for want of an upstream
+        answer and no upstream has answered since; True while any answers (and before
+        any query was forwarded). Judged from counters at each call, nothing per query."""
+        answers = self.upstream.answered + self.relay_counts().get("answered", 0)
+        failed = self.stats["servfail"]
+        seen_answers, seen_failed = self._upstream_seen
+        if answers != seen_answers:
+            self._upstream_ok = True
+        elif failed != seen_failed:
+            self._upstream_ok = False
+        self._upstream_seen = (answers, failed)
+        return self._upstream_ok
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -246,6 +284,7 @@ class DnsServer:
     # ------------------------------------------------------------ per query
 
     def handle(self, data: bytes, client: str, respond: Respond, *, over_tcp: bool) -> None:
+        started = time.monotonic()
         stats = self.stats
         stats["queries"] += 1
         if len(data) < 12 or data[2] & 0x80:  # no readable header, or a response
@@ -277,6 +316,7 @@ class DnsServer:
                 stats["blocked"] += 1
                 respond(self._fit(block_answer(data, query, verdict, self.settings), query,
                                   over_tcp))
+                self.latency.observe(time.monotonic() - started)
                 return
             if self.settings.route_url_hosts_to_proxy and self._routed(query):
                 answer = route_answer(data, query, self.settings)
@@ -286,7 +326,7 @@ class DnsServer:
                     return
         stats["forwarded"] += 1
         self.upstream.forward(data, query.question_end, self._forwarded,
-                              (data, query, client, respond, over_tcp))
+                              (data, query, client, respond, over_tcp, started))
 
     def _routed(self, query: Query) -> bool:
         try:
@@ -318,7 +358,7 @@ class DnsServer:
         try:
             query = parse_query(data)
             self.upstream.forward(data, query.question_end, self._forwarded,
-                                  (data, query, client, respond, False), attempt=1)
+                                  (data, query, client, respond, False, 0.0), attempt=1)
         except Exception as error:
             self.failed("retry", error, data, respond, over_tcp=False)
 
@@ -341,12 +381,14 @@ class DnsServer:
             pass
 
     def _forwarded(self, answer: bytes | None,
-                   context: tuple[bytes, Query, str, Respond, bool]) -> None:
+                   context: tuple[bytes, Query, str, Respond, bool, float]) -> None:
+        data, query, client, respond, over_tcp, started = context
         try:
-            self.answered(answer, *context)
+            self.answered(answer, data, query, client, respond, over_tcp)
         except Exception as error:  # never into the upstream socket's callback
-            data, _, _, respond, over_tcp = context
             self.failed("answer", error, data, respond, over_tcp=over_tcp)
+        if started:  # 0.0: a retry of the fast path's query, whose start is not known
+            self.latency.observe(time.monotonic() - started)
 
     def answered(self, answer: bytes | None, data: bytes, query: Query, client: str,
                  respond: Respond, over_tcp: bool) -> None:

@@ -71,12 +71,14 @@ class _Socket(asyncio.DatagramProtocol):
             self.pool.stats["upstream_mismatch"] += 1  # late, spoofed or foreign: ignore
             return
         del self.pending[query_id]
+        self.pool.answered += 1
         item[DONE](item[CLIENT_ID] + data[2:], item[CONTEXT])
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable on a connected socket: the upstream is down. Every query
         # waiting on this socket moves on now instead of at its deadline.
         self.pool.stats["upstream_errors"] += 1
+        self.pool.errors[self.upstream] += 1
         pending, self.pending = self.pending, {}
         for item in pending.values():
             self.pool.retry(item)
@@ -95,6 +97,11 @@ class UpstreamPool:
         # Each attempt gets an equal share, leaving a sweep's margin for the SERVFAIL.
         self.attempt_timeout = max(0.05, (timeout - 2 * SWEEP_INTERVAL) / len(self.addresses))
         self.stats = stats
+        # For metrics and readiness: answers taken, and per upstream (by index) the
+        # ICMP errors and the attempts that timed out.
+        self.answered = 0
+        self.errors = [0] * len(self.addresses)
+        self.timeouts = [0] * len(self.addresses)
         self.sockets: list[list[_Socket]] = []
         self._ids = _fresh_ids()
         self._turn = 0
@@ -174,6 +181,7 @@ class UpstreamPool:
                     for key in expired:
                         item = sock.pending.pop(key)
                         self.stats["upstream_timeouts"] += 1
+                        self.timeouts[item[ATTEMPT]] += 1
                         self.retry(item)
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 from netfilter.canonical import InvalidURL
 from netfilter.config import StoppageSettings, parse_hostport
 from netfilter.engine import Action, Engine, Verdict
+from netfilter.metrics import LatencyHistogram
 from netfilter.slots import Slot, Slots, protocol_factory
 from netfilter.stoppage.render import REASON, Renderer, StopPage
 
@@ -216,6 +218,7 @@ class StopPageServer:
         self.renderer = renderer or Renderer(settings, base=engine.settings.base)
         self.write_timeout = write_timeout
         self.stats: Counter[str] = Counter()
+        self.latency = LatencyHistogram()  # a read request to its answer written
         self.slots = Slots(max_clients or settings.max_clients,
                            settings.max_clients_per_address,
                            read_timeout or settings.header_timeout,
@@ -290,6 +293,7 @@ class StopPageServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      client: str | None, slot: Slot) -> None:
         self.stats["connections"] += 1
+        started = 0.0  # set once a request is read: time-outs and refusals are not timed
         try:
             async with self.slots.reading(slot):
                 request = await read_request(reader)
@@ -303,6 +307,7 @@ class StopPageServer:
         else:
             if request is None:
                 return  # connected and left without a word
+            started = time.monotonic()
             try:
                 answer = self.answer(request, client)
             except _Refused as e:
@@ -311,6 +316,8 @@ class StopPageServer:
         writer.write(answer)
         async with asyncio.timeout(self.write_timeout):
             await writer.drain()
+        if started:
+            self.latency.observe(time.monotonic() - started)
         await self._linger(reader, writer)
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,217 @@
+"""Metrics and health: the labelled families over a real engine and audit log, and a real
+`netfilter serve dns` scraped over HTTP (/metrics, /healthz, /readyz)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from netfilter.audit.log import AuditLog
+from netfilter.config import load_config
+from netfilter.dns.udp import relay_available
+from netfilter.engine import Engine
+from netfilter.metrics import BUCKETS, LatencyHistogram, MetricsServer, for_node
+from netfilter.node import make_engine
+from tests.conftest import BuildBundle
+from tests.dns_support import (
+    DEMO_ALLOW,
+    HOST,
+    Netfilter,
+    Unbound,
+    free_port,
+    require_tools,
+    start_all,
+    udp,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample by name and labels, read with Prometheus' own parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture
+def engine(build: BuildBundle, authority: tuple[Path, Path], tmp_path: Path) -> Iterator[Engine]:
+    bundle = build(list_id="auth", version=3, expires=datetime.now(UTC) + timedelta(days=2))
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": {"id": "metrics-test", "key": str(tmp_path / "node.key")},
+        "lists": [{"path": str(bundle), "trust": [str(authority[1])], "action": "nxdomain"}],
+        "local": {"allow": str(DEMO_ALLOW)},
+        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none"},
+    }), encoding="utf-8")
+    engine = make_engine(load_config(config))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    histogram = LatencyHistogram()
+    for seconds in (0.0001, 0.0001, 0.003, 100.0):
+        histogram.observe(seconds)
+    buckets = dict(histogram.buckets())
+    assert buckets[str(BUCKETS[0])] == 2 and buckets["0.005"] == 3 and buckets["+Inf"] == 4
+    assert histogram.sum == pytest.approx(100.0032)
+
+
+def test_engine_and_audit_families(engine: Engine) -> None:
+    for _ in range(3):
+        assert engine.check_host("a.blocked.example", frontend="dns").blocked
+    assert engine.check_url("http://partly.example/dir/x", frontend="proxy").blocked
+    assert not engine.check_host("cleared.blocked.example", frontend="dns").blocked
+    assert not engine.check_host("clean.example", frontend="dns").blocked
+    assert engine.reload()
+    engine.flush()
+    audit = engine.sink
+    assert isinstance(audit, AuditLog)
+    audit.flush()
+    audit.checkpoint()
+
+    metrics = for_node(engine)
+    samples = parse(metrics.render().decode())
+    blocks = "netfilter_blocks_total"
+    assert value(samples, blocks, frontend="dns", list="auth", category="csam",
+                 action="nxdomain") == 3
+    assert value(samples, blocks, frontend="proxy", list="auth", category="csam",
+                 action="nxdomain") == 1
+    # the exception lifted a match: counted apart, never as a block
+    assert value(samples, "netfilter_exceptions_total", frontend="dns", list="auth",
+                 category="csam") == 1
+    assert sum(v for (name, _), v in samples.items() if name == blocks) == 4
+    assert not any("client" in dict(labels) or "name" in dict(labels)
+                   for _, labels in samples)  # never by client or name
+    assert value(samples, "netfilter_reloads_total", result="ok") == 1
+    assert value(samples, "netfilter_reloads_total", result="refused") == 0
+    assert value(samples, "netfilter_list_version", list="auth", source="authority") == 3
+    assert value(samples, "netfilter_list_entries", list="auth", source="authority") == 8
+    assert 0 <= value(samples, "netfilter_list_age_seconds", list="auth") < 600
+    expiry = value(samples, "netfilter_list_expiry_seconds", list="auth")
+    assert 2 * 86400 - 600 < expiry <= 2 * 86400
+    assert value(samples, "netfilter_audit_appended_total") >= 3  # list-loaded x2, blocks
+    assert value(samples, "netfilter_audit_queued") == 0
+    assert 0 <= value(samples, "netfilter_audit_last_checkpoint_age_seconds") < 60
+    assert metrics.not_ready() == []
+
+
+def test_refused_reload_is_counted(engine: Engine, tmp_path: Path) -> None:
+    path = Path(engine.settings.resolve(engine.settings.lists[0].path))
+    path.write_bytes(b"not a bundle")
+    assert not engine.reload()
+    samples = parse(for_node(engine).render().decode())
+    assert value(samples, "netfilter_reloads_total", result="refused") == 1
+    assert value(samples, "netfilter_list_version", list="auth", source="authority") == 3
+
+
+def test_health_endpoints(engine: Engine) -> None:
+    server = MetricsServer(for_node(engine), HOST, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://{HOST}:{server.server_address[1]}"
+    try:
+        assert get(f"{base}/healthz") == (200, "ok\n")
+        assert get(f"{base}/readyz") == (200, "ready\n")
+        status, text = get(f"{base}/metrics")
+        assert status == 200 and "netfilter_reloads_total" in text
+        assert get(f"{base}/health")[0] == 404  # renamed to /healthz
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def scrape(port: int) -> Samples:
+    status, text = get(f"http://{HOST}:{port}/metrics")
+    assert status == 200
+    return parse(text)
+
+
+def test_serve_dns_metrics(tmp_path: Path) -> None:
+    """A real node: blocked and clean queries move the counters by what was asked."""
+    require_tools("unbound")
+    upstream = Unbound(tmp_path)
+    node = Netfilter(tmp_path / "nf", upstreams=[upstream.address])
+    metrics_port = free_port()
+    node.config["metrics"] = {"listen": f"{HOST}:{metrics_port}"}
+    node.conf.write_text(yaml.safe_dump(node.config), encoding="utf-8")
+    start_all([upstream, node])
+    try:
+        assert get(f"http://{HOST}:{metrics_port}/healthz") == (200, "ok\n")
+        before = scrape(metrics_port)
+        for i in range(5):
+            answer = udp(dns.message.make_query(f"n{i}.blocked.example", "A"), node.port)
+            assert answer.rcode() == dns.rcode.NXDOMAIN
+        for _ in range(7):
+            answer = udp(dns.message.make_query("clean.example", "A"), node.port)
+            assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+        after = scrape(metrics_port)
+
+        def moved(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        assert moved("netfilter_requests_total", frontend="dns", verdict="block") == 5
+        assert moved("netfilter_requests_total", frontend="dns", verdict="allow") == 7
+        assert value(after, "netfilter_blocks_total", frontend="dns", list="demo",
+                     category="csam", action="nxdomain") == 5
+        # every query decided in Python is timed: the 5 blocks, the first clean one
+        assert moved("netfilter_request_duration_seconds_count", frontend="dns") >= 6
+        assert value(after, "netfilter_upstream_timeouts_total",
+                     upstream=upstream.address) == 0
+        assert value(after, "netfilter_upstream_errors_total", upstream=upstream.address) == 0
+        if relay_available():
+            assert value(after, "netfilter_dns_relay_relayed_total") >= 6
+        assert value(after, "netfilter_list_version", list="demo", source="authority") == 1
+        assert get(f"http://{HOST}:{metrics_port}/readyz") == (200, "ready\n")
+    finally:
+        node.stop()
+        upstream.stop()
+    assert "Traceback" not in node.log()
+
+
+def test_readyz_says_when_no_upstream_answers(tmp_path: Path) -> None:
+    dead = f"{HOST}:{free_port()}"  # nothing listens there
+    node = Netfilter(tmp_path / "nf", upstreams=[dead], timeout=0.5)
+    metrics_port = free_port()
+    node.config["metrics"] = {"listen": f"{HOST}:{metrics_port}"}
+    node.conf.write_text(yaml.safe_dump(node.config), encoding="utf-8")
+    node.start()
+    try:
+        ready = f"http://{HOST}:{metrics_port}/readyz"
+        assert get(ready) == (200, "ready\n")  # nothing forwarded yet: no evidence against
+        answer = udp(dns.message.make_query("clean.example", "A"), node.port, timeout=3.0)
+        assert answer.rcode() == dns.rcode.SERVFAIL
+        deadline = time.monotonic() + 5
+        while get(ready)[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert get(ready) == (503, "not ready: upstream\n")
+        samples = scrape(metrics_port)
+        assert (value(samples, "netfilter_upstream_errors_total", upstream=dead)
+                + value(samples, "netfilter_upstream_timeouts_total", upstream=dead)) >= 1
+    finally:
+        node.stop()

@@ -148,13 +148,19 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("parts", nargs="*", metavar="PART",
                      help="dns, proxy, stoppage: limit the start to these parts "
                           "(default: every configured one)")
-    srv.add_argument("--config", required=True)
+    srv.add_argument("--config", help="without it: the embedded demo on loopback "
+                     "(DNS :5353, proxy :8080, stop page :8081, metrics :9108)")
     return p
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from netfilter.serve import serve
 
+    if args.config is None:
+        from netfilter.demo import demo
+
+        run = demo()
+        return serve(run.settings, args.parts, config_path=run.config_path, ready=run.ready())
     return serve(load_config(args.config), args.parts, config_path=Path(args.config).resolve())
 
 

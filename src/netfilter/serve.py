@@ -103,7 +103,7 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
 
 
 async def _run(settings: Settings, parts: list[str], engine: Engine,
-               config_path: Path) -> None:
+               config_path: Path, ready: Callable[[], None] | None = None) -> None:
     from netfilter.dns.server import DnsServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
@@ -152,6 +152,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
                 raise _listen_error(name, where(), e) from None
         metrics = _serve_metrics(settings, engine, [s for _, _, s in servers], tiles)
         log.info("netfilter: serving %s", ", ".join(parts))
+        if ready is not None:
+            ready()
         await stop.wait()
     finally:
         for server in reversed(started):
@@ -163,8 +165,9 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,
-          config_path: Path | None = None) -> int:
-    """Run the parts; `config_path` is handed to the proxy child (mitmdump)."""
+          config_path: Path | None = None, ready: Callable[[], None] | None = None) -> int:
+    """Run the parts; `config_path` is handed to the proxy child (mitmdump); `ready` is
+    called once every part listens (the demo prints what to try then)."""
     chosen = _selected(settings, parts)
     engine = make_engine(settings)
     runner = asyncio.run
@@ -173,7 +176,7 @@ def serve(settings: Settings, parts: Sequence[str] = (), *,
 
         runner = uvloop.run
     try:
-        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml")))
+        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml"), ready))
     finally:
         engine.close()  # passes on aggregated counts, commits, signs a last checkpoint
     return 0

@@ -17,15 +17,11 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/netfilter/*.c src
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
-## demo: set up, then check sample URLs against the bundled, signed demo list
+## demo: set up, then run the embedded demo in the foreground until Ctrl-C: the bundled
+## demo list, DNS on 127.0.0.1:5353, proxy :8080, stop page :8081, metrics :9108, state
+## in var/; it prints what to try
 demo: $(STAMP)
-	$(BIN)/netfilter check --config netfilter.demo.yaml --explain \
-	  http://sub.blocked.example/any/page \
-	  http://partly.example/dir/page.html \
-	  http://partly.example/elsewhere.html \
-	  http://cleared.blocked.example/ \
-	  http://gambling.example/ \
-	  https://www.clean.example/
+	$(BIN)/netfilter serve
 
 ## test: set up (Python packages, and Debian packages as root), lint, type-check, test
 test: $(STAMP) sysdeps lint typecheck unit

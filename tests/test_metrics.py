@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
+import os
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from netfilter.dns.udp import relay_available
 from netfilter.engine import Engine
 from netfilter.metrics import BUCKETS, LatencyHistogram, MetricsServer, for_node
 from netfilter.node import make_engine
+from netfilter.stoppage.server import StopPageServer
 from tests.conftest import BuildBundle
 from tests.dns_support import (
     DEMO_ALLOW,
@@ -56,17 +62,23 @@ def get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@pytest.fixture
-def engine(build: BuildBundle, authority: tuple[Path, Path], tmp_path: Path) -> Iterator[Engine]:
+def make(build: BuildBundle, authority: tuple[Path, Path], directory: Path,
+         audit: Path) -> Engine:
     bundle = build(list_id="auth", version=3, expires=datetime.now(UTC) + timedelta(days=2))
-    config = tmp_path / "netfilter.yaml"
+    config = directory / "netfilter.yaml"
     config.write_text(yaml.safe_dump({
-        "node": {"id": "metrics-test", "key": str(tmp_path / "node.key")},
+        "node": {"id": "metrics-test", "key": str(directory / "node.key")},
         "lists": [{"path": str(bundle), "trust": [str(authority[1])], "action": "nxdomain"}],
         "local": {"allow": str(DEMO_ALLOW)},
-        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none"},
+        "audit": {"path": str(audit), "client": "full", "aggregate_window": 0},
+        "stoppage": {"listen": f"{HOST}:0"},
     }), encoding="utf-8")
-    engine = make_engine(load_config(config))
+    return make_engine(load_config(config))
+
+
+@pytest.fixture
+def engine(build: BuildBundle, authority: tuple[Path, Path], tmp_path: Path) -> Iterator[Engine]:
+    engine = make(build, authority, tmp_path, tmp_path / "audit.sqlite")
     try:
         yield engine
     finally:
@@ -144,6 +156,94 @@ def test_health_endpoints(engine: Engine) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_stop_page_requests_and_latency(engine: Engine) -> None:
+    settings = engine.settings.stoppage
+    assert settings is not None
+
+    def ask(port: int, host: str) -> int:
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            conn.request("GET", "/", headers={"Host": host})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    async def main() -> Samples:
+        server = StopPageServer(engine, settings)
+        await server.start()
+        try:
+            assert await asyncio.to_thread(ask, server.port, "blocked.example") == 451
+            await asyncio.to_thread(ask, server.port, "clean.example")  # the generic page
+            return parse(for_node(engine, [server]).render().decode())
+        finally:
+            await server.stop()
+
+    samples = asyncio.run(main())
+    assert value(samples, "netfilter_requests_total", frontend="stoppage", verdict="block") == 1
+    assert value(samples, "netfilter_requests_total", frontend="stoppage", verdict="allow") == 1
+    assert value(samples, "netfilter_request_duration_seconds_count", frontend="stoppage") == 2
+    assert value(samples, "netfilter_blocks_total", frontend="stoppage", list="auth",
+                 category="csam", action="nxdomain") == 1
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs for the audit store, to be filled up (needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
+                           str(disk)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_readiness_follows_the_audit_log(build: BuildBundle, authority: tuple[Path, Path],
+                                         tmp_path: Path, tiny_disk: Path) -> None:
+    """A full disk: not ready ("audit") while appends fail, ready again once one lands."""
+    engine = make(build, authority, tmp_path, tiny_disk / "audit.sqlite")
+    audit = engine.sink
+    assert isinstance(audit, AuditLog)
+    metrics = for_node(engine)
+    filler = tiny_disk / "filler"
+    try:
+        audit.flush()
+        assert metrics.not_ready() == []
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        client = 0
+        deadline = time.monotonic() + 20
+        while not audit.append_failures and time.monotonic() < deadline:
+            client += 1  # distinct clients: every block its own event
+            engine.check_host("blocked.example", client=f"192.0.2.{client % 250}")
+            time.sleep(0.05)
+        assert audit.append_failures
+        assert metrics.not_ready() == ["audit"]
+        filler.unlink()
+        appended = audit.appended
+        assert wait_until(lambda: audit.appended > appended, 10)
+        assert metrics.not_ready() == []
+    finally:
+        filler.unlink(missing_ok=True)
+        engine.close()
+
+
+def wait_until(predicate: Callable[[], bool], bound: float) -> bool:
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def scrape(port: int) -> Samples:

@@ -203,6 +203,23 @@ def test_upstreams_from_resolv_conf_never_the_demo_itself(
     assert demo_module._upstreams(["0.0.0.0:53"])[0] == ["127.0.0.1:5353", "[::1]:5300"]
 
 
+def test_instructions_name_only_what_runs(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without mitmproxy the proxy's line says so; `serve dns` shows no proxy line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(demo_module.UPSTREAM_ENV, "127.0.0.1:5300")
+    built = demo_module.demo()
+    assert built.config_path == tmp_path / "var" / "demo.yaml"
+    no_proxy = demo_module.Demo(built.settings.model_copy(update={"proxy": None}),
+                                built.config_path, built.upstreams, built.upstream_source)
+    text = no_proxy.instructions()
+    assert "mitmproxy is not installed" in text and "curl -i -x" not in text
+    assert "127.0.0.1:5300" in text and "no usable upstream" not in text
+    dns_only = built.instructions(["dns"])
+    assert "dig @127.0.0.1 -p 5353 blocked.example" in dns_only
+    assert "curl -i -x" not in dns_only and "mitmproxy" not in dns_only
+
+
 def test_shipped_demo_data_is_the_authority_side_demo() -> None:
     """demo_data/ is a copy of lists/demo/ (what pip installs); they must not drift."""
     shipped = sorted(p.name for p in demo_module.DATA.iterdir())

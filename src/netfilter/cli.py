@@ -159,8 +159,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.config is None:
         from netfilter.demo import demo
 
-        run = demo()
-        return serve(run.settings, args.parts, config_path=run.config_path, ready=run.ready())
+        run = demo(args.parts)
+        return serve(run.settings, args.parts, config_path=run.config_path,
+                     ready=run.ready(args.parts))
     return serve(load_config(args.config), args.parts, config_path=Path(args.config).resolve())
 
 

@@ -17,7 +17,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +122,10 @@ class Demo:
     upstreams: list[str]  # usable ones; empty: clean names get SERVFAIL
     upstream_source: str
 
-    def instructions(self) -> str:
-        """What to try, once every part listens: each line a command that works."""
+    def instructions(self, parts: Sequence[str] = ()) -> str:
+        """What to try, once the `parts` (default: all) listen: each line a command
+        that works."""
+        running = set(parts) or {"dns", "proxy", "stoppage"}
         dns_host, dns_port = parse_hostport(DNS_LISTEN)
         dig = f"dig @{dns_host} -p {dns_port}"
         if self.upstreams:
@@ -133,13 +135,14 @@ class Demo:
         lines = [
             f"netfilter demo: serving the bundled demo list; state in {_shown(self.state)}/",
             "Try:",
-            f"  {dig} {BLOCKED_NAME}    # blocked: NXDOMAIN with an Extended DNS Error",
-            f"  {dig} {CLEAN_NAME}    # {clean}",
         ]
-        if self.settings.proxy is not None:
+        if "dns" in running:
+            lines += [f"  {dig} {BLOCKED_NAME}    # blocked: NXDOMAIN with an Extended DNS Error",
+                      f"  {dig} {CLEAN_NAME}    # {clean}"]
+        if "proxy" in running and self.settings.proxy is not None:
             lines.append(f"  curl -i -x http://{PROXY_LISTEN} {BLOCKED_URL}    "
                          "# blocked URL: 451 and the stop page")
-        else:
+        elif "proxy" in running:
             lines.append("  (no proxy: mitmproxy is not installed; pip install 'netfilter[proxy]')")
         audit = self.settings.audit
         assert audit is not None and self.settings.metrics is not None
@@ -151,7 +154,7 @@ class Demo:
             "    # the audit log",
             "Blocked names and URLs need no network. Ctrl-C stops the demo.",
         ]
-        if not self.upstreams:
+        if not self.upstreams and "dns" in running:
             lines.insert(1, f"netfilter demo: no usable upstream in {self.upstream_source}: "
                             f"clean names get SERVFAIL (set {UPSTREAM_ENV}=HOST:PORT)")
         return "\n".join(lines)
@@ -160,9 +163,9 @@ class Demo:
     def state(self) -> Path:
         return self.settings.base
 
-    def ready(self) -> Callable[[], None]:
+    def ready(self, parts: Sequence[str] = ()) -> Callable[[], None]:
         """The callback `serve()` calls once every part listens."""
-        return lambda: print(self.instructions(), flush=True)
+        return lambda: print(self.instructions(parts), flush=True)
 
 
 def _shown(path: Path) -> str:
@@ -182,12 +185,15 @@ def _netfilter() -> str:
     return shlex.quote(_shown(script)) if script.exists() else f"{sys.executable} -m netfilter.cli"
 
 
-def demo() -> Demo:
+def demo(parts: Sequence[str] = ()) -> Demo:
     """Build the demo's settings in the state directory and write their YAML copy."""
+    has_mitmproxy = importlib.util.find_spec("mitmproxy") is not None
+    if "proxy" in parts and not has_mitmproxy:
+        raise ConfigError("proxy", "mitmproxy is not installed (pip install 'netfilter[proxy]')")
     state = state_dir()
     upstreams, source = _upstreams([DNS_LISTEN])
     proxy = (ProxySettings(listen=PROXY_LISTEN, confdir=state / "mitmproxy")
-             if importlib.util.find_spec("mitmproxy") is not None else None)
+             if has_mitmproxy else None)
     settings = Settings(
         node=NodeSettings(id="demo-node", key=Path("node.key")),
         lists=[ListSettings(path=DATA / "demo.nfl", trust=[DATA / "demo.pub"],

@@ -1,5 +1,6 @@
 """The `netfilter` command. User mistakes end in one line on stderr and exit 1 (2 for usage,
-and for a part of `serve` that cannot listen)."""
+for a mistake `config check` finds, also when `serve` runs its checks first, and for a
+part of `serve` that cannot listen)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from netfilter import __version__
 from netfilter.canonical import InvalidURL, canonicalize
 from netfilter.config import load_config
+from netfilter.configcheck import check_config
 from netfilter.digest import read_hmac_key
 from netfilter.errors import ListenError, NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
@@ -144,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
                              help="file mode, 0644 or narrower (default 0644: an export is "
                                   "meant to be handed over; it holds no pseudonym keys)")
 
+    cfg = sub.add_parser("config", help="check a configuration file")
+    csub = cfg.add_subparsers(dest="config_cmd", required=True)
+    ccheck = csub.add_parser("check", help="parse and validate only: keys, referenced "
+                             "files, key permissions, lists, free listen addresses")
+    ccheck.add_argument("file", metavar="FILE")
+
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
     srv.add_argument("parts", nargs="*", metavar="PART",
                      help="dns, proxy, stoppage: limit the start to these parts "
@@ -162,7 +170,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         run = demo(args.parts)
         return serve(run.settings, args.parts, config_path=run.config_path,
                      ready=run.ready(args.parts))
-    return serve(load_config(args.config), args.parts, config_path=Path(args.config).resolve())
+    try:  # the checks of `config check` first, so nothing starts half-way
+        settings = load_config(args.config)
+        check_config(settings, args.parts, listen=False)
+    except NetfilterError as e:
+        return _fail(e, 2)
+    return serve(settings, args.parts, config_path=Path(args.config).resolve())
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_config(args.file)
+        check_config(settings)
+    except NetfilterError as e:
+        return _fail(e, 2)
+    parts = [p for p in ("dns", "proxy", "stoppage", "audit", "metrics")
+             if getattr(settings, p) is not None]
+    print(f"OK {args.file}: {len(settings.lists)} list(s); "
+          f"sections: {', '.join(parts) or 'none'}")
+    return 0
+
+
+def _fail(error: NetfilterError, status: int) -> int:
+    """The one line a user mistake gets."""
+    print(f"netfilter: error: {error}", file=sys.stderr)
+    return status
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -289,12 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="netfilter: %(levelname)s: %(message)s")
     handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check,
-                "serve": _cmd_serve, "audit": _cmd_audit}
+                "serve": _cmd_serve, "audit": _cmd_audit, "config": _cmd_config}
     try:
         return handlers[args.command](args)
     except NetfilterError as e:
-        print(f"netfilter: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ListenError) else 1
+        return _fail(e, 2 if isinstance(e, ListenError) else 1)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -283,8 +283,10 @@ class AuditLog:
         latest = self.store.latest_checkpoint()
         size = self.store.size()
         if size and (latest is None or latest.size < size):
-            log.warning("audit: %d events are covered by no checkpoint (an unclean stop?); "
-                        "signing one now", size - (latest.size if latest else 0))
+            # after an unclean stop, or another writer of the node's just now: either way
+            # they are covered from here on
+            log.info("audit: signing a checkpoint over %d events no checkpoint covers yet",
+                     size - (latest.size if latest else 0))
             self.checkpoint()
 
     @staticmethod

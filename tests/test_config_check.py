@@ -93,6 +93,25 @@ def _missing_list(rig: Rig) -> tuple[Path, tuple[str, ...]]:
     return rig.write(), ("lists[0].path", "absent.nfl", "no such file")
 
 
+def _list_is_a_directory(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    (rig.dir / "lists.nfl").mkdir()
+    rig.data["lists"][0]["path"] = "lists.nfl"
+    return rig.write(), ("lists[0].path", "lists.nfl", "not a file")
+
+
+def _keyed_list_without_hmac_key(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    keyed = rig.build(name="keyed.nfl", hash_name="hmac-sha256", hmac_key=b"k" * 32)
+    rig.data["lists"][0]["path"] = str(keyed)
+    return rig.write(), ("lists[0].hmac_key", "keyed.nfl", "required")
+
+
+def _wrong_hmac_key(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    keyed = rig.build(name="keyed.nfl", hash_name="hmac-sha256", hmac_key=b"k" * 32)
+    (rig.dir / "other.key").write_bytes(b"o" * 32)
+    rig.data["lists"][0].update(path=str(keyed), hmac_key="other.key")
+    return rig.write(), ("lists[0].hmac_key", "other.key", "keyed.nfl")
+
+
 def _missing_trust_key(rig: Rig) -> tuple[Path, tuple[str, ...]]:
     rig.data["lists"][0]["trust"] = ["absent.pub"]
     return rig.write(), ("lists[0].trust[0]", "absent.pub", "no such file")
@@ -161,6 +180,9 @@ CASES: dict[str, Case] = {
     "config is a directory": _config_is_a_directory,
     "config not YAML": _not_yaml,
     "missing list": _missing_list,
+    "list is a directory": _list_is_a_directory,
+    "keyed list without hmac_key": _keyed_list_without_hmac_key,
+    "wrong hmac_key": _wrong_hmac_key,
     "missing trust key": _missing_trust_key,
     "trust key not a key": _trust_key_not_a_key,
     "list by an untrusted key": _untrusted_list,

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from netfilter.config import Settings, parse_hostport
-from netfilter.digest import read_hmac_key
+from netfilter.digest import hmac_key_id, read_hmac_key
 from netfilter.errors import BundleExpired, ConfigError, ListenError, NetfilterError
 from netfilter.keys import load_private_key, load_public_key
 from netfilter.listfile import open_bundle
@@ -134,9 +134,14 @@ def _check_lists(settings: Settings) -> None:
                               + ("required" if keyed else "for hmac-sha256 lists only"))
         if item.hmac_key is not None:
             try:
-                read_hmac_key(settings.resolve(item.hmac_key))
+                key = read_hmac_key(settings.resolve(item.hmac_key))
             except NetfilterError as e:
                 raise ConfigError(f"lists[{i}].hmac_key", f"{e.where}: {e.reason}") from e
+            if hmac_key_id(key) != bundle.manifest.hmac_key_id:
+                raise ConfigError(f"lists[{i}].hmac_key",
+                                  f"{settings.resolve(item.hmac_key)}: key id "
+                                  f"{hmac_key_id(key)} is not the one {path} is keyed with "
+                                  f"({bundle.manifest.hmac_key_id})")
     for name in ("block", "allow"):
         local = getattr(settings.local, name)
         if local is None:

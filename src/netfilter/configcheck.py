@@ -29,6 +29,7 @@ from netfilter.listsource import read_source
 __all__ = ["PROXY_EXTRA", "check_config"]
 
 PROXY_EXTRA = "pip install 'netfilter[proxy]'"
+PARTS = ("dns", "proxy", "stoppage")  # as in serve.py, which this must not import
 
 
 def check_config(settings: Settings, parts: Sequence[str] = (), *,
@@ -38,8 +39,7 @@ def check_config(settings: Settings, parts: Sequence[str] = (), *,
     `parts`: the parts that will run (default: every configured one); a part not
     configured is left to `serve`. `listen=False` leaves the addresses to `serve`,
     which opens each socket itself and stops what it started if one fails."""
-    chosen = [p for p in (parts or ("dns", "proxy", "stoppage"))
-              if getattr(settings, p, None) is not None]
+    chosen = [p for p in (parts or PARTS) if p in PARTS and getattr(settings, p) is not None]
     _check_files(settings)
     _check_node_key(settings)
     _check_lists(settings)

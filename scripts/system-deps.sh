@@ -13,6 +13,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # the transparent-proxy test
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # scrapes a node in a test
+command -v strace >/dev/null 2>&1 || need+=(strace)  # the systemd units' sandbox, traced
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies the units
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "system-deps: missing ${need[*]}; not root, so tests that need them will be skipped" >&2

@@ -22,6 +22,8 @@ from netfilter.errors import ListenError, NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
 from netfilter.listfile import build_bundle, open_bundle
 from netfilter.lists import Lists, ListSource, load_lists
+from netfilter.logsetup import ENV as LOG_ENV
+from netfilter.logsetup import FORMATS, chosen_format, setup
 
 __all__ = ["main"]
 
@@ -57,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netfilter", description=__doc__)
     p.add_argument("--version", action="version", version=f"netfilter {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--log-format", choices=FORMATS, default=None,
+                   help="text (default) or json: one JSON object per line, for log "
+                        f"collectors (default from {LOG_ENV}, else text)")
     sub = p.add_subparsers(dest="command", required=True)
 
     keys = sub.add_parser("keys", help="Ed25519 keys").add_subparsers(dest="keys_cmd",
@@ -175,7 +180,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         check_config(settings, args.parts, listen=False)
     except NetfilterError as e:
         return _fail(e, 2)
-    return serve(settings, args.parts, config_path=Path(args.config).resolve())
+    return serve(settings, args.parts, config_path=Path(args.config).resolve(),
+                 reread=True)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -318,8 +324,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbose = args.verbose or args.command == "serve"
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="netfilter: %(levelname)s: %(message)s")
+    setup(logging.INFO if verbose else logging.WARNING, chosen_format(args.log_format))
     handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check,
                 "serve": _cmd_serve, "audit": _cmd_audit, "config": _cmd_config}
     try:

@@ -109,7 +109,7 @@ class Engine:
             self._emit(Event("config-changed", self.node_id, action="record_targets=true",
                              detail="blocked URLs and names are recorded (audit.record_targets)"))
         self._reload_lock = threading.Lock()
-        self._state = self._load(installed={})
+        self._state = self._load({})
         # The host cache of the lists in force, for a resolver's fast path: a name
         # whose value here is None matches no entry, so it may be forwarded without a
         # call. Read-only for callers; replaced with the state on reload.
@@ -117,8 +117,8 @@ class Engine:
 
     # ------------------------------------------------------------ lists
 
-    def _sources(self) -> list[ListSource]:
-        s = self.settings
+    @staticmethod
+    def _sources(s: Settings) -> list[ListSource]:
         return [
             ListSource(
                 path=s.resolve(item.path),
@@ -129,11 +129,11 @@ class Engine:
             for item in s.lists
         ]
 
-    def _load(self, installed: dict[str, int]) -> _State:
-        s = self.settings
+    def _load(self, installed: dict[str, int], settings: Settings | None = None) -> _State:
+        s = settings or self.settings
         try:
             lists = load_lists(
-                self._sources(),
+                self._sources(s),
                 local_block=s.resolve(s.local.block) if s.local.block else None,
                 local_allow=s.resolve(s.local.allow) if s.local.allow else None,
                 installed=installed,
@@ -157,15 +157,24 @@ class Engine:
     def lists(self) -> Lists:
         return self._state.lists
 
-    def reload(self) -> bool:
-        """Load the configured lists again; on any failure keep the lists in force."""
+    def reload(self, settings: Settings | None = None, *, changed: str = "") -> bool:
+        """Load the configured lists again; on any failure keep the lists in force.
+
+        With `settings` (a config re-read on SIGHUP), the lists and local lists are
+        those of the new settings, which are kept only when they load; `changed` names
+        what changed, for the `config-changed` event recorded then. Node and audit
+        settings are read once, at start: pass the ones in force for those."""
         with self._reload_lock:
             try:
-                state = self._load(installed=self._state.lists.versions())
+                state = self._load(self._state.lists.versions(), settings)
             except NetfilterError as e:
                 self.reloads["refused"] += 1
                 log.error("list reload refused, previous lists stay in force: %s", e)
                 return False
+            if settings is not None and settings != self.settings:
+                self.settings = settings
+                self._emit(Event("config-changed", self.node_id, action="reload",
+                                 detail=f"config re-read: {changed or 'applied'}"[:500]))
             self._state = state
             self.host_cache = state.host_matches
             self.reloads["ok"] += 1

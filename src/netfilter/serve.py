@@ -1,8 +1,11 @@
 """`netfilter serve`: run the configured parts in one process until told to stop.
 
 SIGTERM/SIGINT stop it cleanly; SIGHUP reloads the lists (a refused bundle leaves the
-lists in force). uvloop is used when installed: the DNS front-end's throughput
-depends on it (plain asyncio measured ~4x slower on this kind of machine).
+lists in force) and, when started with --config, re-reads the config: one with an error
+is refused in one line and the config in force stays; of a good one, what can change
+live is applied (LIVE) and every other changed key keeps its value until a restart.
+uvloop is used when installed: the DNS front-end's throughput depends on it (plain
+asyncio measured ~4x slower on this kind of machine).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from netfilter.audit.tileserver import TileServer
-from netfilter.config import Settings, parse_hostport
+from netfilter.config import Settings, load_config, parse_hostport
+from netfilter.configcheck import check_config
 from netfilter.engine import Engine
-from netfilter.errors import ConfigError, ListenError
+from netfilter.errors import ConfigError, ListenError, NetfilterError
 from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
 
@@ -28,6 +35,18 @@ __all__ = ["PARTS", "serve"]
 log = logging.getLogger(__name__)
 PARTS = ("dns", "proxy", "stoppage")
 AVAILABLE = ("dns", "proxy", "stoppage")
+# What a re-read config may change in a running serve: the engine's lists, what the
+# DNS server reads per query for its answers, the stop page texts, and what the
+# mitmdump child takes from its own re-read. The rest (listen addresses, upstreams,
+# which parts run, node, audit, metrics) is read once at start.
+LIVE = frozenset({
+    "lists", "local",
+    "dns.ede", "dns.block_ttl", "dns.stoppage_ipv4", "dns.stoppage_ipv6",
+    "dns.proxy_ipv4", "dns.proxy_ipv6",
+    "proxy.intercept", "proxy.allowed_destinations",
+    "stoppage.default_language", "stoppage.operator", "stoppage.operator_url",
+    "stoppage.help_service", "stoppage.help_url", "stoppage.templates",
+})
 
 
 def _serve_tiles(settings: Settings) -> TileServer | None:
@@ -102,8 +121,62 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
     return chosen
 
 
+def merge_live(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """`new` with every key that cannot change live kept at its `old` value; and the
+    keys changed live, and those that need a restart (dotted, e.g. `dns.listen`)."""
+    update: dict[str, Any] = {}
+    live: list[str] = []
+    restart: list[str] = []
+    for name in Settings.model_fields:
+        was, now = getattr(old, name), getattr(new, name)
+        if name == "base" or was == now:
+            continue
+        if name in LIVE:
+            live.append(name)
+        elif isinstance(was, BaseModel) and isinstance(now, BaseModel):
+            keep: dict[str, Any] = {}
+            for key in type(was).model_fields:
+                if getattr(was, key) == getattr(now, key):
+                    continue
+                if f"{name}.{key}" in LIVE:
+                    live.append(f"{name}.{key}")
+                else:
+                    restart.append(f"{name}.{key}")
+                    keep[key] = getattr(was, key)
+            update[name] = now.model_copy(update=keep)
+        else:  # a section added or removed: which parts run
+            restart.append(name)
+            update[name] = was
+    return new.model_copy(update=update), live, restart
+
+
+def reread(path: Path, current: Settings, engine: Engine,
+           parts: Sequence[str]) -> Settings | None:
+    """Load, check (as `config check`, addresses aside) and apply `path` to the engine.
+
+    Runs off the event loop (bundles verify). Returns the settings now in force, or
+    None when nothing changed because the config or its lists were refused."""
+    try:
+        new = load_config(path)
+        check_config(new, parts, listen=False)
+    except NetfilterError as e:
+        engine.reloads["refused"] += 1
+        log.error("config reload refused, the config in force stays: %s", e)
+        return None
+    applied, live, restart = merge_live(current, new)
+    for key in restart:
+        log.warning("config reload: %s changed; a restart is needed for it, the old value "
+                    "stays", key)
+    if not engine.reload(applied, changed=", ".join(live)):
+        return None
+    if live:
+        log.info("config reload: applied %s", ", ".join(live))
+    return applied
+
+
 async def _run(settings: Settings, parts: list[str], engine: Engine,
-               config_path: Path, ready: Callable[[], None] | None = None) -> None:
+               config_path: Path, ready: Callable[[], None] | None = None,
+               reread_config: bool = False) -> None:
     from netfilter.dns.server import DnsServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
@@ -116,11 +189,41 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
     # each part with its name and where it listens (for a one-line error if it cannot)
     servers: list[tuple[str, Callable[[], str], DnsServer | StopPageServer | ProxyProcess]] = []
 
-    def reload() -> None:
-        loop.run_in_executor(None, engine.reload)
+    in_force = settings
+    reloading: asyncio.Future[Settings | None] | None = None
+
+    def apply(done: asyncio.Future[Settings | None]) -> None:
+        """On the loop: hand what changed live to the parts (or nothing, if refused)."""
+        nonlocal in_force
+        applied = None if done.cancelled() or done.exception() else done.result()
+        if done.exception() is not None:
+            log.error("reload failed: %s", done.exception())
+        if applied is None:
+            return  # refused: the proxy child keeps its config as well
         for _, _, server in servers:
-            if isinstance(server, ProxyProcess):
-                server.reload()  # the proxy's own engine, in the mitmdump child
+            if isinstance(server, DnsServer) and applied.dns is not None:
+                server.settings = applied.dns  # block answers read it per query
+            elif isinstance(server, StopPageServer) and applied.stoppage is not None:
+                if applied.stoppage != in_force.stoppage:
+                    server.renderer = Renderer(applied.stoppage, base=applied.base)
+                    server.settings = applied.stoppage
+            elif isinstance(server, ProxyProcess):
+                server.reload()  # the mitmdump child re-reads the config itself
+        in_force = applied
+
+    def lists_only() -> Settings | None:
+        return in_force if engine.reload() else None
+
+    def reload() -> None:
+        nonlocal reloading
+        if reloading is not None and not reloading.done():
+            log.info("a reload is already running; this SIGHUP is not repeated")
+            return
+        task: Callable[[], Settings | None] = lists_only
+        if reread_config:
+            task = lambda: reread(config_path, in_force, engine, parts)  # noqa: E731
+        reloading = loop.run_in_executor(None, task)
+        reloading.add_done_callback(apply)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     if settings.dns is not None and "dns" in parts:
@@ -165,9 +268,11 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,
-          config_path: Path | None = None, ready: Callable[[], None] | None = None) -> int:
+          config_path: Path | None = None, ready: Callable[[], None] | None = None,
+          reread: bool = False) -> int:
     """Run the parts; `config_path` is handed to the proxy child (mitmdump); `ready` is
-    called once every part listens (the demo prints what to try then)."""
+    called once every part listens (the demo prints what to try then); `reread`: SIGHUP
+    re-reads `config_path` (the operator's file, not the demo's)."""
     chosen = _selected(settings, parts)
     engine = make_engine(settings)
     runner = asyncio.run
@@ -176,7 +281,8 @@ def serve(settings: Settings, parts: Sequence[str] = (), *,
 
         runner = uvloop.run
     try:
-        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml"), ready))
+        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml"), ready,
+                    reread and config_path is not None))
     finally:
         engine.close()  # passes on aggregated counts, commits, signs a last checkpoint
     return 0

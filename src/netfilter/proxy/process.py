@@ -20,7 +20,17 @@ __all__ = ["ProxyProcess"]
 
 log = logging.getLogger(__name__)
 START_BOUND = 30.0
-_LAUNCH = "from mitmproxy.tools.main import mitmdump; mitmdump()"
+# mitmdump's terminal log formats with mitmproxy.log.MitmFormatter; under
+# `netfilter --log-format json` (NETFILTER_LOG_FORMAT, inherited) the child's lines
+# are JSON too, so a log collector reads one format from every process.
+_LAUNCH = """import os
+if os.environ.get("NETFILTER_LOG_FORMAT") == "json":
+    import mitmproxy.log
+    from netfilter.logsetup import JsonFormatter
+    mitmproxy.log.MitmFormatter = lambda *args, **kwargs: JsonFormatter()
+from mitmproxy.tools.main import mitmdump
+mitmdump()
+"""
 
 
 class ProxyProcess:

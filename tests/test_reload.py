@@ -5,6 +5,7 @@ config in force stays, in the server and in its mitmdump child alike."""
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import os
 import signal
@@ -114,17 +115,17 @@ def test_sighup_applies_a_new_config_and_refuses_a_bad_one(unbound: Unbound,
 
 
 class Serve(ChildProcess):
-    """`netfilter serve proxy --config FILE`: the server and its mitmdump child."""
+    """`netfilter serve PART --config FILE` (for the proxy: with its mitmdump child)."""
 
-    name = "netfilter serve proxy"
+    name = "netfilter serve"
     stop_bound = 20.0
 
-    def __init__(self, directory: Path, config: Path) -> None:
+    def __init__(self, directory: Path, config: Path, part: str = "proxy") -> None:
         self.log_path = directory / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["PYTHONUNBUFFERED"] = "1"
-        self.popen([sys.executable, "-m", "netfilter.cli", "serve", "proxy", "--config",
+        self.popen([sys.executable, "-m", "netfilter.cli", "serve", part, "--config",
                     str(config)], env=env)
 
     def child(self) -> int:
@@ -134,6 +135,42 @@ class Serve(ChildProcess):
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         assert len(children) == 1, children
         return int(children[0])
+
+
+def _stop_page(port: int) -> tuple[int, str]:
+    connection = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        connection.request("GET", "/", headers={"Host": "sub.blocked.example"})
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def test_stop_page_texts_change_live(tmp_path: Path) -> None:
+    port = free_port()
+    config: dict[str, Any] = {
+        "node": {"id": "reload-test", "key": str(tmp_path / "node.key")},
+        "lists": [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)]}],
+        "stoppage": {"listen": f"{HOST}:{port}", "operator": "Old Operator IT"},
+    }
+    path = tmp_path / "netfilter.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    serve = Serve(tmp_path, path, "stoppage")
+    try:
+        serve.wait_until(lambda: "serving stoppage" in serve.log(), pause=0.1)
+        status, body = _stop_page(port)
+        assert status == 451 and "Old Operator IT" in body
+        path.write_text(yaml.safe_dump({**config, "stoppage": {
+            **config["stoppage"], "operator": "New Operator IT", "max_clients": 64}}),
+            encoding="utf-8")
+        _hup(serve, "config reload: applied stoppage.operator", 1)
+        assert "stoppage.max_clients changed; a restart is needed" in serve.log()
+        status, body = _stop_page(port)
+        assert status == 451 and "New Operator IT" in body and "Old Operator" not in body
+    finally:
+        serve.stop()
+    assert "Traceback" not in serve.log(), serve.log()
 
 
 def _curl(port: int, url: str) -> str:

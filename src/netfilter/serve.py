@@ -164,11 +164,11 @@ def reread(path: Path, current: Settings, engine: Engine,
         log.error("config reload refused, the config in force stays: %s", e)
         return None
     applied, live, restart = merge_live(current, new)
+    if not engine.reload(applied, changed=", ".join(live)):
+        return None  # the engine said why in one line
     for key in restart:
         log.warning("config reload: %s changed; a restart is needed for it, the old value "
                     "stays", key)
-    if not engine.reload(applied, changed=", ".join(live)):
-        return None
     if live:
         log.info("config reload: applied %s", ", ".join(live))
     return applied
@@ -191,15 +191,24 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
 
     in_force = settings
     reloading: asyncio.Future[Settings | None] | None = None
+    again = False  # a SIGHUP came during a reload: the file may have changed since
 
     def apply(done: asyncio.Future[Settings | None]) -> None:
         """On the loop: hand what changed live to the parts (or nothing, if refused)."""
-        nonlocal in_force
-        applied = None if done.cancelled() or done.exception() else done.result()
+        nonlocal in_force, again
+        if done.cancelled():
+            return
         if done.exception() is not None:
             log.error("reload failed: %s", done.exception())
-        if applied is None:
-            return  # refused: the proxy child keeps its config as well
+        applied = None if done.exception() is not None else done.result()
+        if applied is not None:  # refused: the proxy child keeps its config too
+            hand_over(applied)
+            in_force = applied
+        if again:
+            again = False
+            reload()
+
+    def hand_over(applied: Settings) -> None:
         for _, _, server in servers:
             if isinstance(server, DnsServer) and applied.dns is not None:
                 server.settings = applied.dns  # block answers read it per query
@@ -209,15 +218,14 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
                     server.settings = applied.stoppage
             elif isinstance(server, ProxyProcess):
                 server.reload()  # the mitmdump child re-reads the config itself
-        in_force = applied
 
     def lists_only() -> Settings | None:
         return in_force if engine.reload() else None
 
     def reload() -> None:
-        nonlocal reloading
+        nonlocal reloading, again
         if reloading is not None and not reloading.done():
-            log.info("a reload is already running; this SIGHUP is not repeated")
+            again = True
             return
         task: Callable[[], Settings | None] = lists_only
         if reread_config:

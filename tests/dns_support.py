@@ -256,6 +256,12 @@ class Netfilter(_Process):
     def environment(self) -> dict[str, str] | None:
         return {**os.environ, **self.env} if self.env else None
 
+    def wait_ready(self) -> None:
+        """It answers on its first address, and has said it serves on every one (the
+        first may answer while the others, [::1] say, are still being opened)."""
+        super().wait_ready()
+        self.wait_until(lambda: "netfilter: serving" in self.log())
+
     def probe_message(self) -> dns.message.Message:
         # A STATUS query is answered NOTIMP locally: no upstream, no event.
         message = dns.message.make_query("probe.invalid", "A")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,17 @@ def test_serve_proxy_child_logs_json_too(tmp_path: Path) -> None:
     records = _records(serve.log())
     assert any("entries in force" in r["message"] for r in records)  # the child's line
     assert any(r["logger"] == "netfilter.serve" for r in records)
+
+
+def test_a_refused_start_is_one_json_line(tmp_path: Path) -> None:
+    config = tmp_path / "netfilter.yaml"
+    config.write_text("dns:\n  listen: [127.0.0.1:0]\n  bogus: 1\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "netfilter.cli", "--log-format", "json",
+                           "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    (record,) = _records(done.stderr)
+    assert record["level"] == "ERROR" and "dns.bogus: unknown key" in record["message"]
 
 
 def test_json_formatter_keeps_a_record_on_one_line() -> None:

@@ -198,8 +198,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _fail(error: NetfilterError, status: int) -> int:
-    """The one line a user mistake gets."""
-    print(f"netfilter: error: {error}", file=sys.stderr)
+    """The one line a user mistake gets (a JSON record under --log-format json)."""
+    if chosen_format() == "json":
+        logging.getLogger("netfilter.cli").error("%s", error)
+    else:
+        print(f"netfilter: error: {error}", file=sys.stderr)
     return status
 
 

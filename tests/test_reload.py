@@ -219,3 +219,23 @@ def test_a_bad_config_leaves_the_proxy_answering(tmp_path: Path) -> None:
     finally:
         serve.stop()
     assert "Traceback" not in serve.log(), serve.log()
+
+
+def test_the_proxy_keeps_its_node_and_audit_log_over_a_reload(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The mitmdump child re-reads the whole file on SIGHUP; like serve, it keeps the
+    node and audit settings it started with (a restart changes those)."""
+    pytest.importorskip("mitmproxy")
+    from netfilter.config import load_config
+    from netfilter.proxy.addon import _keep_restart_only
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("node: {id: a.example}\naudit: {path: var/a.sqlite}\n"
+                     "proxy: {intercept: none}\n", encoding="utf-8")
+    second.write_text("node: {id: b.example}\naudit: {path: var/b.sqlite}\n"
+                      "proxy: {intercept: all}\n", encoding="utf-8")
+    kept = _keep_restart_only(load_config(first), load_config(second))
+    assert kept.node.id == "a.example" and kept.audit is not None
+    assert kept.audit.path == Path("var/a.sqlite")
+    assert kept.proxy is not None and kept.proxy.intercept == "all"  # live keys apply
+    assert sum("a restart is needed" in r.getMessage() for r in caplog.records) == 2

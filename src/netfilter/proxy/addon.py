@@ -177,6 +177,17 @@ def build_runtime(path: str, settings: Settings | None = None) -> Runtime:
                    file_stamps(path, settings))
 
 
+def _keep_restart_only(current: Settings, new: Settings) -> Settings:
+    """The node and its audit log change only with a restart, as in `netfilter serve`:
+    a reload keeps those in force (one log line each), so the proxy never writes to
+    another log than the process that started it."""
+    for key in ("node", "audit"):
+        if getattr(new, key) != getattr(current, key):
+            log.warning("netfilter: config reload: %s changed; a restart is needed for it, "
+                        "the old value stays", key)
+    return new.model_copy(update={"node": current.node, "audit": current.audit})
+
+
 def _client_ip(client: connection.Client) -> str | None:
     peer = client.peername
     return str(peer[0]) if peer else None
@@ -486,6 +497,8 @@ class NetfilterAddon:
             return current
         try:
             settings = load_config(path)
+            if current is not None:
+                settings = _keep_restart_only(current.settings, settings)
             if current is not None and current.path == path and current.settings == settings:
                 if current.engine.reload():
                     log.info("netfilter: lists reloaded (%d entries)",

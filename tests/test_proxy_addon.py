@@ -816,8 +816,12 @@ def test_reload_without_restart(tmp_path: Path) -> None:
         flow = request_flow("http://partly.example/dir/x")
         addon.requestheaders(flow)
         assert status(flow) == 451
-        # a changed config (not only the lists) builds a new engine
+        # the audit log changes only with a restart: the engine in force stays
         config.write_text(text.replace("client: truncated", "client: none"), encoding="utf-8")
+        addon.reload_lists()
+        assert addon.runtime is not None and addon.runtime.engine is engine
+        # a changed config (not only the lists) builds a new engine
+        config.write_text(text.replace("Test School IT", "Other School IT"), encoding="utf-8")
         addon.reload_lists()
         assert addon.runtime is not None and addon.runtime.engine is not engine
 

@@ -7,6 +7,11 @@ connected address, for a pending id, with the question that was sent. A query th
 gets no answer within its share of the timeout moves to the next upstream; when all
 have failed the caller is told (None) so the client gets SERVFAIL in time, never a hang.
 Truncated answers can be fetched again over TCP.
+
+Trouble is said in the log (`Trouble`): an upstream unreachable, one that does not answer
+in time, packets from it that answer no query in flight, and queries no upstream
+answered; each kind per upstream at once, then at most one line per interval with the
+count since. The upstream's address only, never a client's.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 SOCKETS_PER_UPSTREAM = 2
 SWEEP_INTERVAL = 0.05
 MAX_PENDING_PER_SOCKET = 30000  # of 65536 ids: keeps id collisions rare
+TROUBLE_LOG_INTERVAL = 10.0  # seconds between log lines about one kind of trouble
 # The caller's callback: the response (client id restored) or None, and its context.
 # A bound method and a tuple, not a closure per query: this runs for every packet.
 Done = Callable[[bytes | None, Any], None]
@@ -52,6 +59,40 @@ ATTEMPT: Final = 5
 DEADLINE: Final = 6
 
 
+class Trouble:
+    """Upstream trouble in the log, rate-limited: the first of a kind (per upstream) at
+    once, then at most one line per interval, counting what happened since the last
+    line. Nothing per query but a dict look-up and a clock read."""
+
+    def __init__(self, interval: float = TROUBLE_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def __call__(self, subject: str, what: str, count: int = 1) -> None:
+        key = (subject, what)
+        self._held[key] += count
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return
+        self._last[key] = now
+        log.warning("dns: %s %s (%d since the last report; reported at most every %g s)",
+                    subject, what, self._held.pop(key), self.interval)
+
+
+def _name(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"upstream [{host}]:{port}" if ":" in host else f"upstream {host}:{port}"
+
+
+_UNREACHABLE = "unreachable (ICMP error): its queries move to the next upstream or get SERVFAIL"
+_NOT_DNS = "sent a packet that is not a DNS response: ignored"
+_UNKNOWN_ID = "sent an answer whose id is of no query in flight (late, or a wrong id): ignored"
+_WRONG_QUESTION = "sent an answer whose question is not the one asked: ignored"
+_FAILED = "gave no answer: queries answered SERVFAIL"
+
+
 class _Socket(asyncio.DatagramProtocol):
     """One connected UDP socket to one upstream, with its pending queries by id."""
 
@@ -69,6 +110,9 @@ class _Socket(asyncio.DatagramProtocol):
         item = self.pending.get(query_id)
         if item is None or data[12 : 12 + len(item[QUESTION])] != item[QUESTION]:
             self.pool.stats["upstream_mismatch"] += 1  # late, spoofed or foreign: ignore
+            self.pool.trouble(self.pool.names[self.upstream],
+                              _NOT_DNS if len(data) < 12 or not data[2] & 0x80
+                              else _UNKNOWN_ID if item is None else _WRONG_QUESTION)
             return
         del self.pending[query_id]
         self.pool.answered += 1
@@ -79,6 +123,7 @@ class _Socket(asyncio.DatagramProtocol):
         # waiting on this socket moves on now instead of at its deadline.
         self.pool.stats["upstream_errors"] += 1
         self.pool.errors[self.upstream] += 1
+        self.pool.trouble(self.pool.names[self.upstream], _UNREACHABLE)
         pending, self.pending = self.pending, {}
         for item in pending.values():
             self.pool.retry(item)
@@ -93,6 +138,10 @@ class UpstreamPool:
     def __init__(self, upstreams: list[str], timeout: float,
                  stats: dict[str, int]) -> None:
         self.addresses = [parse_hostport(u, default_port=53) for u in upstreams]
+        self.names = [_name(a) for a in self.addresses]
+        self.trouble = Trouble()
+        self._all = ("upstreams " + ", ".join(n.split(" ", 1)[1] for n in self.names)
+                     if len(self.names) > 1 else self.names[0])
         self.timeout = timeout
         # Each attempt gets an equal share, leaving a sweep's margin for the SERVFAIL.
         self.attempt_timeout = max(0.05, (timeout - 2 * SWEEP_INTERVAL) / len(self.addresses))
@@ -164,6 +213,7 @@ class UpstreamPool:
                 return
             attempt += 1  # this upstream's socket is closed or full: the next one
         self.stats["upstream_failures"] += 1
+        self.trouble(self._all, _FAILED)
         done(None, context)
 
     async def _sweep(self) -> None:
@@ -178,6 +228,11 @@ class UpstreamPool:
                         if item[DEADLINE] > now:
                             break
                         expired.append(key)
+                    if expired:
+                        self.trouble(self.names[sock.upstream],
+                                     f"did not answer within {self.attempt_timeout:.2f} s: "
+                                     "its queries move to the next upstream or get SERVFAIL",
+                                     len(expired))
                     for key in expired:
                         item = sock.pending.pop(key)
                         self.stats["upstream_timeouts"] += 1

@@ -575,7 +575,7 @@ db.execute("ROLLBACK")
 
 def test_locked_audit_store_never_stops_answers(rig: Rig) -> None:
     service = rig.service
-    before = service.scrape()
+    before, mark = service.scrape(), service.mark()
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
                                str(service.directory / "audit.sqlite"), "4"],
                               stdout=subprocess.PIPE, text=True)
@@ -605,6 +605,9 @@ def test_locked_audit_store_never_stops_answers(rig: Rig) -> None:
     assert wait_for(lambda: value(service.scrape(), f"{audit}appended_total")
                     > value(during, f"{audit}appended_total"), 10)
     assert wait_for(lambda: any(e["type"] == "shed" for e in rig.events), 10)
+    shedding = [line for line in service.since(mark) if "events shed since" in line]
+    assert 1 <= len(shedding) <= 2, service.since(mark)  # loud, and rate-limited
+    assert not any(DNS_CLIENT in line or PROXY_CLIENT in line for line in service.since(mark))
     assert service.get("/healthz") == (200, "ok\n")
 
 

@@ -15,9 +15,7 @@ The audit store held locked by another process: every DNS and proxy block is ans
 and the audit counters say what the log could not take.
 
 Where the service falls short of this, the case is a strict xfail naming the bug: the
-proxy's origin faults move no metric and are not one rate-limited line; with uvloop the
-C relay stops relaying once its upstream was unreachable; a bundle refused by the
-config re-read leaves no list-refused event.
+proxy's origin faults move no metric and are not one rate-limited line.
 
 The audit log's other faults have tests of their own, not repeated here: the disk full
 (tests/test_audit_never_waited.py) and `kill -9` under load (tests/test_audit_crash_loss.py).
@@ -50,7 +48,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import netfilter.serve
-from netfilter.dns.udp import relay_available
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
 from tests.fault_support import FaultyOrigin, StubUpstream
@@ -497,11 +494,6 @@ def test_bad_bundle_on_reload_keeps_the_old_list(rig: Rig, kind: str) -> None:
     assert len(lines) == 1, service.since(mark)
 
 
-@pytest.mark.xfail(
-    REREADS_CONFIG, strict=True,
-    reason="bug: with SIGHUP re-reading the config, serve.reread refuses a bad bundle in "
-           "check_config before the engine loads it, so no list-refused event is recorded "
-           "(DESIGN: every list refusal is an audit event)")
 @pytest.mark.parametrize("kind", ["corrupt"])
 def test_a_refused_bundle_is_an_audit_event(rig: Rig, kind: str) -> None:
     service = rig.service
@@ -612,13 +604,12 @@ def test_locked_audit_store_never_stops_answers(rig: Rig) -> None:
 
 
 # ---------------------------------------------------------------- the upstream down
-# Last in the module: with uvloop, the C relay stops reading its upstream socket after
-# an ICMP error (see the xfail below), which the cases above must not inherit.
+# Last in the module: before the relay re-registered its reader, uvloop stopped reading
+# the upstream socket after an ICMP error, which the cases above must not inherit.
 
 
 def test_upstream_down(rig: Rig) -> None:
-    # names the C relay handles are left to the xfail below: they need not recover
-    survive(rig, DOWN, relay_recovers=not (HAS_UVLOOP and relay_available()))
+    survive(rig, DOWN, relay_recovers=True)
 
 
 def test_a_flood_of_failing_queries_costs_the_log_a_few_lines(rig: Rig) -> None:
@@ -635,12 +626,6 @@ def test_a_flood_of_failing_queries_costs_the_log_a_few_lines(rig: Rig) -> None:
     assert not any(DNS_CLIENT in line for line in lines), lines
 
 
-@pytest.mark.xfail(
-    HAS_UVLOOP and relay_available(), strict=True,
-    reason="bug: under uvloop an ICMP error on the C relay's upstream socket makes libuv "
-           "stop polling it (uv_poll reports the error and uvloop closes the reader); "
-           "every clean name the relay handles then gets SERVFAIL after the timeout, "
-           "until a restart, while /readyz says ready (dns/udp.py RelayListener)")
 def test_the_relay_recovers_after_the_upstream_was_down(rig: Rig) -> None:
     port = rig.service.dns_port
     assert [a.rcode for a in ask(port, [WARM, WARM])] == [dns.rcode.NOERROR] * 2

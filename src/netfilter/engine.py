@@ -246,6 +246,11 @@ class Engine:
                 log.error("event sink failed (%s: %s); %d failures in all", type(e).__name__,
                           str(e)[:200], self._sink_failures)
 
+    def record_refusal(self, reason: str) -> None:
+        """A list refused before it reached the engine (a config re-read checks the
+        bundles first): recorded as the engine's own refusals are."""
+        self._emit(Event("list-refused", self.node_id, detail=reason[:500]))
+
     def stats(self) -> dict[str, int]:
         """For metrics: events the sink refused, and the aggregation's counts."""
         out = {"sink_failures": self._sink_failures}

@@ -161,6 +161,8 @@ def reread(path: Path, current: Settings, engine: Engine,
         check_config(new, parts, listen=False)
     except NetfilterError as e:
         engine.reloads["refused"] += 1
+        if e.where.startswith(("lists[", "local.")):  # every list refusal is an event
+            engine.record_refusal(str(e))
         log.error("config reload refused, the config in force stays: %s", e)
         return None
     applied, live, restart = merge_live(current, new)

@@ -200,7 +200,16 @@ class RelayListener:
             self.server.answer_udp(answer, data, str(addr[0]), self._responder(addr))
         if refused:  # ICMP unreachable: the first upstream is down, move on now
             self.stats["upstream_errors"] += 1
+            self._rearm()
             self._retry(self.relay.expired(all=True))
+
+    def _rearm(self) -> None:
+        """Register the upstream socket's reader anew. uvloop closes a reader whose
+        socket reported an error (an ICMP unreachable): without this, the relay would
+        never read an answer again once the upstream had been down."""
+        fd = self.upstream.fileno()
+        self._loop.remove_reader(fd)
+        self._loop.add_reader(fd, self._from_upstream)
 
     def counts(self) -> dict[str, int]:
         counts = self.relay.counts()
@@ -208,8 +217,12 @@ class RelayListener:
         return counts
 
     def sweep(self) -> None:
-        """Hand the queries past their deadline to the pool's next upstreams."""
-        self._retry(self.relay.expired())
+        """Hand the queries past their deadline to the pool's next upstreams (and, as
+        they may have timed out for a reader uvloop closed, register it anew)."""
+        late = self.relay.expired()
+        if late:
+            self._rearm()
+        self._retry(late)
 
     def _retry(self, late: list[tuple[bytes, Address]]) -> None:
         for data, addr in late:

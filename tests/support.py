@@ -5,20 +5,24 @@ skipping when a Debian tool is missing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 __all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "ChildProcess", "connect_from",
-           "free_port", "listening", "read_events", "require_tools", "wait_for"]
+           "free_port", "hold_write_lock", "listening", "read_events", "require_tools",
+           "small_tmpfs", "wait_for"]
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +141,43 @@ class ChildProcess:
                 proc.kill()
                 proc.wait(self.stop_bound)
         return proc.returncode
+
+
+_HOLD_LOCK = r"""
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the store's write lock, as another writer holds it
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def hold_write_lock(store: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding `store`'s SQLite write lock for `seconds` (as a second
+    writer would); returns once it holds it. Wait for it to end with `.wait()`."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(store), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@contextmanager
+def small_tmpfs(directory: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of `megabytes` mounted on `directory` (made), to be filled up: a full
+    disk. Mounting needs root, as CI has; the test is skipped otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    directory.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700",
+                           "tmpfs", str(directory)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

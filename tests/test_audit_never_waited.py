@@ -5,9 +5,6 @@ block answered is still accounted for in the log."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -33,36 +30,17 @@ from tests.dns_support import (
     require_tools,
     start_all,
 )
-
-HOLD_LOCK = r"""
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-db.execute("BEGIN IMMEDIATE")  # the store's write lock, as another writer holds it
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-db.execute("ROLLBACK")
-"""
+from tests.support import hold_write_lock, small_tmpfs
 
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 202)]  # many keys: aggregation cannot absorb them
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MB tmpfs for the audit store, to be filled up (needs root, as CI has).
-
-    Not much smaller: SQLite lets its WAL grow to ~4 MB before it folds it back."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs",
-                           str(disk)], capture_output=True, text=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 32 MB tmpfs for the audit store. Not much smaller: SQLite lets its WAL grow to
+    ~4 MB before it folds it back."""
+    with small_tmpfs(tmp_path / "disk", 32) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 class Tally:
@@ -137,9 +115,7 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
     try:
         tally = Tally(node.port)
         tally.run(1.0)  # the log takes writes
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store_path), "6"],
-                                  stdout=subprocess.PIPE, text=True)
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        holder = hold_write_lock(store_path, 6)
         tally.run(5.0)  # the store's write lock is held by another process
         assert holder.wait(30) == 0
         filler = fill(small_disk)

@@ -51,7 +51,14 @@ import netfilter.serve
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
 from tests.fault_support import FaultyOrigin, StubUpstream
-from tests.support import HOST, ChildProcess, free_port, read_events, wait_for
+from tests.support import (
+    HOST,
+    ChildProcess,
+    free_port,
+    hold_write_lock,
+    read_events,
+    wait_for,
+)
 
 TIMEOUT = 1.0  # dns.timeout of the service
 SLACK = 0.6  # on top of it, for a loaded 2-core machine
@@ -555,24 +562,13 @@ def test_config_edited_wrong_keeps_the_old_config(rig: Rig) -> None:
 # ---------------------------------------------------------------- the audit store locked
 
 
-HOLD_LOCK = r"""
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-db.execute("BEGIN IMMEDIATE")  # the store's write lock, as another writer holds it
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-db.execute("ROLLBACK")
-"""
 
 
 def test_locked_audit_store_never_stops_answers(rig: Rig) -> None:
     service = rig.service
     before, mark = service.scrape(), service.mark()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
-                               str(service.directory / "audit.sqlite"), "4"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_write_lock(service.directory / "audit.sqlite", 4)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         end, blocked, proxied = time.monotonic() + 3.0, 0, 0
         while time.monotonic() < end and blocked < 3000:
             names = [f"n{blocked + i}.blocked.example" for i in range(20)]

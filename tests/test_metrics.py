@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import os
-import subprocess
 import threading
 import time
 import urllib.error
@@ -40,6 +38,7 @@ from tests.dns_support import (
     start_all,
     udp,
 )
+from tests.support import small_tmpfs
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -190,19 +189,9 @@ def test_stop_page_requests_and_latency(engine: Engine) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MB tmpfs for the audit store, to be filled up (needs root, as CI has)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
-                           str(disk)], capture_output=True, text=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """An 8 MB tmpfs for the audit store, to be filled up."""
+    with small_tmpfs(tmp_path / "disk", 8) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_readiness_follows_the_audit_log(build: BuildBundle, authority: tuple[Path, Path],

@@ -151,8 +151,7 @@ class BlockAggregator:
 
     def pending(self) -> int:
         """Blocks counted in open windows and not yet passed on (a metric)."""
-        with self._lock:
-            return sum(w.repeats for w in self._open.values())
+        return self.stats()["blocks_pending"]
 
     def stats(self) -> dict[str, int]:
         """For metrics: blocks folded so far, blocks pending, windows open."""

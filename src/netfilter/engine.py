@@ -264,6 +264,6 @@ class Engine:
             self.recorder.flush()
 
     def close(self) -> None:
-        """Pass on what aggregation holds, then close the sink (a last checkpoint)."""
-        self.flush()
-        self.sink.close()
+        """Pass on what aggregation holds, then close the sink (a last checkpoint): the
+        aggregator's close does both; without one, the recorder is the sink."""
+        self.recorder.close()

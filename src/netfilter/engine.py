@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.matcher import Match
 from netfilter.memo import remember
 from netfilter.privacy import ClientRecorder
+from netfilter.ratelimit import RateLimit
 
 __all__ = ["Action", "Answer", "Engine", "Verdict"]
 
@@ -97,7 +97,7 @@ class Engine:
         # check): matches by (front-end, list, category, action) and reloads by result.
         self.matches: Counter[tuple[str, str, str, str]] = Counter()
         self.reloads: Counter[str] = Counter()
-        self._sink_failure_line = -SINK_FAILURE_LOG_INTERVAL
+        self._sink_failure_lines = RateLimit(SINK_FAILURE_LOG_INTERVAL)
         self.node_id = settings.node.id
         form = settings.audit.client if settings.audit else "pseudonym"
         self.clients = ClientRecorder(form, pseudonym_key)
@@ -238,11 +238,9 @@ class Engine:
             self.recorder.record(event)
         except Exception as e:  # a failing sink must never take a front-end down
             self._sink_failures += 1
-            now = time.monotonic()
-            if now - self._sink_failure_line >= SINK_FAILURE_LOG_INTERVAL:
-                # one line per interval, not a traceback per event: a flood of blocks
-                # against a broken sink must not become a flood of log
-                self._sink_failure_line = now
+            # one line per interval, not a traceback per event: a flood of blocks
+            # against a broken sink must not become a flood of log
+            if self._sink_failure_lines.due():
                 log.error("event sink failed (%s: %s); %d failures in all", type(e).__name__,
                           str(e)[:200], self._sink_failures)
 

@@ -37,6 +37,7 @@ from netfilter.audit.tiles import Refresh, write_tiles
 from netfilter.errors import KeyFileError
 from netfilter.events import Event
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
+from netfilter.ratelimit import RateLimit
 
 __all__ = ["AuditLog", "load_node_key"]
 
@@ -109,10 +110,9 @@ class AuditLog:
         self.shed = 0  # events dropped because the queue was full (a metric)
         self.shed_blocks = 0  # the blocks those events counted (aggregated ones weigh more)
         self._blocks_recorded = 0
-        self._shed_logged = 0  # the count at the last "shedding" line
         self._shed_recorded = 0  # the count the log itself already says it lost
         self._shed_since = ""  # when the first event not yet recorded as shed was shed
-        self._shed_last_line = 0.0
+        self._shed_lines = RateLimit(SHED_LOG_INTERVAL)  # the loud line, rate-limited
         self.append_failures = 0  # failed append transactions, retried (a metric)
         self.appended = 0
         # time.time() when this process last found the stored tree covered by a signed
@@ -151,11 +151,9 @@ class AuditLog:
             self.shed_blocks += blocks
             if not self._shed_since:
                 self._shed_since = _now()
-            now = time.monotonic()
-            if now - self._shed_last_line < SHED_LOG_INTERVAL:
-                return
-            self._shed_last_line = now
-            new, self._shed_logged = self.shed - self._shed_logged, self.shed
+        new = self._shed_lines.due()
+        if not new:
+            return
         log.error("audit: the log is not taking writes (store locked or disk full?): "
                   "%d events shed since the last report, %d in all; answers go on",
                   new, self.shed)

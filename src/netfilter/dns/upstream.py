@@ -21,11 +21,11 @@ import logging
 import os
 import struct
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 from netfilter.config import parse_hostport
+from netfilter.ratelimit import RateLimit
 
 __all__ = ["Done", "UpstreamPool", "query_tcp"]
 
@@ -60,25 +60,18 @@ DEADLINE: Final = 6
 
 
 class Trouble:
-    """Upstream trouble in the log, rate-limited: the first of a kind (per upstream) at
-    once, then at most one line per interval, counting what happened since the last
-    line. Nothing per query but a dict look-up and a clock read."""
+    """Upstream trouble in the log, rate-limited per upstream and kind (ratelimit.py).
+    Nothing per query but a dict look-up and a clock read."""
 
     def __init__(self, interval: float = TROUBLE_LOG_INTERVAL) -> None:
         self.interval = interval
-        self._last: dict[tuple[str, str], float] = {}
-        self._held: Counter[tuple[str, str]] = Counter()
+        self._limit = RateLimit(interval)
 
     def __call__(self, subject: str, what: str, count: int = 1) -> None:
-        key = (subject, what)
-        self._held[key] += count
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return
-        self._last[key] = now
-        log.warning("dns: %s %s (%d since the last report; reported at most every %g s)",
-                    subject, what, self._held.pop(key), self.interval)
+        reported = self._limit.due((subject, what), count)
+        if reported:
+            log.warning("dns: %s %s (%d since the last report; reported at most every %g s)",
+                        subject, what, reported, self.interval)
 
 
 def _name(address: tuple[str, int]) -> str:

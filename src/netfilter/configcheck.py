@@ -26,7 +26,7 @@ from netfilter.keys import load_private_key, load_public_key
 from netfilter.listfile import open_bundle
 from netfilter.listsource import read_source
 
-__all__ = ["PROXY_EXTRA", "check_config"]
+__all__ = ["PROXY_EXTRA", "bind_probe", "check_config"]
 
 PROXY_EXTRA = "pip install 'netfilter[proxy]'"
 PARTS = ("dns", "proxy", "stoppage")  # as in serve.py, which this must not import
@@ -186,14 +186,25 @@ def _check_listen(settings: Settings, parts: Sequence[str]) -> None:
     with ExitStack() as probes:
         for key, listen, kinds in wanted:
             host, port = parse_hostport(listen, any_port=True)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             for kind in kinds:
-                probe = probes.enter_context(socket.socket(family, kind))
                 try:
-                    if kind == tcp:  # as the servers do: a TIME_WAIT is no conflict
-                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind((host, port))
-                    if kind == tcp:
-                        probe.listen(1)
+                    probes.enter_context(bind_probe(host, port, kind))
                 except OSError as e:
                     raise ListenError.from_os_error(key, host, port, e) from None
+
+
+def bind_probe(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket bound (and, for TCP, listening) where a part would listen: OSError if
+    it cannot be now. The caller closes it. TCP takes SO_REUSEADDR as the servers do:
+    a connection in TIME_WAIT is no conflict."""
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            probe.listen(1)
+    except BaseException:
+        probe.close()
+        raise
+    return probe

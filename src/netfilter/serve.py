@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 
 from netfilter.audit.tileserver import TileServer
 from netfilter.config import Settings, load_config, parse_hostport
-from netfilter.configcheck import check_config
+from netfilter.configcheck import bind_probe, check_config
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError, NetfilterError
 from netfilter.metrics import MetricsServer, for_node
@@ -97,10 +96,7 @@ def _check_bindable(listen: str) -> None:
     """OSError unless `listen` can be bound now. mitmdump binds in its child, whose
     failure would reach us only as an exit status after lines of its own (and a
     foreign listener on the port would pass the child's readiness probe)."""
-    host, port = parse_hostport(listen)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    bind_probe(*parse_hostport(listen)).close()
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:

@@ -92,15 +92,23 @@ def _traffic(port: int, origin: Origin, dead: int) -> list[int]:
 
 
 @pytest.mark.parametrize("client", ["pseudonym", "truncated", "none"])
-def test_serve_proxy_logs_no_client(tmp_path: Path, origins: tuple[Origin, int],
-                                    client: str) -> None:
+def _logged_traffic(tmp_path: Path, client: str,
+                    origins: tuple[Origin, int]) -> tuple[str, list[int]]:
+    """`netfilter serve proxy` with `audit.client: client`, some traffic through it:
+    its output, and the client ports the traffic came from."""
     origin, dead = origins
     proxy = ServeProxy(tmp_path, client).start()
     try:
         ports = _traffic(proxy.port, origin, dead)
     finally:
         proxy.stop()
-    log = proxy.log()
+    return proxy.log(), ports
+
+
+def test_serve_proxy_logs_no_client(tmp_path: Path, origins: tuple[Origin, int],
+                                    client: str) -> None:
+    origin, _ = origins
+    log, ports = _logged_traffic(tmp_path, client, origins)
     for port in ports:
         assert f":{port}" not in log, log
     assert "client connect" not in log and "client disconnect" not in log, log
@@ -110,13 +118,7 @@ def test_serve_proxy_logs_no_client(tmp_path: Path, origins: tuple[Origin, int],
 
 def test_serve_proxy_names_clients_when_configured(tmp_path: Path,
                                                    origins: tuple[Origin, int]) -> None:
-    origin, dead = origins
-    proxy = ServeProxy(tmp_path, "full").start()
-    try:
-        ports = _traffic(proxy.port, origin, dead)
-    finally:
-        proxy.stop()
-    log = proxy.log()
+    log, ports = _logged_traffic(tmp_path, "full", origins)
     for port in ports:
         assert f"[{HOST}:{port}] client connect" in log, log
 

@@ -91,7 +91,6 @@ def _traffic(port: int, origin: Origin, dead: int) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("client", ["pseudonym", "truncated", "none"])
 def _logged_traffic(tmp_path: Path, client: str,
                     origins: tuple[Origin, int]) -> tuple[str, list[int]]:
     """`netfilter serve proxy` with `audit.client: client`, some traffic through it:
@@ -105,6 +104,7 @@ def _logged_traffic(tmp_path: Path, client: str,
     return proxy.log(), ports
 
 
+@pytest.mark.parametrize("client", ["pseudonym", "truncated", "none"])
 def test_serve_proxy_logs_no_client(tmp_path: Path, origins: tuple[Origin, int],
                                     client: str) -> None:
     origin, _ = origins

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from netfilter.childmetrics import ChildCounters, merged
 from netfilter.httpd import ReadOnlyServer, Resource
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class NodeMetrics:
         self._parts: list[_Part] = []
         self._families: list[Callable[[], Iterable[Metric]]] = []
         self._checks: list[tuple[str, Callable[[], bool]]] = []
+        self._refreshes: list[Callable[[], None]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -95,11 +97,24 @@ class NodeMetrics:
         """Labelled families, built at every scrape from a part's counters."""
         self._families.append(families)
 
+    def add_refresh(self, refresh: Callable[[], None]) -> None:
+        """Called once at the start of every scrape and readiness check, before the
+        sources are read (e.g. to ask another process for its counters)."""
+        self._refreshes.append(refresh)
+
+    def _refresh(self) -> None:
+        for refresh in self._refreshes:
+            try:
+                refresh()
+            except Exception:  # as a failing source: its families are left out
+                continue
+
     def add_check(self, name: str, check: Callable[[], bool]) -> None:
         """A readiness condition; `name` is what /readyz says when it is false."""
         self._checks.append((name, check))
 
     def collect(self) -> Iterator[Metric]:
+        self._refresh()
         for part in self._parts:
             try:
                 values = dict(part.source())
@@ -121,6 +136,7 @@ class NodeMetrics:
     def not_ready(self) -> list[str]:
         """The names of the readiness checks that fail (a failing check fails)."""
         failing = []
+        self._refresh()
         for name, check in self._checks:
             try:
                 ok = check()
@@ -137,11 +153,15 @@ class NodeMetrics:
 # ---------------------------------------------------------------- the node's families
 
 
-def _requests(dns: DnsServer | None, stoppage: StopPageServer | None) -> Iterator[Metric]:
+def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
+              proxy: ChildCounters | None) -> Iterator[Metric]:
     family = CounterMetricFamily(
         "netfilter_requests", "Queries and requests answered, by front-end and verdict "
         "(dns: block, allow = forwarded upstream, route = sent to the proxy, invalid = "
-        "malformed or unsupported; stoppage: block, allow = the generic page)",
+        "malformed or unsupported; stoppage: block, allow = the generic page; proxy "
+        "(HTTP requests, plain or decrypted): block = the stop page, allow = forwarded "
+        "to the origin, refuse = outside allowed destinations or not configured, "
+        "misdirected = 421, invalid = not checkable)",
         labels=["frontend", "verdict"])
     if dns is not None:
         s = dns.stats
@@ -154,6 +174,9 @@ def _requests(dns: DnsServer | None, stoppage: StopPageServer | None) -> Iterato
     if stoppage is not None:
         family.add_metric(["stoppage", "block"], stoppage.stats["blocked"])
         family.add_metric(["stoppage", "allow"], stoppage.stats["generic"])
+    if proxy is not None:
+        for verdict, count in sorted(proxy.part("verdicts").items()):
+            family.add_metric(["proxy", verdict], count)
     yield family
 
 
@@ -168,7 +191,7 @@ def _latency(parts: Mapping[str, LatencyHistogram]) -> Iterator[Metric]:
     yield family
 
 
-def _blocks(engine: Engine) -> Iterator[Metric]:
+def _blocks(engine: Engine, proxy: ChildCounters | None) -> Iterator[Metric]:
     blocks = CounterMetricFamily(
         "netfilter_blocks", "Blocks by front-end, list, category and how they were "
         "answered (nxdomain, stoppage, refused)",
@@ -176,7 +199,10 @@ def _blocks(engine: Engine) -> Iterator[Metric]:
     lifted = CounterMetricFamily(
         "netfilter_exceptions", "Matches a local exception lifted, by front-end, list "
         "and category", labels=["frontend", "list", "category"])
-    for (frontend, list_id, category, action), count in sorted(engine.matches.copy().items()):
+    matches = engine.matches.copy()
+    if proxy is not None:  # the proxy's engine, in the mitmdump child
+        matches.update(proxy.matches())
+    for (frontend, list_id, category, action), count in sorted(matches.items()):
         if action == "exception":
             lifted.add_metric([frontend, list_id, category], count)
         else:
@@ -225,6 +251,16 @@ def _upstreams(dns: DnsServer) -> Iterator[Metric]:
     yield from (errors, timeouts)
 
 
+def _origins(proxy: ChildCounters) -> Iterator[Metric]:
+    family = CounterMetricFamily(
+        "netfilter_origin_errors", "Requests the proxy answered 502 or could not finish "
+        "because of the origin, by kind (refused, reset, timeout, dns, tls, other)",
+        labels=["kind"])
+    for kind, count in sorted(proxy.part("origin_errors").items()):
+        family.add_metric([kind], count)
+    yield family
+
+
 def _checkpoint_age(audit: AuditLog) -> Iterator[Metric]:
     if audit.last_checkpoint_time:  # none yet in this process: no sample
         yield GaugeMetricFamily("netfilter_audit_last_checkpoint_age_seconds",
@@ -255,29 +291,43 @@ class _AuditWritable:
 def for_node(engine: Engine, parts: Iterable[object] = (),
              tiles: ReadOnlyServer | None = None) -> NodeMetrics:
     """The metrics and readiness checks of a node: its engine, its audit log (the
-    engine's sink, when it is one), and the running parts among `parts` (a DnsServer,
-    a StopPageServer; others are ignored)."""
+    engine's sink, when it is one), and the running parts among `parts`: a DnsServer,
+    a StopPageServer, and a part with `counters` in another process (the proxy's
+    mitmdump child: its engine's and audit log's counters are added to this
+    process's); others are ignored."""
     from netfilter.audit.log import AuditLog
     from netfilter.dns.server import DnsServer
     from netfilter.stoppage.server import StopPageServer
 
     metrics = NodeMetrics()
-    metrics.add("engine", engine.stats, gauges=frozenset({"blocks_pending", "windows_open"}))
-    metrics.add_families(lambda: _blocks(engine))
-    metrics.add_families(lambda: _lists(engine))
-    metrics.add_check("lists", lambda: bool(engine.lists.blocking))
-    audit = engine.sink
-    if isinstance(audit, AuditLog):  # appended, queued (the queue's depth), shed, failures
-        metrics.add("audit", audit.stats, gauges=frozenset({"queued"}))
-        metrics.add_families(lambda: _checkpoint_age(audit))
-        metrics.add_check("audit", _AuditWritable(audit))
     dns: DnsServer | None = None
     stoppage: StopPageServer | None = None
+    proxy: ChildCounters | None = None
     for part in parts:
         if isinstance(part, DnsServer):
             dns = part
         elif isinstance(part, StopPageServer):
             stoppage = part
+        elif isinstance(getattr(part, "counters", None), ChildCounters):
+            proxy = part.counters  # type: ignore[attr-defined]
+
+    def theirs(part: str) -> list[Source]:
+        """The same part's counters in the proxy's process."""
+        if proxy is None:
+            return []
+        child = proxy
+        return [lambda: child.part(part)]
+
+    metrics.add("engine", merged(engine.stats, theirs("engine")),
+                gauges=frozenset({"blocks_pending", "windows_open"}))
+    metrics.add_families(lambda: _blocks(engine, proxy))
+    metrics.add_families(lambda: _lists(engine))
+    metrics.add_check("lists", lambda: bool(engine.lists.blocking))
+    audit = engine.sink
+    if isinstance(audit, AuditLog):  # appended, queued (the queue's depth), shed, failures
+        metrics.add("audit", merged(audit.stats, theirs("audit")), gauges=frozenset({"queued"}))
+        metrics.add_families(lambda: _checkpoint_age(audit))
+        metrics.add_check("audit", _AuditWritable(audit))
     latency: dict[str, LatencyHistogram] = {}
     if dns is not None:
         server = dns
@@ -289,8 +339,14 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     if stoppage is not None:
         metrics.add("stoppage", stoppage.stats.copy)
         latency["stoppage"] = stoppage.latency
-    if dns is not None or stoppage is not None:
-        metrics.add_families(lambda: _requests(dns, stoppage))
+    if proxy is not None:
+        child = proxy
+        metrics.add_refresh(child.refresh)
+        metrics.add("proxy", lambda: child.part("proxy"))
+        metrics.add_families(lambda: _origins(child))
+        metrics.add_check("proxy", lambda: bool(child.latest()))
+    if dns is not None or stoppage is not None or proxy is not None:
+        metrics.add_families(lambda: _requests(dns, stoppage, proxy))
         metrics.add_families(lambda: _latency(latency))
     if tiles is not None:
         metrics.add("tiles", tiles.stats.copy)

@@ -66,11 +66,13 @@ from mitmproxy.utils import human
 
 from netfilter import InvalidURL
 from netfilter.canonical import canonical_parts
+from netfilter.childmetrics import export_from_environment
 from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import ConfigError, NetfilterError
 from netfilter.node import make_engine
 from netfilter.proxy import early
+from netfilter.proxy.counters import ProxyCounters, verdict_of
 from netfilter.proxy.decisions import (
     HostDecision,
     InterceptMode,
@@ -268,6 +270,8 @@ def _hosts(*origins: str) -> tuple[str, ...] | None:
 _TAGGING_LOGGERS = ("mitmproxy.proxy.server", "mitmproxy.proxy.layers.http._http_h2",
                     __name__)
 _CONNECTION_LINES = frozenset({"client connect", "client disconnect"})
+# said once per kind and interval by the addon's origin fault line instead
+_ORIGIN_FAULT_LINE = "error establishing server connection: "
 
 
 class ClientLogFilter(logging.Filter):
@@ -284,6 +288,8 @@ class ClientLogFilter(logging.Filter):
         peer = getattr(record, "client", None)
         if not peer:
             return True
+        if isinstance(record.msg, str) and record.msg.startswith(_ORIGIN_FAULT_LINE):
+            return False
         runtime = self.addon.runtime if self.addon is not None else None
         if runtime is not None and runtime.engine.clients.form == "full":
             return True
@@ -316,8 +322,8 @@ def freeze_long_lived(collect: bool = False) -> None:
     gc.freeze()
 
 
-def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
-    # Called from requestheaders (and the CONNECT/TLS hooks). A request marked for
+def _answer(flow: http.HTTPFlow, counters: ProxyCounters, response: http.Response) -> None:
+    # Called from requestheaders (and what it calls). A request marked for
     # streaming (its Content-Length above `stream_large_bodies`, decided by mitmproxy
     # before requestheaders) cannot carry an addon's response: switched off, it is
     # never sent upstream. `early.mark`: with early.install() in force, a request
@@ -326,6 +332,7 @@ def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
     flow.request.stream = False
     flow.response = response
     early.mark(flow)
+    counters.answered[verdict_of(response.status_code)] += 1
 
 
 class NetfilterAddon:
@@ -340,6 +347,7 @@ class NetfilterAddon:
         self._targets: dict[TargetKey, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
+        self.counters = ProxyCounters()
 
     # ------------------------------------------------------------ options
 
@@ -454,6 +462,8 @@ class NetfilterAddon:
             self._loop.add_signal_handler(signal.SIGHUP, self.reload_lists)
         if self.runtime is None:
             log.error("%s", NOT_CONFIGURED)
+        # the node's /metrics asks this process for its counters (under netfilter serve)
+        export_from_environment(self.snapshot)
         freeze_long_lived(collect=True)  # before any traffic: the pause costs nothing
 
     def done(self) -> None:
@@ -511,7 +521,29 @@ class NetfilterAddon:
         log.info("netfilter: config %s loaded anew", path)
         return runtime
 
+    def snapshot(self) -> dict[str, object]:
+        """The proxy's, its engine's and its audit log's counters (for /metrics)."""
+        runtime = self.runtime
+        return self.counters.snapshot(runtime.engine if runtime is not None else None)
+
     # ------------------------------------------------------------ hooks
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """An upstream connection that could not be opened (ours refused by a guard
+        in server_connect are not origin faults)."""
+        server = data.server
+        error = server.error or ""
+        if error and not error.startswith("netfilter:") and server.address is not None:
+            self.counters.origin_fault(human.format_address(server.address), error)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A request that failed after its origin connection was open (reset, closed,
+        timed out); connect failures are counted by server_connect_error."""
+        server = flow.server_conn
+        if (flow.error is None or flow.response is not None or server.peername is None
+                or server.address is None or server.timestamp_end is None):
+            return
+        self.counters.origin_fault(human.format_address(server.address), flow.error.msg)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.conns.pop(client.id, None)
@@ -519,6 +551,7 @@ class NetfilterAddon:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        self.counters.other["connects"] += 1
         rt = self.runtime
         if rt is None:
             flow.response = refusal(503, NOT_CONFIGURED)
@@ -569,6 +602,7 @@ class NetfilterAddon:
                                                              client=ip, detail="TLS"))
         state.decision = decision
         state.host = sni or state.connect_host or decision.host
+        self.counters.other[f"tls_{decision.action.name.lower()}"] += 1
         if decision.action is TlsAction.PASS:
             data.ignore_connection = True
         elif decision.action is TlsAction.BLOCK and rt.mode == "none":
@@ -591,9 +625,10 @@ class NetfilterAddon:
         # This runs for every request: keep it lean (benchmarks/README.md).
         if flow.response or flow.error or not flow.live:
             return
+        self.counters.requests += 1
         rt = self.runtime
         if rt is None:
-            _answer(flow, refusal(503, NOT_CONFIGURED))
+            _answer(flow, self.counters, refusal(503, NOT_CONFIGURED))
             return
         request = flow.request
         data = request.data
@@ -602,7 +637,7 @@ class NetfilterAddon:
         # 3.2: a server and an origin might each pick another).
         hosts = [value for name, value in data.headers.fields if name.lower() == b"host"]
         if len(hosts) > 1:
-            _answer(flow, refusal(400, "netfilter: more than one Host header"))
+            _answer(flow, self.counters, refusal(400, "netfilter: more than one Host header"))
             return
         key = (data.scheme, data.http_version, data.authority, hosts[0] if hosts else None,
                data.host, data.port)
@@ -634,7 +669,8 @@ class NetfilterAddon:
                     verdict = engine.check_url(target.dialled + path, frontend="proxy",
                                                client=ip, detail=request.method)
             except InvalidURL as e:
-                _answer(flow, refusal(400, f"netfilter: cannot check this request's URL ({e})"))
+                _answer(flow, self.counters,
+                        refusal(400, f"netfilter: cannot check this request's URL ({e})"))
                 return
             if verdict.blocked:
                 self._stop(flow, rt, verdict, target.authority)
@@ -642,8 +678,9 @@ class NetfilterAddon:
         if not target.allowed:
             host = normalize_host(request.host)
             log.info("netfilter: refused a request to %s (not in allowed_destinations)", host)
-            _answer(flow, refusal(403, f"netfilter: the proxy does not connect to {host} "
-                                       "(not in proxy.allowed_destinations)"))
+            _answer(flow, self.counters, refusal(
+                403, f"netfilter: the proxy does not connect to {host} "
+                     "(not in proxy.allowed_destinations)"))
 
     def _misdirected(self, flow: http.HTTPFlow, rt: Runtime, state: ConnState,
                      authority: str, ip: str | None) -> bool:
@@ -657,9 +694,9 @@ class NetfilterAddon:
             other = decide_host(rt.engine, authority, rt.mode, client=ip,
                                 detail=flow.request.method)
             if other.action is not action:
-                _answer(flow, refusal(421, f"netfilter: this connection is for "
-                                           f"{state.host}; use a new connection for "
-                                           f"{authority}"))
+                _answer(flow, self.counters, refusal(
+                    421, f"netfilter: this connection is for {state.host}; use a new "
+                         f"connection for {authority}"))
                 return True
             if other.action is TlsAction.BLOCK:
                 self._stop(flow, rt, other.verdict, authority)
@@ -728,8 +765,7 @@ class NetfilterAddon:
         route = self.routes.lookup(host)
         return route is not None and rt.policy.allows(route)
 
-    @staticmethod
-    def _stop(flow: http.HTTPFlow, rt: Runtime, verdict: Verdict, host: str) -> None:
+    def _stop(self, flow: http.HTTPFlow, rt: Runtime, verdict: Verdict, host: str) -> None:
         flow.metadata["netfilter"] = {"blocked": True,
                                       "ref": verdict.match.ref if verdict.match else None}
-        _answer(flow, stop_page(rt.renderer, verdict, flow.request, host))
+        _answer(flow, self.counters, stop_page(rt.renderer, verdict, flow.request, host))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from netfilter.childmetrics import ENV as METRICS_ENV
+from netfilter.childmetrics import ChildCounters
 from netfilter.config import ProxySettings, parse_hostport
 from netfilter.errors import NetfilterError
 
@@ -34,6 +37,9 @@ mitmdump()
 
 
 class ProxyProcess:
+    """The mitmdump child: started, reloaded (SIGHUP) and stopped with serve; its
+    counters are asked for over `counters` at each scrape of the node's /metrics."""
+
     def __init__(self, settings: ProxySettings, config_path: Path, base: Path) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -41,6 +47,7 @@ class ProxyProcess:
         self.confdir = (settings.confdir if settings.confdir is None or
                         settings.confdir.is_absolute() else base / settings.confdir)
         self.proc: asyncio.subprocess.Process | None = None
+        self.counters = ChildCounters()
 
     def command(self) -> list[str]:
         script = Path(__file__).with_name("script.py")
@@ -52,8 +59,11 @@ class ProxyProcess:
         return args
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(*self.command(),
-                                                         stdin=asyncio.subprocess.DEVNULL)
+        fd = self.counters.child_fd()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=asyncio.subprocess.DEVNULL, pass_fds=(fd,),
+            env={**os.environ, METRICS_ENV: str(fd)})
+        self.counters.started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_BOUND
         while loop.time() < deadline:
@@ -76,6 +86,7 @@ class ProxyProcess:
             self.proc.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
+        self.counters.close()
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.terminate()

@@ -1,6 +1,7 @@
 """The `netfilter` command. User mistakes end in one line on stderr and exit 1 (2 for usage,
 for a mistake `config check` finds, also when `serve` runs its checks first, and for a
-part of `serve` that cannot listen)."""
+part of `serve` that cannot listen; 3 when `list apply` holds another base than the
+delta's: fetch the full bundle)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from netfilter.config import load_config
 from netfilter.configcheck import check_config
 from netfilter.digest import read_hmac_key
 from netfilter.errors import ListenError, NetfilterError
-from netfilter.keys import generate_keypair, load_private_key, load_public_key
+from netfilter.keys import PrivateKey, generate_keypair, load_private_key, load_public_key
 from netfilter.listfile import build_bundle, open_bundle
 from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.logsetup import ENV as LOG_ENV
@@ -82,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--expires", type=_expires, help="ISO date or time (UTC if no zone)")
     build.add_argument("--no-host-index", action="store_true",
                        help="leave out the host index (matching then expands every host)")
+    build.add_argument("--diff-from", metavar="OLD.nfl",
+                       help="also write a signed delta from this previous bundle; --out then "
+                            "gets the full bundle in the layout nodes derive from the delta")
+    build.add_argument("--delta-out", metavar="FILE",
+                       help="where the delta goes (default: beside --out, "
+                            "NAME.from-vN.delta.nfl)")
+    build.add_argument("--trust", action="append", metavar="PUB",
+                       help="key(s) OLD.nfl is verified with (default: the --key's own)")
+    apply = lsub.add_parser("apply", help="apply a delta to the bundle it was made from "
+                                          "(exit 3: another base, fetch the full bundle)")
+    apply.add_argument("delta")
+    apply.add_argument("--base", required=True, metavar="OLD.nfl")
+    apply.add_argument("--trust", action="append", required=True, metavar="PUB")
+    apply.add_argument("--out", required=True, metavar="NEW.nfl")
     verify = lsub.add_parser("verify", help="verify a bundle against trusted keys")
     verify.add_argument("bundle")
     verify.add_argument("--trust", action="append", required=True, metavar="PUB")
@@ -227,6 +242,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             raise NetfilterError("--version", "must be 1 or more")
         key = load_private_key(args.key)
         hmac_key = read_hmac_key(args.hmac_key) if args.hmac_key else None
+        if args.diff_from:
+            return _build_delta(args, key, hmac_key)
+        if args.delta_out or args.trust:
+            raise NetfilterError("--delta-out" if args.delta_out else "--trust",
+                                 "only with --diff-from")
         manifest, dups = build_bundle(
             args.source, args.out, key=key, list_id=args.list_id, version=args.list_version,
             hash_name=args.hash, hmac_key=hmac_key, expires=args.expires,
@@ -236,6 +256,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: list={manifest.list_id} version={manifest.version} "
               f"entries={manifest.entries}{note}; signed by {key.public.id}")
         return 0
+    if args.list_cmd == "apply":
+        return _apply_delta(args)
     if args.list_cmd == "verify":
         bundle = open_bundle(args.bundle, [load_public_key(k) for k in args.trust],
                              allow_expired=args.allow_expired)
@@ -251,6 +273,46 @@ def _cmd_list(args: argparse.Namespace) -> int:
         manifest, verified = read_manifest_unverified(args.bundle), "signature NOT checked"
     print(f"# {args.bundle} ({verified})")
     sys.stdout.write(manifest.to_yaml().decode())
+    return 0
+
+
+def _build_delta(args: argparse.Namespace, key: PrivateKey, hmac_key: bytes | None) -> int:
+    from netfilter.listdelta import build_delta, default_delta_path
+
+    trusted = [load_public_key(k) for k in args.trust] if args.trust else [key.public]
+    base = open_bundle(args.diff_from, trusted, allow_expired=True)
+    try:
+        delta_out = args.delta_out or default_delta_path(args.out, base.manifest.version)
+        manifest, delta, dups = build_delta(
+            args.source, base, args.out, delta_out, key=key, list_id=args.list_id,
+            version=args.list_version, hash_name=args.hash, hmac_key=hmac_key,
+            expires=args.expires, host_index=not args.no_host_index,
+            progress=sys.stderr.isatty())
+    finally:
+        base.close()
+    note = f", {dups} duplicate entries dropped" if dups else ""
+    print(f"wrote {args.out}: list={manifest.list_id} version={manifest.version} "
+          f"entries={manifest.entries}{note}; signed by {key.public.id}")
+    print(f"wrote {delta_out}: delta from version {delta.base.version}: +{delta.added} "
+          f"-{delta.removed} entries, result checksum {delta.result.checksum[:16]}...")
+    return 0
+
+
+def _apply_delta(args: argparse.Namespace) -> int:
+    from netfilter.listdelta import DeltaBaseMismatch, apply_delta
+
+    trusted = [load_public_key(k) for k in args.trust]
+    base = open_bundle(args.base, trusted, allow_expired=True)
+    try:
+        out = apply_delta(base, args.delta, trusted, args.out)
+    except DeltaBaseMismatch as e:
+        return _fail(e, 3)
+    finally:
+        base.close()
+    result = open_bundle(out, trusted, allow_expired=True)
+    result.close()
+    print(f"wrote {out}: {result.summary()} (from version {base.manifest.version} + delta, "
+          "result checksum matches)")
     return 0
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "open_bundle",
     "read_manifest_unverified",
     "write_bundle",
+    "write_signed_bundle",
 ]
 
 FORMAT: Literal["netfilter-list/1"] = "netfilter-list/1"
@@ -166,6 +167,11 @@ class Bundle:
     def has_host_index(self) -> bool:
         return "hosts.bin" in self.spans
 
+    def manifest_bytes(self) -> bytes:
+        """The signed manifest exactly as the bundle holds it (a delta names its base by
+        the SHA-256 of these bytes)."""
+        return self.read(*self.spans["manifest.yaml"])
+
     def read(self, offset: int, size: int) -> bytes:
         """Bytes at an absolute offset of the bundle (thread-safe: pread)."""
         return os.pread(self.file.fileno(), size, offset)
@@ -235,11 +241,13 @@ def write_bundle(
     hmac_key: bytes | None = None,
     issued: datetime | None = None,
     expires: datetime | None = None,
+    hmac_id: str | None = None,
 ) -> Manifest:
     """Sign and write a bundle from prepared arrays (digests pre-sorted, unique).
 
     The file appears atomically (written beside, then renamed): a reader never sees
-    half a bundle.
+    half a bundle. `hmac_id` names the list key when only its id is at hand (a bundle
+    re-written from another bundle); `hmac_key`, when given, wins.
     """
     issued = (issued or datetime.now(UTC)).replace(microsecond=0)
     members = {
@@ -258,7 +266,7 @@ def write_bundle(
         issued=issued,
         expires=expires,
         hash=hash_name,
-        hmac_key_id=hmac_key_id(hmac_key) if hmac_key is not None else None,
+        hmac_key_id=hmac_key_id(hmac_key) if hmac_key is not None else hmac_id,
         entries=len(entries),
         domain_entries=len(entries) - url_entries,
         url_entries=url_entries,
@@ -271,15 +279,24 @@ def write_bundle(
     manifest_bytes = manifest.to_yaml()
     signature = key.sign(SIGNED_PREFIX + manifest_bytes)
     sig_line = f"ed25519 {key.public.id} {base64.b64encode(signature).decode()}\n".encode()
+    write_signed_bundle(out, manifest_bytes, sig_line, members, int(issued.timestamp()))
+    return manifest
+
+
+def write_signed_bundle(out: str | Path, manifest: bytes, signature: bytes,
+                        members: dict[str, bytes], mtime: int) -> Path:
+    """Write an already signed manifest, its signature lines and the data members (in
+    the given order) as a bundle, atomically. Equal inputs give equal bytes, so a node
+    that re-creates a bundle's members (from a delta) re-creates the authority's file.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nfl", dir=out.parent)
     try:
         with (os.fdopen(fd, "wb") as f,
               tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar):
-            mtime = int(issued.timestamp())
-            _tar_member(tar, "manifest.yaml", manifest_bytes, mtime)
-            _tar_member(tar, "signature", sig_line, mtime)
+            _tar_member(tar, "manifest.yaml", manifest, mtime)
+            _tar_member(tar, "signature", signature, mtime)
             for name, data in members.items():
                 _tar_member(tar, name, data, mtime)
         os.chmod(tmp, 0o644)
@@ -287,7 +304,7 @@ def write_bundle(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return manifest
+    return out
 
 
 def sort_unique(digests: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.intp], int]:
@@ -402,6 +419,9 @@ def _members(path: Path, fileobj: IO[bytes] | None = None) -> dict[str, tarfile.
         if not info.isfile():
             raise BundleError(path, f"member {info.name} is not a regular file")
         members[info.name] = info
+    if "result.yaml" in members:
+        raise BundleError(path, "a delta bundle, not a full bundle: apply it to its base "
+                                "with `netfilter list apply`")
     for required in ("manifest.yaml", "signature", "digests.bin", "entries.bin", "refs.txt"):
         if required not in members:
             raise BundleError(path, f"member {required} missing")
@@ -412,7 +432,7 @@ def _members(path: Path, fileobj: IO[bytes] | None = None) -> dict[str, tarfile.
 
 
 def _check_signature(path: Path, sig_text: bytes, message: bytes,
-                     trusted: Sequence[PublicKey]) -> PublicKey:
+                     trusted: Sequence[PublicKey], prefix: bytes = SIGNED_PREFIX) -> PublicKey:
     by_id = {k.id: k for k in trusted}
     seen: list[str] = []
     for line in sig_text.decode("ascii", "replace").splitlines():
@@ -427,7 +447,7 @@ def _check_signature(path: Path, sig_text: bytes, message: bytes,
             signature = base64.b64decode(parts[2], validate=True)
         except ValueError as e:
             raise BundleError(path, "signature: not base64") from e
-        if not key.verify(signature, SIGNED_PREFIX + message):
+        if not key.verify(signature, prefix + message):
             raise BundleError(path, f"signature by key {key.id} does not verify")
         return key
     if not seen:

@@ -71,6 +71,7 @@ HARDENING = {
     "SystemCallArchitectures": "native",
     "ExecReload": "/bin/kill -HUP $MAINPID",
     "Restart": "on-failure",
+    "RestartPreventExitStatus": "2",  # a config mistake is not retried
 }
 UNIT_IDS = list(UNITS)
 

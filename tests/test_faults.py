@@ -459,6 +459,8 @@ def test_origin_fault_moves_a_metric(rig: Rig, mode: str) -> None:
     assert after[errors] - before.get(errors, 0.0) == 3
     assert after[allowed] - before.get(allowed, 0.0) == 3  # sent on; the origin failed
     assert after[blocked] - before.get(blocked, 0.0) == 1
+    timed = ("netfilter_request_duration_seconds_count", frozenset({("frontend", "proxy")}))
+    assert after[timed] - before.get(timed, 0.0) == 4
     proxy_blocks = sum(number - before.get(key, 0.0) for key, number in after.items()
                        if key[0] == "netfilter_blocks_total"
                        and ("frontend", "proxy") in key[1])

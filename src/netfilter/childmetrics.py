@@ -161,6 +161,19 @@ class ChildCounters:
             return {}
         return {k: v for k, v in values.items() if isinstance(v, int | float)}
 
+    def histogram(self, name: str, buckets: int) -> tuple[list[int], float] | None:
+        """A histogram's per-bucket counts and sum, if the child sent one of
+        `buckets` buckets."""
+        value = self.latest().get(name)
+        if not isinstance(value, dict):
+            return None
+        counts, total = value.get("counts"), value.get("sum")
+        if (not isinstance(counts, list) or len(counts) != buckets
+                or not all(isinstance(c, int) for c in counts)
+                or not isinstance(total, int | float)):
+            return None
+        return counts, float(total)
+
     def matches(self) -> Counter[tuple[str, str, str, str]]:
         counts: Counter[tuple[str, str, str, str]] = Counter()
         for row in self.latest().get("matches", ()):

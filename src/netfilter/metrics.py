@@ -60,6 +60,16 @@ class LatencyHistogram:
         self.counts[bisect_left(BUCKETS, seconds)] += 1
         self.sum += seconds
 
+    @classmethod
+    def from_child(cls, child: ChildCounters, name: str) -> LatencyHistogram | None:
+        """The histogram `name` of a child's counters, if it sent one."""
+        sent = child.histogram(name, len(BUCKETS) + 1)
+        if sent is None:
+            return None
+        histogram = cls()
+        histogram.counts, histogram.sum = sent
+        return histogram
+
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative, as Prometheus wants them, ending with +Inf."""
         out, total = [], 0
@@ -180,14 +190,20 @@ def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
     yield family
 
 
-def _latency(parts: Mapping[str, LatencyHistogram]) -> Iterator[Metric]:
+def _latency(parts: Mapping[str, LatencyHistogram],
+             proxy: ChildCounters | None) -> Iterator[Metric]:
     family = HistogramMetricFamily(
         "netfilter_request_duration_seconds", "Time from a query or request to its answer, "
         "per front-end. dns: only queries decided in Python (blocked, or forwarded by the "
         "full path); clean queries the C relay or the fast path forwards are not timed "
-        "one by one", labels=["frontend"])
+        "one by one. proxy: from a request's first byte to its decision (a local "
+        "answer: to the answer); the origin's time is not counted", labels=["frontend"])
     for frontend, histogram in parts.items():
         family.add_metric([frontend], histogram.buckets(), histogram.sum)
+    if proxy is not None:
+        sent = LatencyHistogram.from_child(proxy, "latency")
+        if sent is not None:
+            family.add_metric(["proxy"], sent.buckets(), sent.sum)
     yield family
 
 
@@ -347,7 +363,7 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
         metrics.add_check("proxy", lambda: bool(child.latest()))
     if dns is not None or stoppage is not None or proxy is not None:
         metrics.add_families(lambda: _requests(dns, stoppage, proxy))
-        metrics.add_families(lambda: _latency(latency))
+        metrics.add_families(lambda: _latency(latency, proxy))
     if tiles is not None:
         metrics.add("tiles", tiles.stats.copy)
     return metrics

@@ -54,6 +54,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -616,6 +617,14 @@ class NetfilterAddon:
             state.intercepted = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._decide(flow)
+        # from the first byte of the request to its decision (for a local answer, to
+        # the answer): what netfilter adds to a request; the origin's time is not ours
+        started = flow.request.timestamp_start
+        if started:
+            self.counters.latency.observe(time.time() - started)
+
+    def _decide(self, flow: http.HTTPFlow) -> None:
         # Decided here, not in `request`: this hook runs once the headers are read,
         # before any of the body, so uploads to blocked URLs stay cheap. A response
         # set here is sent without an upstream connection ever being opened

@@ -17,6 +17,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from netfilter.childmetrics import Snapshot, engine_counters
+from netfilter.metrics import LatencyHistogram
 from netfilter.ratelimit import RateLimit
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class ProxyCounters:
         self.answered: Counter[str] = Counter()  # verdicts of requests answered here
         self.other: Counter[str] = Counter()  # connects, tls decisions
         self.origin_errors: Counter[str] = Counter()
+        self.latency = LatencyHistogram()
         self._said = RateLimit(FAULT_INTERVAL)
 
     def origin_fault(self, origin: str, message: str) -> None:
@@ -81,4 +83,5 @@ class ProxyCounters:
         out["verdicts"] = verdicts
         out["proxy"] = {"requests": self.requests, **self.other.copy()}
         out["origin_errors"] = dict(self.origin_errors)
+        out["latency"] = {"counts": list(self.latency.counts), "sum": self.latency.sum}
         return out

@@ -26,6 +26,7 @@ __all__ = [
     "ProxySettings",
     "Settings",
     "StoppageSettings",
+    "UpdateSettings",
     "load_config",
     "parse_hostport",
 ]
@@ -70,6 +71,19 @@ def _upstream(value: str) -> str:
     return value
 
 
+def _list_source(value: str | None) -> str | None:
+    """A list's `source`: an https:// URL or a local path (a directory or a bundle)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        raise ValueError("must be an https:// URL or a local path")
+    if "://" in text and not text.lower().startswith("https://"):
+        raise ValueError("must be an https:// URL or a local path (no plain http: the "
+                         "signature protects the list, not the operator's privacy)")
+    return text
+
+
 def _key_file(value: Path) -> Path:
     if value.suffix != ".key":
         raise ValueError("must name a NAME.key file (NAME.pub is written beside it)")
@@ -95,7 +109,10 @@ class ListSettings(_Section):
     trust: list[Path] = Field(min_length=1)  # authority public keys accepted for it
     action: Literal["nxdomain", "stoppage", "refused"] = "stoppage"  # DNS answer on a block
     hmac_key: Path | None = None  # list key file, for hmac-sha256 lists
-    source: str | None = None  # URL or directory that `list update` pulls from
+    # Where `list update` pulls newer versions from: an https:// URL or a local path. A
+    # directory, or a URL ending in `/`, holds the bundle under this list's file name
+    # (path's); otherwise the source names the bundle itself (see netfilter.updates).
+    source: Annotated[str | None, AfterValidator(_list_source)] = None
     on_expiry: Literal["enforce", "stop"] = "enforce"  # after `expires`: alarm, then this
 
 
@@ -191,6 +208,37 @@ class AuditSettings(_Section):
     group: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 
+class UpdateSettings(_Section):
+    """`netfilter list update` and, when this section is present, the periodic check
+    inside `serve` for every list with a `source`. Times in seconds."""
+
+    interval: float = Field(3600.0, ge=1, le=7 * 86400)  # between two checks of a source
+    jitter: float = Field(300.0, ge=0, le=86400)  # each wait moves by up to this, either way
+    retry_min: float = Field(60.0, ge=1, le=86400)  # after a failure; doubled per failure...
+    retry_max: float = Field(3600.0, ge=1, le=7 * 86400)  # ... up to this
+    timeout: float = Field(30.0, gt=0, le=3600)  # per HTTPS request (connect, each read)
+    max_size: int = Field(4 << 30, ge=1024)  # bytes a download may have; past it, refused
+    # A PEM file with the CA(s) that HTTPS sources must chain to; given, the system's
+    # CAs are not trusted for them (pinned). Either way TLS is always verified.
+    ca: Path | None = None
+    # Freeze alarm (TUF): the newest version a source serves was issued longer ago.
+    max_age: float = Field(2 * 86400.0, gt=0)
+    # Highest installed version and manifest digest per list (rollback refused across
+    # restarts); SQLite, 0600. Default: list-state.sqlite beside the audit log (without
+    # an audit section, beside the node key).
+    state: Path | None = None
+    # Reserved for held updates (not used yet): an entry count moving by more than this
+    # fraction, or a name of this YAML list covered, holds a version for an operator.
+    max_entry_change: float = Field(0.2, gt=0)
+    protected_names: Path | None = None
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> UpdateSettings:
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must be at least retry_min")
+        return self
+
+
 class MetricsSettings(_Section):
     listen: HostPort = "127.0.0.1:9108"
 
@@ -206,6 +254,7 @@ class Settings(_Section):
     stoppage: StoppageSettings | None = None
     audit: AuditSettings | None = None
     metrics: MetricsSettings | None = None
+    updates: UpdateSettings | None = None
     base: Path = Field(Path("."), exclude=True)
 
     def resolve(self, path: Path) -> Path:
@@ -237,7 +286,7 @@ def load_config(path: str | Path) -> Settings:
     if "base" in raw:
         raise ConfigError(f"{path}: base", "unknown key")
     # A present but empty section (`dns:`) means "run it with defaults".
-    sections = ("node", "local", "dns", "proxy", "stoppage", "audit", "metrics")
+    sections = ("node", "local", "dns", "proxy", "stoppage", "audit", "metrics", "updates")
     data = {k: ({} if v is None and k in sections else v) for k, v in raw.items()}
     try:
         return Settings.model_validate({**data, "base": path.resolve().parent})

@@ -1,0 +1,145 @@
+"""Fetching a list's newest bundle from its source, only when it changed.
+
+A source is an https:// URL or a local path. A directory, or a URL ending in `/`,
+holds the bundle under the configured list's file name; any other source names the
+bundle itself. HTTPS requests are conditional (If-None-Match with the last ETag,
+If-Modified-Since with the last Last-Modified): a 304 costs no body and nothing is
+written. TLS is always verified, against the system's CAs or, with `updates.ca`,
+only against that pinned CA; a redirect to anything but https:// is refused. A local
+file is "not modified" while its device, inode, size and modification time are.
+
+Nothing here verifies a bundle: the bytes go to a file the installer gave, and the
+installer verifies them before they can replace anything.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import IO
+
+from netfilter import __version__
+from netfilter.config import UpdateSettings
+from netfilter.errors import NetfilterError
+from netfilter.updates.state import Validators
+
+__all__ = ["FetchError", "Fetched", "bundle_location", "fetch", "is_url"]
+
+CHUNK = 1 << 20
+
+
+class FetchError(NetfilterError):
+    """A source could not be read (unreachable, TLS, HTTP status, too large)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a fetch found: a new body (written) or "not modified" (nothing written)."""
+
+    modified: bool
+    validators: Validators
+    size: int = 0
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith("https://")
+
+
+def bundle_location(source: str, list_path: Path, base: Path) -> str:
+    """The URL or absolute path of a list's bundle at its source."""
+    if is_url(source):
+        return source + list_path.name if source.endswith("/") else source
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else base / path
+    return str(path / list_path.name if path.is_dir() else path)
+
+
+def fetch(location: str, out: IO[bytes], validators: Validators,
+          settings: UpdateSettings, *, ca: Path | None = None) -> Fetched:
+    """Write the bundle at `location` to `out` unless it is unchanged since `validators`.
+
+    `ca` is `updates.ca` resolved (a pinned CA file), or None for the system's CAs."""
+    if is_url(location):
+        return _fetch_https(location, out, validators, settings, ca)
+    return _fetch_file(Path(location), out, validators, settings.max_size)
+
+
+def _file_tag(st: os.stat_result) -> str:
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _fetch_file(path: Path, out: IO[bytes], validators: Validators,
+                max_size: int) -> Fetched:
+    try:
+        source = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError as e:
+        raise FetchError(path, "no bundle at the source") from e
+    except OSError as e:
+        raise FetchError(path, f"cannot read the source ({e.strerror})") from e
+    with source:
+        st = os.fstat(source.fileno())
+        tag = _file_tag(st)
+        now = Validators(etag=tag, last_modified=formatdate(st.st_mtime, usegmt=True))
+        if validators.etag == tag:
+            return Fetched(False, now)
+        if st.st_size > max_size:
+            raise FetchError(path, f"bundle of {st.st_size} bytes exceeds updates.max_size")
+        size = 0
+        while chunk := source.read(CHUNK):
+            size += len(chunk)
+            if size > max_size:
+                raise FetchError(path, "bundle exceeds updates.max_size")
+            out.write(chunk)
+    return Fetched(True, now, size)
+
+
+def tls_context(ca: Path | None) -> ssl.SSLContext:
+    """Verifying TLS: the system's CAs, or only a pinned CA file."""
+    try:
+        return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ssl.SSLError) as e:
+        raise FetchError(ca or "system CAs", f"cannot load the CA certificates ({e})") from e
+
+
+def _fetch_https(url: str, out: IO[bytes], validators: Validators,
+                 settings: UpdateSettings, ca: Path | None) -> Fetched:
+    import httpx
+
+    def https_only(request: httpx.Request) -> None:
+        if request.url.scheme != "https":
+            raise FetchError(url, f"redirected to {request.url.scheme}://, refused "
+                                  "(https only)")
+
+    headers = {"User-Agent": f"netfilter/{__version__} (list update)"}
+    if validators.etag and not validators.etag.startswith("file:"):
+        headers["If-None-Match"] = validators.etag
+    if validators.last_modified:
+        headers["If-Modified-Since"] = validators.last_modified
+    try:
+        with httpx.Client(verify=tls_context(ca), timeout=settings.timeout,
+                          follow_redirects=True, max_redirects=5,
+                          event_hooks={"request": [https_only]}) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            now = Validators(response.headers.get("ETag"),
+                             response.headers.get("Last-Modified"))
+            if response.status_code == 304:
+                return Fetched(False, Validators(now.etag or validators.etag,
+                                                 now.last_modified or validators.last_modified))
+            if response.status_code != 200:
+                raise FetchError(url, f"HTTP {response.status_code} {response.reason_phrase}")
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > settings.max_size:
+                raise FetchError(url, f"bundle of {length} bytes exceeds updates.max_size")
+            size = 0
+            for chunk in response.iter_bytes(CHUNK):
+                size += len(chunk)
+                if size > settings.max_size:
+                    raise FetchError(url, "bundle exceeds updates.max_size")
+                out.write(chunk)
+            return Fetched(True, now, size)
+    except httpx.HTTPError as e:
+        reason = str(e) or type(e).__name__
+        raise FetchError(url, f"cannot fetch ({reason[:300]})") from e

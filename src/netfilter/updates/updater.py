@@ -1,0 +1,408 @@
+"""One check of every list's source, and the periodic task `serve` runs.
+
+Per list with a `source` (config `lists[].source`), one check:
+
+1. the bundle in place is read (verified); if it is newer than the state's record
+   (installed by hand, or a crash came after the rename), the record follows it;
+2. the source is asked with the validators of its last good answer, but only while
+   the bundle in place is the recorded one (else the whole bundle is fetched, to
+   repair); "not modified" ends the check, nothing is written;
+3. the body is staged beside the bundle in place, fsynced, and verified completely
+   (signature against the list's trusted keys, every member's hash, expiry);
+4. its version and manifest digest are judged against the record (state.py): a lower
+   version, or the same version with another digest, is refused (`list-refused`)
+   unless the operator forces it (`--allow-rollback`, recorded as `list-loaded` with
+   action `allow-rollback` and the operator's user name);
+5. it is renamed over the old bundle (install.py), the record is updated, a
+   `list-loaded` event (action `install`) is recorded, and, after all lists, the
+   `on_install` callback runs once (serve passes its reload).
+
+A crash before 5's rename leaves the old bundle in place and the record unchanged;
+after it, the new bundle is whole and step 1 of the next run brings the record up.
+
+Freeze (TUF): when a check finds nothing newer and the version in force was issued
+more than `updates.max_age` ago, an error line is logged at every check and a
+`list-expired` event with action `freeze` is recorded once per version.
+
+Checks are serialized across processes by an exclusive lock file beside the state
+(a `list update` while `serve` checks is told so and does nothing).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import logging
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from netfilter.config import ListSettings, Settings, UpdateSettings
+from netfilter.errors import BundleError, BundleExpired, NetfilterError
+from netfilter.events import Event, EventSink
+from netfilter.keys import PublicKey, load_public_key
+from netfilter.listfile import Manifest, open_bundle
+from netfilter.updates.fetch import bundle_location, fetch
+from netfilter.updates.install import clean_stages, manifest_digest, place, stage, sync
+from netfilter.updates.state import Judgement, Validators, VersionState, judge, refusal, state_path
+
+__all__ = ["STEPS", "Outcome", "UpdateResult", "Updater"]
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["installed", "current", "refused", "failed", "busy"]
+# The points of an install a test may stop at (the `step` callback is called there).
+STEPS = ("downloaded", "synced", "verified", "renamed", "recorded")
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one check of one list's source came to."""
+
+    path: Path  # the configured bundle
+    source: str  # where it was fetched from (URL or path)
+    outcome: Outcome
+    list_id: str | None = None
+    version: int | None = None  # in force after the check
+    previous: int | None = None  # in force before, when it changed
+    reason: str = ""  # why refused or failed
+    not_modified: bool = False  # the source said so (nothing was downloaded)
+    forced: bool = False  # installed with --allow-rollback
+    frozen: bool = False  # the freeze alarm is raised
+
+    def line(self) -> str:
+        """One line for the operator."""
+        name = self.list_id or self.path.name
+        if self.outcome == "installed":
+            was = f" (was {self.previous})" if self.previous is not None else ""
+            how = ", ROLLBACK forced by --allow-rollback" if self.forced else ""
+            text = f"{name}: installed version {self.version}{was}{how} from {self.source}"
+        elif self.outcome == "current":
+            how = "not modified" if self.not_modified else "same version"
+            text = f"{name}: up to date, version {self.version} ({how})"
+        elif self.outcome == "busy":
+            text = f"{name}: skipped, {self.reason}"
+        else:
+            text = f"{name}: {self.outcome}: {self.reason}"
+        if self.frozen:
+            text += "; FREEZE ALARM: nothing newer than updates.max_age"
+        return text
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    manifest: Manifest
+    digest: str
+
+
+class _Refused(NetfilterError):
+    """A candidate bundle that must not be installed (recorded as list-refused)."""
+
+    def __init__(self, where: object, reason: str, *, list_id: str | None = None,
+                 version: int | None = None, kind: str = "verify") -> None:
+        super().__init__(where, reason)
+        self.list_id, self.version, self.kind = list_id, version, kind
+
+
+class Updater:
+    """Checks every list with a source: `run_once()` now, or `start()` a thread that
+    checks every `updates.interval` (with jitter, and back-off after failures) until
+    `stop()`.
+
+    `sink` records the events (serve: the engine's recorder; `list update`: the
+    node's event sink). `on_install(list_ids)` runs after a check installed something
+    (serve: reload). `step(name)` is called at each of STEPS (tests stop there)."""
+
+    def __init__(self, settings: Settings, sink: EventSink, *,
+                 state: VersionState | None = None,
+                 on_install: Callable[[list[str]], object] | None = None,
+                 step: Callable[[str], None] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings  # may be replaced (a config re-read); read per check
+        self.sink = sink
+        self.state = state or VersionState(state_path(settings))
+        self.on_install = on_install
+        self.step = step
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.counts: Counter[str] = Counter()  # outcomes, freeze alarms (for metrics)
+        self.failures = 0  # consecutive failed checks (back-off)
+        self.last_check: datetime | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Updater(state={self.state!r})"
+
+    @property
+    def options(self) -> UpdateSettings:
+        return self.settings.updates or UpdateSettings()
+
+    # ------------------------------------------------------------ one check
+
+    def run_once(self, *, allow_rollback: bool = False,
+                 only: Sequence[str] = ()) -> list[UpdateResult]:
+        """Check each list with a source (`only`: those whose list id, bundle file name
+        or configured path is named); then `on_install` once if anything was installed."""
+        items = [i for i in self.settings.lists if i.source is not None]
+        if only:
+            items = [i for i in items if self._named(i, only)]
+        results: list[UpdateResult] = []
+        with self._locked() as held:
+            for item in items:
+                assert item.source is not None
+                target = self.settings.resolve(item.path)
+                location = bundle_location(item.source, item.path, self.settings.base)
+                if not held:
+                    results.append(UpdateResult(target, location, "busy",
+                                                reason="another update is running"))
+                    continue
+                results.append(self._check(item, target, location, allow_rollback))
+        self.last_check = self.clock()
+        for r in results:
+            self.counts[r.outcome] += 1
+            self.counts["freeze"] += r.frozen
+        installed = [r.list_id or r.path.name for r in results if r.outcome == "installed"]
+        if installed and self.on_install is not None:
+            try:
+                self.on_install(installed)
+            except Exception:  # serve's reload says why itself; never end the task
+                log.exception("after installing %s: the reload callback failed",
+                              ", ".join(installed))
+        return results
+
+    def _named(self, item: ListSettings, names: Sequence[str]) -> bool:
+        target = self.settings.resolve(item.path)
+        if {str(item.path), item.path.name, target.stem, str(target)} & set(names):
+            return True
+        in_place = self._in_place(target, self._keys(item), quiet=True)
+        return in_place is not None and in_place.manifest.list_id in names
+
+    @contextmanager
+    def _locked(self) -> Iterator[bool]:
+        path = self.state.path.with_name(self.state.path.name + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _keys(self, item: ListSettings) -> list[PublicKey]:
+        return [load_public_key(self.settings.resolve(k)) for k in item.trust]
+
+    def _in_place(self, target: Path, keys: Sequence[PublicKey],
+                  quiet: bool = False) -> _InPlace | None:
+        """The verified bundle now at `target` (expired or not), or None."""
+        if not target.exists():
+            return None
+        try:
+            bundle = open_bundle(target, keys, allow_expired=True)
+        except BundleError as e:
+            if not quiet:
+                log.warning("the bundle in place does not verify, fetching it whole: %s", e)
+            return None
+        try:
+            return _InPlace(bundle.manifest, manifest_digest(bundle))
+        finally:
+            bundle.close()
+
+    def _check(self, item: ListSettings, target: Path, location: str,
+               allow_rollback: bool) -> UpdateResult:
+        try:
+            keys = self._keys(item)
+            clean_stages(target)
+            current = self._in_place(target, keys)
+            in_sync = self._follow(current)
+            validators = self.state.validators(location) if in_sync else Validators()
+            return self._fetch_and_install(item, target, location, keys, current,
+                                           validators, allow_rollback)
+        except _Refused as e:
+            self._emit(Event("list-refused", self.settings.node.id, list=e.list_id,
+                             version=e.version, action=e.kind,
+                             detail=f"update from {location}: {e.reason}"[:500]))
+            log.error("list update refused, the list in place stays: %s", e)
+            return UpdateResult(target, location, "refused", e.list_id, reason=str(e))
+        except (NetfilterError, OSError) as e:
+            log.error("list update failed, the list in place stays: %s", e)
+            return UpdateResult(target, location, "failed", reason=str(e))
+
+    def _follow(self, current: _InPlace | None) -> bool:
+        """Bring the record up to a newer bundle in place; is the bundle the record's?"""
+        if current is None:
+            return False
+        m = current.manifest
+        recorded = self.state.installed(m.list_id)
+        verdict = judge(recorded, m.version, current.digest)
+        if verdict is Judgement.NEW:
+            self.state.record(m.list_id, m.version, current.digest, m.issued,
+                              now=self.clock())
+            return True
+        return verdict is Judgement.SAME
+
+    def _fetch_and_install(self, item: ListSettings, target: Path, location: str,
+                           keys: Sequence[PublicKey], current: _InPlace | None,
+                           validators: Validators, allow_rollback: bool) -> UpdateResult:
+        updates = self.options
+        ca = self.settings.resolve(updates.ca) if updates.ca is not None else None
+        out, staged = stage(target)
+        try:
+            with out:
+                fetched = fetch(location, out, validators, updates, ca=ca)
+                if fetched.modified:
+                    self._step("downloaded")
+                    sync(out)
+                    self._step("synced")
+            if not fetched.modified:
+                assert current is not None  # validators are only sent when in sync
+                self.state.set_validators(location, fetched.validators, self.clock())
+                m = current.manifest
+                return UpdateResult(target, location, "current", m.list_id, m.version,
+                                    not_modified=True, frozen=self._freeze(m, location))
+            return self._install(target, location, staged, keys, current, fetched.validators,
+                                 allow_rollback)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _install(self, target: Path, location: str, staged: Path,
+                 keys: Sequence[PublicKey], current: _InPlace | None,
+                 validators: Validators, allow_rollback: bool) -> UpdateResult:
+        try:
+            bundle = open_bundle(staged, keys)
+        except BundleError as e:
+            kind = "expired" if isinstance(e, BundleExpired) else "verify"
+            raise _Refused(location, e.reason, kind=kind) from e
+        try:
+            m, digest = bundle.manifest, manifest_digest(bundle)
+        finally:
+            bundle.close()
+        if current is not None and m.list_id != current.manifest.list_id:
+            raise _Refused(location, f"serves list {m.list_id}, the bundle in place is list "
+                                     f"{current.manifest.list_id}", list_id=m.list_id,
+                           version=m.version, kind="list-id")
+        recorded = self.state.installed(m.list_id)
+        verdict = judge(recorded, m.version, digest)
+        node = self.settings.node.id
+        forced = False
+        if verdict is Judgement.SAME and current is not None and current.digest == digest:
+            self.state.set_validators(location, validators, self.clock())
+            return UpdateResult(target, location, "current", m.list_id, m.version,
+                                frozen=self._freeze(m, location))
+        if verdict in (Judgement.ROLLBACK, Judgement.CONFLICT):
+            assert recorded is not None
+            reason = refusal(recorded, m.version, verdict)
+            if not allow_rollback:
+                raise _Refused(location, reason, list_id=m.list_id, version=m.version,
+                               kind=verdict.value)
+            forced = True
+            log.warning("list %s: %s; installed anyway (--allow-rollback by %s)",
+                        m.list_id, reason, _operator())
+        self._step("verified")
+        place(staged, target)
+        self._step("renamed")
+        self.state.record(m.list_id, m.version, digest, m.issued, forced=forced,
+                          now=self.clock())
+        self.state.set_validators(location, validators, self.clock())
+        self._step("recorded")
+        previous = current.manifest.version if current is not None else None
+        detail = (f"installed {target.name} from {location}: entries={m.entries} "
+                  f"manifest-sha256={digest[:16]}")
+        if forced:
+            detail = (f"ROLLBACK forced with --allow-rollback by {_operator()}: was version "
+                      f"{recorded.version if recorded else '-'}; {detail}")
+        self._emit(Event("list-loaded", node, list=m.list_id, version=m.version,
+                         action="allow-rollback" if forced else "install",
+                         detail=detail[:500]))
+        log.info("list %s: installed version %s (was %s) from %s", m.list_id, m.version,
+                 previous, location)
+        return UpdateResult(target, location, "installed", m.list_id, m.version, previous,
+                            forced=forced, frozen=self._freeze(m, location))
+
+    def _freeze(self, m: Manifest, location: str) -> bool:
+        """The freeze alarm: nothing newer than max_age is offered (TUF's freeze attack)."""
+        age = (self.clock() - m.issued).total_seconds()
+        if age <= self.options.max_age:
+            return False
+        text = (f"list {m.list_id}: {location} still serves version {m.version}, issued "
+                f"{m.issued.isoformat()} ({age / 3600:.1f} h ago, more than "
+                f"updates.max_age): a freeze attack, or the authority stopped publishing")
+        log.error("%s", text)
+        if self.state.mark_freeze_alarm(m.list_id, m.version):
+            self._emit(Event("list-expired", self.settings.node.id, list=m.list_id,
+                             version=m.version, action="freeze", detail=text[:500]))
+        return True
+
+    def _step(self, name: str) -> None:
+        if self.step is not None:
+            self.step(name)
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink.record(event)
+        except Exception as e:  # the audit log's trouble must not stop the updates
+            log.error("event sink failed (%s: %s)", type(e).__name__, str(e)[:200])
+
+    # ------------------------------------------------------------ the periodic task
+
+    def next_delay(self, failed: bool) -> float:
+        """Seconds to the next check: the interval with jitter; after failures, an
+        exponential back-off from retry_min to retry_max (randomized in its upper half)."""
+        o = self.options
+        if failed:
+            self.failures += 1
+            wait = min(o.retry_max, o.retry_min * 2.0 ** min(self.failures - 1, 30))
+            return self.rng.uniform(wait / 2, wait)
+        self.failures = 0
+        return max(1.0, o.interval + self.rng.uniform(-o.jitter, o.jitter))
+
+    def start(self) -> None:
+        """Check in a daemon thread: first after a random part of the jitter, then per
+        `next_delay` until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="list-updates", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        o = self.options
+        delay = self.rng.uniform(0, min(o.jitter, o.interval))
+        while not self._stop.wait(delay):
+            try:
+                results = self.run_once()
+                failed = any(r.outcome in ("failed", "refused") for r in results)
+            except Exception:  # never end the task: the next check may succeed
+                log.exception("list update check failed")
+                failed = True
+            delay = self.next_delay(failed)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the thread (a check in progress finishes first, bounded by `timeout`)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, then close the state file (the sink is the caller's)."""
+        self.stop()
+        self.state.close()
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"

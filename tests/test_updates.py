@@ -448,3 +448,56 @@ def test_a_kill_at_any_step_leaves_a_whole_list(node: Node, build: BuildBundle,
     assert not node.stages()
     recorded = VersionState(state_path(node.settings)).installed("test")
     assert recorded is not None and recorded.version == 2
+
+
+def test_a_failing_source_raises_the_freeze_alarm_too(node: Node, build: BuildBundle) -> None:
+    """An attacker who blocks the source freezes the node as well as one who replays."""
+    node.publish(build(version=1))
+    sink = MemorySink()
+    later = [datetime.now(UTC)]
+    updater = node.updater(sink, clock=lambda: later[0])
+    updater.run_once()
+    (node.published / "test.nfl").unlink()
+    later[0] += timedelta(days=3)
+    [result] = updater.run_once()
+    assert (result.outcome, result.version, result.frozen) == ("failed", 1, True)
+    [freeze] = [e for e in sink.events if e.type == "list-expired"]
+    assert freeze.action == "freeze" and "failed" in (freeze.detail or "")
+    updater.close()
+
+
+def test_a_keyed_list_needs_its_configured_key(tmp_path: Path, authority: tuple[Path, Path],
+                                               build: BuildBundle) -> None:
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    old_key.write_bytes(b"k" * 32)
+    new_key.write_bytes(b"n" * 32)
+    os.chmod(old_key, 0o600)
+    os.chmod(new_key, 0o600)
+    node = Node(tmp_path, authority[1])
+    node.data["lists"][0]["hmac_key"] = str(old_key)
+    node.config.write_text(yaml.safe_dump(node.data), encoding="utf-8")
+    node.settings = load_config(node.config)
+    node.publish(build(version=1, hash_name="hmac-sha256", hmac_key=b"k" * 32))
+    sink = MemorySink()
+    updater = node.updater(sink)
+    assert updater.run_once()[0].outcome == "installed"
+    node.publish(build(version=2, hash_name="hmac-sha256", hmac_key=b"n" * 32))
+    [result] = updater.run_once()  # the authority rotated the list key; not configured yet
+    assert result.outcome == "refused" and "configure the new key first" in result.reason
+    assert sink.events[-1].action == "hmac-key"
+    assert node.installed_version() == 1
+    updater.close()
+
+
+def test_the_record_only_rises(tmp_path: Path) -> None:
+    state = VersionState(tmp_path / "state.sqlite")
+    now = datetime.now(UTC)
+    assert state.follow("l", 3, "a" * 64, now) is Judgement.NEW
+    assert state.follow("l", 2, "b" * 64, now) is Judgement.ROLLBACK
+    assert state.follow("l", 3, "b" * 64, now) is Judgement.CONFLICT
+    assert state.follow("l", 3, "a" * 64, now) is Judgement.SAME
+    state.close()
+    again = VersionState(tmp_path / "state.sqlite")  # a restart
+    recorded = again.installed("l")
+    assert recorded is not None and (recorded.version, recorded.digest) == (3, "a" * 64)
+    again.close()

@@ -74,6 +74,7 @@ class Publisher:
     files: dict[str, bytes] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str], int]] = field(default_factory=list)
     redirects: dict[str, str] = field(default_factory=dict)
+    always_304: bool = False  # a broken (or hostile) mirror
     port: int = 0
     modified: str = field(default_factory=lambda: formatdate(usegmt=True))
 
@@ -101,7 +102,7 @@ def _handler(pub: Publisher) -> type[http.server.BaseHTTPRequestHandler]:
             else:
                 data = pub.files[self.path.lstrip("/")]
                 etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
-                if headers.get("if-none-match") == etag:
+                if headers.get("if-none-match") == etag or pub.always_304:
                     status = 304
                     self.send_response(status)
                     self.send_header("ETag", etag)
@@ -223,4 +224,16 @@ def test_a_body_larger_than_max_size_is_refused(tmp_path: Path, authority: tuple
                 updates={"ca": str(ca), "max_size": 1024})
     [result] = node.updater().run_once()
     assert result.outcome == "failed" and "max_size" in result.reason
+    assert not node.target.exists() and not node.stages()
+
+
+def test_not_modified_to_an_unconditional_request_is_a_failure(
+        tmp_path: Path, authority: tuple[Path, Path], build: BuildBundle,
+        https: tuple[Publisher, Path]) -> None:
+    pub, ca = https
+    pub.put("test.nfl", build(version=1).read_bytes())
+    pub.always_304 = True
+    node = Node(tmp_path, authority[1], source=pub.url("/test.nfl"), updates={"ca": str(ca)})
+    [result] = node.updater().run_once()
+    assert result.outcome == "failed" and "unconditional" in result.reason
     assert not node.target.exists() and not node.stages()

@@ -126,6 +126,8 @@ def _fetch_https(url: str, out: IO[bytes], validators: Validators,
             now = Validators(response.headers.get("ETag"),
                              response.headers.get("Last-Modified"))
             if response.status_code == 304:
+                if "If-None-Match" not in headers and "If-Modified-Since" not in headers:
+                    raise FetchError(url, "304 Not Modified to an unconditional request")
                 return Fetched(False, Validators(now.etag or validators.etag,
                                                  now.last_modified or validators.last_modified))
             if response.status_code != 200:

@@ -166,6 +166,32 @@ class VersionState:
                 "forced = excluded.forced, freeze_alarm = NULL",
                 (list_id, version, digest, issued.isoformat(), at, int(forced)))
 
+    def follow(self, list_id: str, version: int, digest: str, issued: datetime, *,
+               now: datetime | None = None) -> Judgement:
+        """A bundle loaded or found in place: a newer one becomes the record (the floor
+        only rises); returns how it relates to the record as it was."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT version, digest FROM installed "
+                                       "WHERE list_id = ?", (list_id,)).fetchone()
+                if row is None or version > row[0]:
+                    verdict = Judgement.NEW
+                    at = (now or datetime.now(UTC)).isoformat()
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO installed (list_id, version, digest, issued, "
+                        "installed_at, forced) VALUES (?, ?, ?, ?, ?, 0)",
+                        (list_id, version, digest, issued.isoformat(), at))
+                elif version < row[0]:
+                    verdict = Judgement.ROLLBACK
+                else:
+                    verdict = Judgement.SAME if digest == row[1] else Judgement.CONFLICT
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return verdict
+
     def mark_freeze_alarm(self, list_id: str, version: int) -> bool:
         """Note that a freeze alarm was recorded for this version; False if it was already
         (an alarm goes to the audit log once per version, to the log at every check)."""

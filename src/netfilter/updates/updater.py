@@ -39,17 +39,18 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from netfilter.config import ListSettings, Settings, UpdateSettings
+from netfilter.digest import hmac_key_id, read_hmac_key
 from netfilter.errors import BundleError, BundleExpired, NetfilterError
 from netfilter.events import Event, EventSink
 from netfilter.keys import PublicKey, load_public_key
 from netfilter.listfile import Manifest, open_bundle
-from netfilter.updates.fetch import bundle_location, fetch
+from netfilter.updates.fetch import FetchError, bundle_location, fetch
 from netfilter.updates.install import clean_stages, manifest_digest, place, stage, sync
 from netfilter.updates.state import Judgement, Validators, VersionState, judge, refusal, state_path
 
@@ -221,40 +222,46 @@ class Updater:
 
     def _check(self, item: ListSettings, target: Path, location: str,
                allow_rollback: bool) -> UpdateResult:
+        current: _InPlace | None = None
+        in_force: Manifest | None
         try:
             keys = self._keys(item)
             clean_stages(target)
             current = self._in_place(target, keys)
             in_sync = self._follow(current)
             validators = self.state.validators(location) if in_sync else Validators()
-            return self._fetch_and_install(item, target, location, keys, current,
-                                           validators, allow_rollback)
+            result, in_force = self._fetch_and_install(item, target, location, keys, current,
+                                                       validators, allow_rollback)
         except _Refused as e:
             self._emit(Event("list-refused", self.settings.node.id, list=e.list_id,
                              version=e.version, action=e.kind,
                              detail=f"update from {location}: {e.reason}"[:500]))
             log.error("list update refused, the list in place stays: %s", e)
-            return UpdateResult(target, location, "refused", e.list_id, reason=str(e))
+            result = UpdateResult(target, location, "refused", e.list_id, reason=str(e))
+            in_force = current.manifest if current is not None else None
         except (NetfilterError, OSError) as e:
             log.error("list update failed, the list in place stays: %s", e)
-            return UpdateResult(target, location, "failed", reason=str(e))
+            result = UpdateResult(target, location, "failed", reason=str(e))
+            in_force = current.manifest if current is not None else None
+        if in_force is None:
+            return result
+        if result.version is None:
+            result = replace(result, list_id=in_force.list_id, version=in_force.version)
+        return replace(result, frozen=self._freeze(in_force, location, result))
 
     def _follow(self, current: _InPlace | None) -> bool:
         """Bring the record up to a newer bundle in place; is the bundle the record's?"""
         if current is None:
             return False
         m = current.manifest
-        recorded = self.state.installed(m.list_id)
-        verdict = judge(recorded, m.version, current.digest)
-        if verdict is Judgement.NEW:
-            self.state.record(m.list_id, m.version, current.digest, m.issued,
-                              now=self.clock())
-            return True
-        return verdict is Judgement.SAME
+        verdict = self.state.follow(m.list_id, m.version, current.digest, m.issued,
+                                    now=self.clock())
+        return verdict in (Judgement.NEW, Judgement.SAME)
 
     def _fetch_and_install(self, item: ListSettings, target: Path, location: str,
                            keys: Sequence[PublicKey], current: _InPlace | None,
-                           validators: Validators, allow_rollback: bool) -> UpdateResult:
+                           validators: Validators,
+                           allow_rollback: bool) -> tuple[UpdateResult, Manifest]:
         updates = self.options
         ca = self.settings.resolve(updates.ca) if updates.ca is not None else None
         out, staged = stage(target)
@@ -266,19 +273,20 @@ class Updater:
                     sync(out)
                     self._step("synced")
             if not fetched.modified:
-                assert current is not None  # validators are only sent when in sync
+                if current is None:  # validators are only sent while in sync
+                    raise FetchError(location, "said not modified, but nothing is in place")
                 self.state.set_validators(location, fetched.validators, self.clock())
                 m = current.manifest
                 return UpdateResult(target, location, "current", m.list_id, m.version,
-                                    not_modified=True, frozen=self._freeze(m, location))
-            return self._install(target, location, staged, keys, current, fetched.validators,
-                                 allow_rollback)
+                                    not_modified=True), m
+            return self._install(item, target, location, staged, keys, current,
+                                 fetched.validators, allow_rollback)
         finally:
             staged.unlink(missing_ok=True)
 
-    def _install(self, target: Path, location: str, staged: Path,
+    def _install(self, item: ListSettings, target: Path, location: str, staged: Path,
                  keys: Sequence[PublicKey], current: _InPlace | None,
-                 validators: Validators, allow_rollback: bool) -> UpdateResult:
+                 validators: Validators, allow_rollback: bool) -> tuple[UpdateResult, Manifest]:
         try:
             bundle = open_bundle(staged, keys)
         except BundleError as e:
@@ -292,14 +300,14 @@ class Updater:
             raise _Refused(location, f"serves list {m.list_id}, the bundle in place is list "
                                      f"{current.manifest.list_id}", list_id=m.list_id,
                            version=m.version, kind="list-id")
+        self._check_list_key(item, m, location)
         recorded = self.state.installed(m.list_id)
         verdict = judge(recorded, m.version, digest)
         node = self.settings.node.id
         forced = False
         if verdict is Judgement.SAME and current is not None and current.digest == digest:
             self.state.set_validators(location, validators, self.clock())
-            return UpdateResult(target, location, "current", m.list_id, m.version,
-                                frozen=self._freeze(m, location))
+            return UpdateResult(target, location, "current", m.list_id, m.version), m
         if verdict in (Judgement.ROLLBACK, Judgement.CONFLICT):
             assert recorded is not None
             reason = refusal(recorded, m.version, verdict)
@@ -328,14 +336,34 @@ class Updater:
         log.info("list %s: installed version %s (was %s) from %s", m.list_id, m.version,
                  previous, location)
         return UpdateResult(target, location, "installed", m.list_id, m.version, previous,
-                            forced=forced, frozen=self._freeze(m, location))
+                            forced=forced), m
 
-    def _freeze(self, m: Manifest, location: str) -> bool:
-        """The freeze alarm: nothing newer than max_age is offered (TUF's freeze attack)."""
+    def _check_list_key(self, item: ListSettings, m: Manifest, location: str) -> None:
+        """A keyed list must be keyed with the configured list key, or it would not
+        load (a node restarted on it would enforce nothing)."""
+        if m.hash != "hmac-sha256":
+            return
+        reason = None
+        if item.hmac_key is None:
+            reason = "the list is hmac-sha256 keyed and no hmac_key is configured"
+        else:
+            have = hmac_key_id(read_hmac_key(self.settings.resolve(item.hmac_key)))
+            if have != m.hmac_key_id:
+                reason = (f"keyed with list key {m.hmac_key_id}, the configured hmac_key is "
+                          f"{have} (configure the new key first)")
+        if reason is not None:
+            raise _Refused(location, reason, list_id=m.list_id, version=m.version,
+                           kind="hmac-key")
+
+    def _freeze(self, m: Manifest, location: str, result: UpdateResult) -> bool:
+        """The freeze alarm: the version in force was issued more than max_age ago and
+        the check brought nothing newer (TUF's freeze attack, or a blocked source)."""
         age = (self.clock() - m.issued).total_seconds()
         if age <= self.options.max_age:
             return False
-        text = (f"list {m.list_id}: {location} still serves version {m.version}, issued "
+        how = ("still serves" if result.outcome in ("current", "installed")
+               else f"{result.outcome} ({result.reason[:200]}); in force is")
+        text = (f"list {m.list_id}: {location} {how} version {m.version}, issued "
                 f"{m.issued.isoformat()} ({age / 3600:.1f} h ago, more than "
                 f"updates.max_age): a freeze attack, or the authority stopped publishing")
         log.error("%s", text)

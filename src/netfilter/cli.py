@@ -12,19 +12,20 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netfilter import __version__
-from netfilter.canonical import InvalidURL, canonicalize
-from netfilter.config import load_config
-from netfilter.configcheck import check_config
-from netfilter.digest import read_hmac_key
 from netfilter.errors import ListenError, NetfilterError
-from netfilter.keys import PrivateKey, generate_keypair, load_private_key, load_public_key
-from netfilter.listfile import build_bundle, open_bundle
-from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.logsetup import ENV as LOG_ENV
 from netfilter.logsetup import FORMATS, chosen_format, setup
+
+if TYPE_CHECKING:
+    from netfilter.keys import PrivateKey
+    from netfilter.lists import Lists
+
+# Each command imports what it needs when it runs: the matching core (numpy), the
+# config model (pydantic) and mitmproxy cost a third of a second to import, and
+# `--version`, `--help` or `keys generate` need none of them.
 
 __all__ = ["main"]
 
@@ -182,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from netfilter.config import load_config
+    from netfilter.configcheck import check_config
     from netfilter.serve import serve
 
     if args.config is None:
@@ -200,6 +203,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from netfilter.config import load_config
+    from netfilter.configcheck import check_config
+
     try:
         settings = load_config(args.file)
         check_config(settings)
@@ -228,6 +234,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    from netfilter.keys import generate_keypair, load_public_key
+
     key_path, pub_path = generate_keypair(args.out)
     pub = load_public_key(pub_path)
     print(f"wrote {key_path} (private, mode 0600) and {pub_path}; key id {pub.id}")
@@ -235,6 +243,10 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from netfilter.digest import read_hmac_key
+    from netfilter.keys import load_private_key, load_public_key
+    from netfilter.listfile import build_bundle, open_bundle
+
     if args.list_cmd == "build":
         if (args.hash == "hmac-sha256") != bool(args.hmac_key):
             raise NetfilterError("--hmac-key", "required with --hash hmac-sha256, and only then")
@@ -277,7 +289,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _build_delta(args: argparse.Namespace, key: PrivateKey, hmac_key: bytes | None) -> int:
+    from netfilter.keys import load_public_key
     from netfilter.listdelta import build_delta, default_delta_path
+    from netfilter.listfile import open_bundle
 
     trusted = [load_public_key(k) for k in args.trust] if args.trust else [key.public]
     base = open_bundle(args.diff_from, trusted, allow_expired=True)
@@ -299,7 +313,9 @@ def _build_delta(args: argparse.Namespace, key: PrivateKey, hmac_key: bytes | No
 
 
 def _apply_delta(args: argparse.Namespace) -> int:
+    from netfilter.keys import load_public_key
     from netfilter.listdelta import DeltaBaseMismatch, apply_delta
+    from netfilter.listfile import open_bundle
 
     trusted = [load_public_key(k) for k in args.trust]
     base = open_bundle(args.base, trusted, allow_expired=True)
@@ -317,6 +333,9 @@ def _apply_delta(args: argparse.Namespace) -> int:
 
 
 def _lists_from_args(args: argparse.Namespace) -> Lists:
+    from netfilter.config import load_config
+    from netfilter.lists import ListSource, load_lists
+
     if args.config:
         if getattr(args, "ordered", None):
             raise NetfilterError("--config", "use either --config or --list/--trust, not both")
@@ -342,6 +361,8 @@ def _lists_from_args(args: argparse.Namespace) -> Lists:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from netfilter.canonical import InvalidURL, canonicalize
+
     lists = _lists_from_args(args)
     status = 0
     for url in args.urls:

@@ -501,3 +501,21 @@ def test_the_record_only_rises(tmp_path: Path) -> None:
     recorded = again.installed("l")
     assert recorded is not None and (recorded.version, recorded.digest) == (3, "a" * 64)
     again.close()
+
+
+def test_a_loader_asks_the_record_with_the_bundle(node: Node, build: BuildBundle) -> None:
+    """What the engine is to call at load (check_bundle) and once in force (follow_bundle)."""
+    keys = [load_public_key(node.pub)]
+    v1 = open_bundle(build(version=1), keys)
+    v2 = open_bundle(build(version=2), keys)
+    state = VersionState(state_path(node.settings))
+    try:
+        assert state.check_bundle(v1) is None
+        assert state.follow_bundle(v2) is Judgement.NEW
+        reason = state.check_bundle(v1)
+        assert reason is not None and "rollback refused" in reason
+        assert state.check_bundle(v2) is None
+    finally:
+        v1.close()
+        v2.close()
+        state.close()

@@ -63,5 +63,6 @@ def place(staged: Path, target: Path) -> None:
 
 
 def manifest_digest(bundle: Bundle) -> str:
-    """SHA-256 (hex) of the signed manifest bytes: what identifies a version's content."""
+    """SHA-256 (hex) of the signed manifest bytes: what identifies a version's content
+    (the manifest names every member's SHA-256, so it stands for the whole bundle)."""
     return hashlib.sha256(bundle.manifest_bytes()).hexdigest()

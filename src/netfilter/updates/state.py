@@ -23,6 +23,8 @@ from pathlib import Path
 
 from netfilter.config import Settings
 from netfilter.errors import NetfilterError
+from netfilter.listfile import Bundle
+from netfilter.updates.install import manifest_digest
 
 __all__ = ["Installed", "Judgement", "Validators", "VersionState", "judge", "state_path"]
 
@@ -152,6 +154,16 @@ class VersionState:
         if recorded is None or verdict in (Judgement.NEW, Judgement.SAME):
             return None
         return refusal(recorded, version, verdict)
+
+    def check_bundle(self, bundle: Bundle) -> str | None:
+        """`check` for a verified bundle (what a loader calls before using it)."""
+        m = bundle.manifest
+        return self.check(m.list_id, m.version, manifest_digest(bundle))
+
+    def follow_bundle(self, bundle: Bundle) -> Judgement:
+        """`follow` for a verified bundle (what a loader calls once it is in force)."""
+        m = bundle.manifest
+        return self.follow(m.list_id, m.version, manifest_digest(bundle), m.issued)
 
     def record(self, list_id: str, version: int, digest: str, issued: datetime, *,
                forced: bool = False, now: datetime | None = None) -> None:

@@ -18,6 +18,7 @@ from netfilter.aggregate import BlockAggregator
 from netfilter.config import Settings
 from netfilter.errors import NetfilterError
 from netfilter.events import Event, EventSink, NullSink
+from netfilter.expiry import ExpiryWatch
 from netfilter.listfile import Transparency
 from netfilter.lists import Lists, ListSource, load_lists
 from netfilter.matcher import Match
@@ -109,6 +110,7 @@ class Engine:
             self._emit(Event("config-changed", self.node_id, action="record_targets=true",
                              detail="blocked URLs and names are recorded (audit.record_targets)"))
         self._reload_lock = threading.Lock()
+        self.expiry = ExpiryWatch(self)
         self._state = self._load({})
         # The host cache of the lists in force, for a resolver's fast path: a name
         # whose value here is None matches no entry, so it may be forwarded without a
@@ -151,6 +153,7 @@ class Engine:
                              detail=f"entries={m.entries} key={bundle.signer.id}"))
         for warning in lists.warnings:
             self._emit(Event("list-expired", self.node_id, detail=warning))
+        self.expiry.loaded(lists)
         return _State(lists, answers)
 
     @property
@@ -244,6 +247,18 @@ class Engine:
                 log.error("event sink failed (%s: %s); %d failures in all", type(e).__name__,
                           str(e)[:200], self._sink_failures)
 
+    def expiry_policies(self) -> dict[str, str]:
+        """`on_expiry` of each list in force, by list id."""
+        by_path = {self.settings.resolve(item.path): item.on_expiry
+                   for item in self.settings.lists}
+        return {b.manifest.list_id: by_path.get(b.path, "enforce")
+                for b in self.lists.bundles}
+
+    def record(self, event: Event) -> None:
+        """An event of the node's own (a list expiring in force): to the sink, never
+        raising."""
+        self._emit(event)
+
     def record_refusal(self, reason: str) -> None:
         """A list refused before it reached the engine (a config re-read checks the
         bundles first): recorded as the engine's own refusals are."""
@@ -264,4 +279,5 @@ class Engine:
     def close(self) -> None:
         """Pass on what aggregation holds, then close the sink (a last checkpoint): the
         aggregator's close does both; without one, the recorder is the sink."""
+        self.expiry.close()
         self.recorder.close()

@@ -45,6 +45,8 @@ class Lists:
     exceptions: ListMatcher | None = None
     bundles: tuple[Bundle, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    # the lines of expired lists left out under `on_expiry: stop`
+    stopped: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         # With one list and no exceptions (the common case) skip a layer of calls.
@@ -140,6 +142,7 @@ def load_lists(
     matchers: list[ListMatcher] = []
     bundles: list[Bundle] = []
     warnings: list[str] = []
+    stopped: list[str] = []
     seen: set[str] = set()
     for source in sources:
         bundle, warning = _load_bundle(source, installed or {})
@@ -150,6 +153,7 @@ def load_lists(
         if warning:
             warnings.append(warning)
         if bundle.expired and source.on_expiry == "stop":
+            stopped.append(warning or list_id)
             continue
         key = read_hmac_key(source.hmac_key) if source.hmac_key is not None else None
         matchers.append(ListMatcher.from_bundle(bundle, key))
@@ -162,7 +166,7 @@ def load_lists(
         _, entries = read_source(local_allow, local=True, default_category="exception")
         exceptions = ListMatcher.from_entries("local-allow", entries, source="exception")
     _return_freed_memory()
-    return Lists(tuple(matchers), exceptions, tuple(bundles), tuple(warnings))
+    return Lists(tuple(matchers), exceptions, tuple(bundles), tuple(warnings), tuple(stopped))
 
 
 def _return_freed_memory() -> None:

@@ -519,3 +519,23 @@ def test_a_loader_asks_the_record_with_the_bundle(node: Node, build: BuildBundle
         v1.close()
         v2.close()
         state.close()
+
+
+def test_only_the_named_lists_are_checked(tmp_path: Path, authority: tuple[Path, Path],
+                                          build: BuildBundle) -> None:
+    node = Node(tmp_path, authority[1])
+    second = tmp_path / "published-2"
+    second.mkdir()
+    node.data["lists"].append({"path": "lists/second.nfl", "trust": [str(node.pub)],
+                               "source": str(second)})
+    node.config.write_text(yaml.safe_dump(node.data), encoding="utf-8")
+    node.settings = load_config(node.config)
+    node.publish(build(version=1))
+    shutil.copyfile(build(version=1, list_id="second"), second / "second.nfl")
+    updater = node.updater()
+    assert [r.list_id for r in updater.run_once(only=["second.nfl"])] == ["second"]
+    assert [r.outcome for r in updater.run_once(only=["second"])] == ["current"]  # by id
+    assert [(r.list_id, r.outcome) for r in updater.run_once()] == [
+        ("test", "installed"), ("second", "current")]
+    assert updater.run_once(only=["absent"]) == []
+    updater.close()

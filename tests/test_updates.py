@@ -220,19 +220,12 @@ def test_judge() -> None:
     assert judge(rec, 4, "a" * 64) is Judgement.ROLLBACK
 
 
-_CLI = """
-import argparse, sys
-from netfilter.updates.commands import add_parser, run
-parser = argparse.ArgumentParser(prog="netfilter")
-lists = parser.add_subparsers(dest="command").add_parser("list").add_subparsers(dest="list_cmd")
-add_parser(lists)
-sys.exit(run(parser.parse_args(sys.argv[1:])))
-"""
 
 
 def _list_update(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """`netfilter list update ...` in its own process (a restart between any two)."""
-    return subprocess.run([sys.executable, "-c", _CLI, "list", "update", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "netfilter.cli", "list", "update",
+                           *map(str, args)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
@@ -292,6 +285,30 @@ def test_the_record_refuses_a_bundle_copied_back_by_hand(node: Node, build: Buil
     assert reason is not None and "rollback refused" in reason
     assert state.check("test", 3, digest) is None
     state.close()
+
+
+def test_a_node_refuses_at_start_a_bundle_older_than_its_record(
+        tmp_path: Path, authority: tuple[Path, Path], build: BuildBundle) -> None:
+    """The engine a node runs on (node.make_engine) asks the durable record: a version
+    2 once in force, then version 1 copied back by hand and a restart: refused in one
+    line, recorded as list-refused; version 2 back in place loads again."""
+    from netfilter.errors import BundleError
+    from netfilter.node import make_engine
+
+    node = Node(tmp_path, authority[1], audit=True)
+    node.target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(build(version=2), node.target)
+    make_engine(node.settings).close()  # in force once: the record rises to 2
+    shutil.copyfile(build(version=1), node.target)
+    with pytest.raises(BundleError, match="rollback refused.*--allow-rollback"):
+        make_engine(node.settings)
+    refused = [e for e in read_events(node.dir / "audit.sqlite") if e["type"] == "list-refused"]
+    assert len(refused) == 1 and "lower than the installed version 2" in refused[0]["detail"]
+    shutil.copyfile(build(version=3), node.target)
+    engine = make_engine(node.settings)
+    assert engine.lists.versions() == {"test": 3}
+    engine.close()
+    assert VersionState(state_path(node.settings)).installed("test").version == 3  # type: ignore[union-attr]
 
 
 def test_a_second_updater_is_told_the_first_runs(node: Node, build: BuildBundle) -> None:

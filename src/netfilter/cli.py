@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle")
     verify.add_argument("--trust", action="append", required=True, metavar="PUB")
     verify.add_argument("--allow-expired", action="store_true")
+    from netfilter.updates.commands import add_parser as add_update
+
+    add_update(lsub)
     info = lsub.add_parser("info", help="show a bundle's manifest")
     info.add_argument("bundle")
     info.add_argument("--trust", action="append", metavar="PUB",
@@ -270,6 +273,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     if args.list_cmd == "apply":
         return _apply_delta(args)
+    if args.list_cmd == "update":
+        from netfilter.updates.commands import run
+
+        return run(args)
     if args.list_cmd == "verify":
         bundle = open_bundle(args.bundle, [load_public_key(k) for k in args.trust],
                              allow_expired=args.allow_expired)

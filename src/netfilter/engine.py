@@ -20,7 +20,7 @@ from netfilter.errors import NetfilterError
 from netfilter.events import Event, EventSink, NullSink
 from netfilter.expiry import ExpiryWatch
 from netfilter.listfile import Transparency
-from netfilter.lists import Lists, ListSource, load_lists
+from netfilter.lists import Lists, ListSource, VersionFloor, load_lists
 from netfilter.matcher import Match
 from netfilter.memo import remember
 from netfilter.privacy import ClientRecorder
@@ -83,8 +83,11 @@ class Engine:
     """Checks and records; thread-safe (the state is one immutable object)."""
 
     def __init__(self, settings: Settings, sink: EventSink | None = None, *,
-                 pseudonym_key: Callable[[str], bytes] | None = None) -> None:
-        """`pseudonym_key(day)` shares the day's client-pseudonym key (the audit log's).
+                 pseudonym_key: Callable[[str], bytes] | None = None,
+                 floor: VersionFloor | None = None) -> None:
+        """`pseudonym_key(day)` shares the day's client-pseudonym key (the audit log's);
+        `floor`, the node's durable record of installed versions, refuses a list older
+        than one the node had in force before, also after a restart (node.make_engine).
 
         With an audit section, block events reach `sink` aggregated per
         `audit.aggregate_window` (aggregate.py); `close()` passes on what is pending."""
@@ -110,6 +113,7 @@ class Engine:
             self._emit(Event("config-changed", self.node_id, action="record_targets=true",
                              detail="blocked URLs and names are recorded (audit.record_targets)"))
         self._reload_lock = threading.Lock()
+        self.floor = floor
         self.expiry = ExpiryWatch(self)
         self._state = self._load({})
         # The host cache of the lists in force, for a resolver's fast path: a name
@@ -139,6 +143,7 @@ class Engine:
                 local_block=s.resolve(s.local.block) if s.local.block else None,
                 local_allow=s.resolve(s.local.allow) if s.local.allow else None,
                 installed=installed,
+                floor=self.floor,
             )
         except NetfilterError as e:
             self._emit(Event("list-refused", self.node_id, detail=str(e)[:500]))

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from netfilter.canonical import canonical_parts, name_suffixes
 from netfilter.digest import read_hmac_key
@@ -25,6 +25,15 @@ __all__ = ["ListSource", "Lists", "load_lists"]
 
 log = logging.getLogger(__name__)
 ExpiryPolicy = Literal["enforce", "stop"]
+
+
+class VersionFloor(Protocol):
+    """The durable record of installed versions (updates.state.VersionState): what a
+    node installed before is a floor its lists never go below, across restarts."""
+
+    def check_bundle(self, bundle: Bundle) -> str | None: ...
+
+    def follow_bundle(self, bundle: Bundle) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -108,10 +117,16 @@ class Lists:
         return sum(m.entry_count for m in self.blocking)
 
 
-def _load_bundle(source: ListSource, installed: Mapping[str, int]) -> tuple[Bundle, str | None]:
+def _load_bundle(source: ListSource, installed: Mapping[str, int],
+                 floor: VersionFloor | None) -> tuple[Bundle, str | None]:
     keys = [load_public_key(k) for k in source.trusted_keys]
     bundle = open_bundle(source.path, keys, allow_expired=True)
     m = bundle.manifest
+    reason = floor.check_bundle(bundle) if floor is not None else None
+    if reason is not None:
+        bundle.close()
+        raise BundleError(source.path, f"{reason}; to accept it, `netfilter list update "
+                                       "--allow-rollback` from its source")
     previous = installed.get(m.list_id)
     if previous is not None and m.version < previous:
         raise BundleError(source.path, f"version {m.version} is older than the installed "
@@ -134,10 +149,13 @@ def load_lists(
     local_block: str | Path | None = None,
     local_allow: str | Path | None = None,
     installed: Mapping[str, int] | None = None,
+    floor: VersionFloor | None = None,
 ) -> Lists:
     """Verify and load every list; any failure raises and nothing is half-loaded.
 
-    `installed` maps list ids to the versions in force, so a reload refuses rollbacks.
+    `installed` maps list ids to the versions in force, so a reload refuses rollbacks;
+    `floor`, the node's durable record, refuses them across restarts too, and is
+    raised to what loaded.
     """
     matchers: list[ListMatcher] = []
     bundles: list[Bundle] = []
@@ -145,7 +163,7 @@ def load_lists(
     stopped: list[str] = []
     seen: set[str] = set()
     for source in sources:
-        bundle, warning = _load_bundle(source, installed or {})
+        bundle, warning = _load_bundle(source, installed or {}, floor)
         list_id = bundle.manifest.list_id
         if list_id in seen:
             raise BundleError(source.path, f"list id {list_id} is loaded twice")
@@ -166,6 +184,9 @@ def load_lists(
         _, entries = read_source(local_allow, local=True, default_category="exception")
         exceptions = ListMatcher.from_entries("local-allow", entries, source="exception")
     _return_freed_memory()
+    if floor is not None:
+        for bundle in bundles:
+            floor.follow_bundle(bundle)
     return Lists(tuple(matchers), exceptions, tuple(bundles), tuple(warnings), tuple(stopped))
 
 

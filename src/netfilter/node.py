@@ -36,6 +36,15 @@ def event_sink(settings: Settings) -> EventSink:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """The engine with the config's audit log as its sink (close it with `close()`)."""
+    """The engine with the config's audit log as its sink (close it with `close()`), and
+    the node's durable record of installed list versions as the floor of its lists."""
+    from netfilter.updates.state import VersionState, state_path
+
     sink = event_sink(settings)
-    return Engine(settings, sink, pseudonym_key=getattr(sink, "pseudonym_key", None))
+    floor = VersionState(state_path(settings))
+    try:
+        return Engine(settings, sink, pseudonym_key=getattr(sink, "pseudonym_key", None),
+                      floor=floor)
+    except BaseException:
+        sink.close()
+        raise

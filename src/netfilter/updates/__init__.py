@@ -17,8 +17,27 @@ freshclam mirrors publish `daily.cvd`: a plain HTTPS mirror or an rsync'ed
 directory serves it, and HTTP caches and conditional requests keep a check cheap.
 """
 
-from netfilter.updates.state import Installed, VersionState, judge, state_path
-from netfilter.updates.updater import STEPS, Updater, UpdateResult
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from netfilter.updates.state import Installed, VersionState, judge, state_path
+    from netfilter.updates.updater import STEPS, Updater, UpdateResult
 
 __all__ = ["STEPS", "Installed", "UpdateResult", "Updater", "VersionState", "judge",
            "state_path"]
+
+# Loaded on first use: `netfilter list --help` reaches commands.py through this
+# package, and must not import httpx and the updater for it.
+_LAZY = {"Installed": "state", "VersionState": "state", "judge": "state",
+         "state_path": "state", "STEPS": "updater", "Updater": "updater",
+         "UpdateResult": "updater"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'netfilter.updates' has no attribute {name!r}")
+    value = getattr(import_module(f"netfilter.updates.{module}"), name)
+    globals()[name] = value
+    return value

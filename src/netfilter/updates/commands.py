@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from netfilter.config import load_config
 from netfilter.errors import NetfilterError
 
 __all__ = ["FREEZE_STATUS", "add_parser", "run"]
@@ -36,6 +35,7 @@ def add_parser(list_subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check now; one line per list on stdout (a refusal's reason too)."""
+    from netfilter.config import load_config
     from netfilter.node import event_sink
     from netfilter.updates.updater import Updater
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -180,12 +182,8 @@ def test_blocked_upload_is_answered_without_reading_its_body(
                            "-o", os.devnull, "-w", "%{http_code} %{http_version} %{size_upload}",
                            *args, f"{scheme}://partly.example:{origin.port}/dir/upload"],
                           capture_output=True, text=True, timeout=60, check=False, env=env)
-    if done.returncode == 55 and scheme == "https" and version == "1.1":
-        # A known bug (3 of 5 full runs at the end of session 4): the proxy closes the
-        # TLS connection with the upload unread, the kernel sends RST, and curl aborts
-        # while sending, before it reads the 451. Fix: a lingering close (drain what the
-        # client still sends for a moment) in proxy/early.py's HTTP/1 path.
-        pytest.xfail("known bug: RST before the 451 was read (curl: Send failure)")
+    # curl 55 (Send failure) here was the proxy closing the connection over the unread
+    # upload: the kernel sent RST, which curl saw before the 451 (early.py now lingers).
     assert done.returncode == 0, done.stderr
     code, got_version, sent = done.stdout.split()
     assert (code, got_version) == ("451", version), done.stdout
@@ -193,10 +191,85 @@ def test_blocked_upload_is_answered_without_reading_its_body(
         assert int(sent) == 0
     assert int(sent) < UPLOAD // 4, f"curl sent {sent} bytes of {UPLOAD}"
     assert (rig.plain.snapshot(), rig.secure.snapshot()) == before
+    _no_crash(proxy, logged)
+
+
+def _answered_upload(rig: Rig, scheme: str) -> socket.socket:
+    """A client that announces a 1 GiB upload to a blocked URL (over HTTPS inside a
+    CONNECT tunnel, as curl does) and reads the proxy's answer, having sent nothing of
+    the body yet."""
+    origin = rig.plain if scheme == "http" else rig.secure
+    authority = f"partly.example:{origin.port}"
+    sock = socket.create_connection((HOST, rig.proxy.port), timeout=10)
+    target = f"http://{authority}/dir/upload"
+    if scheme == "https":
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := sock.recv(4096)):
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        tls = ssl.create_default_context(cafile=str(rig.mitm_ca))
+        sock = tls.wrap_socket(sock, server_hostname="partly.example")
+        target = "/dir/upload"
+    sock.sendall(f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n"
+                 f"Content-Length: {1 << 30}\r\n\r\n".encode())
+    # Read the answer, not up to the FIN: over TLS, OpenSSL refuses to send once it
+    # has read a TCP EOF that no close_notify announced (mitmproxy sends none).
+    answer = b""
+    while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 451"), answer[:300]
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    assert fields[b"connection"] == b"close", head
+    while len(body) < int(fields[b"content-length"]) and (chunk := sock.recv(65536)):
+        body += chunk
+    return sock
+
+
+def _no_crash(proxy: Mitmdump, logged: int) -> None:
     time.sleep(0.2)  # what mitmdump may still log about that connection
     problems = [line for line in proxy.log()[logged:].splitlines()
                 if any(word in line for word in _CRASH)]
     assert not problems, proxy.log()[logged:][-3000:]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_lingering_close_after_an_early_answer_is_bounded_in_time(
+        rig: Rig, scheme: str) -> None:
+    """After the 451 and its half-close the proxy goes on reading what the client
+    still sends (so the kernel does not reset a connection whose client has yet to
+    read the answer), but a client trickling its body does not hold the connection:
+    the proxy closes it after LINGER_SECONDS."""
+    from netfilter.proxy.early import LINGER_SECONDS
+    logged = len(rig.proxy.log())
+    with _answered_upload(rig, scheme) as sock:
+        start = time.monotonic()
+        with pytest.raises(OSError):  # reset, broken pipe, TLS EOF: closed
+            while time.monotonic() - start < LINGER_SECONDS + 10:
+                sock.sendall(bytes(1024))
+                time.sleep(0.05)
+        took = time.monotonic() - start
+    assert LINGER_SECONDS - 0.5 < took < LINGER_SECONDS + 3, took
+    _no_crash(rig.proxy, logged)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_lingering_close_after_an_early_answer_is_bounded_in_bytes(
+        rig: Rig, scheme: str) -> None:
+    """A client that sends its body as fast as it can after the 451 is cut off after
+    LINGER_BYTES (plus what the sockets buffer), long before LINGER_SECONDS would
+    let it send on loopback."""
+    from netfilter.proxy.early import LINGER_BYTES
+    buffers = 64 << 20  # more than both sockets hold (tcp_wmem + tcp_rmem maxima)
+    logged = len(rig.proxy.log())
+    sent = 0
+    with _answered_upload(rig, scheme) as sock, pytest.raises(OSError):
+        while sent < 4 * LINGER_BYTES:
+            sock.sendall(bytes(1 << 20))
+            sent += 1 << 20
+    assert sent < LINGER_BYTES + buffers, sent
+    _no_crash(rig.proxy, logged)
 
 
 def test_clean_upload_still_reaches_the_origin(rig: Rig, upload: Path) -> None:

@@ -13,12 +13,23 @@ come is answered there and then:
 
 - the `responseheaders` and `response` hooks run as for any answer set by an addon
   (mitmproxy does the same for a response set in `request`);
-- HTTP/1: the answer carries `Connection: close`, and after it the proxy half-closes
-  the connection (FIN), so the client stops sending; what it still sends is parsed
-  and dropped, never buffered, never forwarded (no `100 Continue` is sent either, so
-  a client waiting for one never sends the body at all);
+- HTTP/1: the answer carries `Connection: close` and is followed by a lingering close
+  (below); nothing of the body is buffered or forwarded, and no `100 Continue` is sent,
+  so a client waiting for one never sends the body at all;
 - HTTP/2: the answer ends the stream, then RST_STREAM (CANCEL) tells the client to
   stop sending this request's body; the connection and its other streams go on.
+
+The lingering close (RFC 9112 section 9.6; Apache and nginx do the same): the proxy
+half-closes the connection (FIN) after the answer, then reads and discards what the
+client still sends until the client closes, for at most LINGER_SECONDS and
+LINGER_BYTES, and only then closes. Closing at once would leave the upload that is
+already on its way unread, and the kernel answers a close over unread data with a
+reset (RST), which clients see before they have read the 451 (curl: "Send failure").
+The bounds keep a client from holding the connection, or the proxy's CPU, for longer.
+Over HTTPS the connection belongs to the CONNECT request's stream (mitmproxy turns
+every close from inside a tunnel into a full close), so the blocked request's stream
+hands the lingering close to it (`_TunnelLinger`), which then discards the client's
+TLS records undecrypted.
 
 Requests without a body, and flows nobody marked, take mitmproxy's own path. The
 class is installed only on the mitmproxy it was written against (11.x, with the
@@ -35,11 +46,14 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.net.http import status_codes
-from mitmproxy.proxy import commands, layer
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as layers_http
 from mitmproxy.proxy.layers.http import DropStream, HttpStream, SendHttp
 from mitmproxy.proxy.layers.http._events import (
+    RequestData,
+    RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
@@ -47,13 +61,23 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook, HttpResponseHook
 
-__all__ = ["EarlyAnswerStream", "install", "installed", "mark"]
+__all__ = ["LINGER_BYTES", "LINGER_SECONDS", "EarlyAnswerStream", "install", "installed",
+           "mark"]
 
 log = logging.getLogger(__name__)
 
+LINGER_SECONDS = 2.0
+"""The longest a lingering close reads before it closes (Apache waits 2 s as well)."""
+LINGER_BYTES = 64 << 20
+"""The most a lingering close reads before it closes: more than a client can have on its
+way when the answer reaches it, which is what the sockets of both ends buffer (Linux
+grows them to tcp_wmem and tcp_rmem's maxima: 4 and 6 MiB by default, often raised to
+32 MiB). Discarding that much costs the proxy 30 to 60 ms of CPU (on loopback)."""
+
 _KEY = "netfilter_answer_now"
 _ORIGINAL = HttpStream
-_NEEDS = ("check_killed", "state_wait_for_request_headers", "state_errored", "client_state")
+_NEEDS = ("check_killed", "state_wait_for_request_headers", "state_errored", "client_state",
+          "passthrough")
 
 
 def mark(flow: http.HTTPFlow) -> None:
@@ -61,13 +85,38 @@ def mark(flow: http.HTTPFlow) -> None:
     flow.metadata[_KEY] = True
 
 
+class _TunnelLinger(commands.Command):
+    """From a stream inside a CONNECT tunnel to the tunnel's stream: close the client's
+    connection, lingering, after what was sent. Not a ConnectionCommand, so the layers
+    in between (TLS, HTTP) pass it on untouched."""
+
+
+class _Linger:
+    """A lingering close under way: its deadline and what it has discarded."""
+
+    __slots__ = ("discarded", "over", "started", "timer", "tunnel")
+
+    def __init__(self, tunnel: bool) -> None:
+        self.tunnel = tunnel  # a CONNECT tunnel's stream (else a blocked request's)
+        self.timer = commands.RequestWakeup(LINGER_SECONDS)
+        self.started = time.monotonic()
+        self.discarded = 0
+        self.over = False
+
+
 class EarlyAnswerStream(HttpStream):
     """mitmproxy's HttpStream, answering marked flows right after requestheaders."""
 
     _body_pending = False
+    # Set once this stream closes the client's connection lingering (and kept after it
+    # is over): a blocked request's stream over plain HTTP/1, or a CONNECT tunnel's.
+    # From then on its events go to _lingering (`_handle_event`, as mitmproxy itself
+    # switches a tunnel's stream to `passthrough`).
+    _linger: _Linger | None = None
 
-    # Both overrides return the parent's generator itself (no generator of their own
-    # wrapping it): they run for every request, check_killed several times.
+    # The overrides return the parent's generator itself (no generator of their own
+    # wrapping it): they run for every request, check_killed several times. Only a
+    # tunnel's passthrough is wrapped: it watches for _TunnelLinger.
 
     def state_wait_for_request_headers(
             self, event: RequestHeaders) -> layer.CommandGenerator[None]:
@@ -84,6 +133,14 @@ class EarlyAnswerStream(HttpStream):
                 and self.client_state == self.state_wait_for_request_headers):
             return self._answered_now()
         return super().check_killed(emit_error_hook)
+
+    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # A CONNECT tunnel's stream (mitmproxy sets `_handle_event = self.passthrough`).
+        for command in super().passthrough(event):
+            if isinstance(command, _TunnelLinger):
+                yield from self._close_tunnel()
+            else:
+                yield command
 
     def _answered_now(self) -> layer.CommandGenerator[bool]:
         yield from self._answer_now()
@@ -110,13 +167,83 @@ class EarlyAnswerStream(HttpStream):
         yield SendHttp(ResponseEndOfMessage(self.stream_id), client)
         flow.live = False
         self.client_state = self.server_state = self.state_errored
-        if http1:
-            yield commands.CloseTcpConnection(client, half_close=True)
-        else:  # 499 is what mitmproxy maps to RST_STREAM CANCEL
+        if not http1:  # 499 is what mitmproxy maps to RST_STREAM CANCEL
             yield SendHttp(ResponseProtocolError(
                 self.stream_id, "netfilter: answered before the request body",
                 status_codes.CLIENT_CLOSED_REQUEST), client)
+        else:
+            tunnel = self._tunnel()
+            if tunnel is None:  # this stream holds the connection: it lingers
+                yield from self._start_linger(tunnel=False)
+                return  # (and drops itself when that is over)
+            if isinstance(tunnel, EarlyAnswerStream):
+                yield _TunnelLinger()
+            else:  # a tunnel older than install(): mitmproxy closes it at once
+                yield commands.CloseTcpConnection(client, half_close=True)
         yield DropStream(self.stream_id)
+
+    def _tunnel(self) -> HttpStream | None:
+        """The CONNECT stream this stream's connection is tunnelled in, if any."""
+        for outer in reversed(self.context.layers):
+            if isinstance(outer, HttpStream) and outer is not self:
+                return outer
+        return None
+
+    def _close_tunnel(self) -> layer.CommandGenerator[None]:
+        if self._linger is not None:
+            return
+        if self.flow.request.is_http2 or self.flow.request.is_http3:
+            # The tunnel is one stream of a shared connection: end it as mitmproxy
+            # ends a tunnel whose inside closed the client connection.
+            yield SendHttp(ResponseProtocolError(self.stream_id, "EOF"), self.context.client)
+        else:
+            yield from self._start_linger(tunnel=True)
+
+    def _start_linger(self, *, tunnel: bool) -> layer.CommandGenerator[None]:
+        self._linger = linger = _Linger(tunnel)
+        self._handle_event = self._lingering
+        yield commands.CloseTcpConnection(self.context.client, half_close=True)
+        yield linger.timer
+
+    def _lingering(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The events of a stream that closes the client's connection lingering.
+
+        Both kinds of stream get the client's data as RequestData (a blocked request's
+        stream: its body; a tunnel's: the TLS records) and drop it, and the client's
+        close as RequestEndOfMessage (a request's stream may get RequestProtocolError
+        instead: the body ended early). What else a tunnel gets still goes to the
+        layers inside it (their timers, the client's close)."""
+        linger = self._linger
+        assert linger is not None
+        if isinstance(event, events.Wakeup) and event.command is linger.timer:
+            if not linger.over:
+                yield from self._end_linger("time is up", close=True)
+            return
+        if isinstance(event, RequestData):
+            if not linger.over:
+                linger.discarded += len(event.data)
+                if linger.discarded >= LINGER_BYTES:
+                    yield from self._end_linger("byte limit reached", close=True)
+            return
+        if isinstance(event, (RequestEndOfMessage, RequestProtocolError)) and not linger.over:
+            # The client closed, or its body is complete: the HTTP/1 connection layer
+            # (or the server, once both directions are shut) closes the connection.
+            yield from self._end_linger("the client is done", close=False)
+        if linger.tunnel:
+            yield from self.passthrough(event)
+
+    def _end_linger(self, why: str, *, close: bool) -> layer.CommandGenerator[None]:
+        linger = self._linger
+        assert linger is not None
+        linger.over = True
+        yield commands.Log(
+            f"netfilter: lingering close of {self.context.client.peername}: discarded "
+            f"{linger.discarded} bytes in {time.monotonic() - linger.started:.2f} s, {why}",
+            logging.DEBUG)
+        if close:
+            yield commands.CloseConnection(self.context.client)
+        if not linger.tunnel:
+            yield DropStream(self.stream_id)
 
 
 def _compatible() -> bool:

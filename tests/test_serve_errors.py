@@ -1,6 +1,7 @@
 """`netfilter serve` when a part cannot listen (its port taken): one line naming the
-part and the address, exit 2, no traceback; the parts already started are stopped and
-the audit log is closed with a signed checkpoint.
+part and the address, exit 2, no traceback; every socket is bound before any part starts
+or the audit log is opened, so nothing has started and nothing is written (no node key,
+no audit store). tests/test_serve_listen.py asks the other ports while serve runs.
 
 Real `netfilter serve` subprocesses; the ports are taken by real sockets of this test.
 """
@@ -8,7 +9,6 @@ Real `netfilter serve` subprocesses; the ports are taken by real sockets of this
 from __future__ import annotations
 
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -55,12 +55,9 @@ def _one_error(result: subprocess.CompletedProcess[str]) -> str:
     return other[0]
 
 
-def _checkpoints(tmp_path: Path) -> int:
-    db = sqlite3.connect(f"file:{tmp_path / 'audit.sqlite'}?mode=ro", uri=True)
-    try:
-        return int(db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
-    finally:
-        db.close()
+def _nothing_written(tmp_path: Path) -> bool:
+    """Neither the node key nor the audit store was created."""
+    return sorted(p.name for p in tmp_path.iterdir()) == ["netfilter.yaml"]
 
 
 def test_dns_port_in_use(tmp_path: Path) -> None:
@@ -70,7 +67,7 @@ def test_dns_port_in_use(tmp_path: Path) -> None:
                                            "upstreams": [f"{HOST}:9"]}})
     assert _one_error(result) == (f"netfilter: error: dns: cannot listen on {HOST} port "
                                   f"{port} {IN_USE}")
-    assert _checkpoints(tmp_path) >= 1  # the audit log was closed, signed
+    assert _nothing_written(tmp_path)
 
 
 def test_dns_names_the_address_that_failed(tmp_path: Path) -> None:
@@ -79,11 +76,12 @@ def test_dns_names_the_address_that_failed(tmp_path: Path) -> None:
         result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{first}", f"{HOST}:{second}"],
                                            "upstreams": [f"{HOST}:9"]}})
     assert _one_error(result).endswith(f"dns: cannot listen on {HOST} port {second} {IN_USE}")
-    assert f"dns: serving on {HOST} port {first}" in result.stderr
-    assert "dns: stopped" in result.stderr  # the half-started part was stopped
+    assert "dns: serving" not in result.stderr  # not even on the first address
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:  # released
+        again.bind((HOST, first))
 
 
-def test_stoppage_port_in_use_after_dns_started(tmp_path: Path) -> None:
+def test_stoppage_port_in_use_dns_never_started(tmp_path: Path) -> None:
     dns_port, port = free_port(), free_port()
     with _taken(port):
         result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{dns_port}"],
@@ -91,10 +89,10 @@ def test_stoppage_port_in_use_after_dns_started(tmp_path: Path) -> None:
                                    "stoppage": {"listen": f"{HOST}:{port}"}})
     assert _one_error(result).endswith(f"stoppage: cannot listen on {HOST} port {port} "
                                        f"{IN_USE}")
-    assert "dns: stopped" in result.stderr
+    assert "dns: serving" not in result.stderr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:  # released
         again.bind((HOST, dns_port))
-    assert _checkpoints(tmp_path) >= 1
+    assert _nothing_written(tmp_path)
 
 
 def test_proxy_port_in_use(tmp_path: Path) -> None:
@@ -121,4 +119,5 @@ def test_metrics_port_in_use(tmp_path: Path) -> None:
         result = _serve(tmp_path, {"stoppage": {"listen": f"{HOST}:{stop_port}"},
                                    "metrics": {"listen": f"{HOST}:{port}"}})
     assert _one_error(result).endswith(f"metrics: cannot listen on {HOST} port {port} {IN_USE}")
-    assert _checkpoints(tmp_path) >= 1  # the audit log was closed properly
+    assert "stoppage: serving" not in result.stderr
+    assert _nothing_written(tmp_path)

@@ -64,7 +64,15 @@ class ListenError(NetfilterError):
     @classmethod
     def from_os_error(cls, part: str, host: str, port: int, error: OSError) -> ListenError:
         """One line for a socket a part could not open: which part, where and why."""
-        reason = os.strerror(error.errno).lower() if error.errno else str(error)
         if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            return cls(part, f"cannot listen on {host} port {port} ({reason})")
-        return cls(part, f"cannot start ({reason})")
+            return cls(part, f"cannot listen on {host} port {port} ({_reason(error)})")
+        return cls.cannot_start(part, error)
+
+    @classmethod
+    def cannot_start(cls, part: str, error: OSError) -> ListenError:
+        """One line for a part whose sockets were bound but which failed to start."""
+        return cls(part, f"cannot start ({_reason(error)})")
+
+
+def _reason(error: OSError) -> str:
+    return os.strerror(error.errno).lower() if error.errno else str(error)

@@ -41,22 +41,26 @@ Resource = tuple[bytes, list[tuple[str, str]]]  # a body and its header fields
 
 
 class ReadOnlyServer:
-    """Bound at construction (so a port in use fails at once, as OSError); call
-    `serve_forever` in a thread of its own, `shutdown` and `server_close` to end.
-    Subclasses say what a path is (`resource`)."""
+    """Bound at construction (so a port in use fails at once, as OSError), or on `sock`,
+    a TCP socket already bound and listening on host:port (`netfilter serve` binds every
+    part's before it starts any); call `serve_forever` in a thread of its own,
+    `shutdown` and `server_close` (which closes the socket) to end. Subclasses say what
+    a path is (`resource`)."""
 
     name = "http"  # in the one log line of a bug
 
     def __init__(self, host: str, port: int, *,
                  timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS,
                  max_per_client: int = MAX_PER_CLIENT,
-                 max_requests: int = MAX_REQUESTS) -> None:
+                 max_requests: int = MAX_REQUESTS, sock: socket.socket | None = None) -> None:
         self.max_requests = max_requests
         self.stats: Counter[str] = Counter()
         self.slots = Slots(max_connections, max_per_client, timeout,
                            min(BUSY_TIMEOUT, timeout), self.stats)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.create_server((host, port), family=family, backlog=128)
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=128)
+        self.socket = sock
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
         self._lock = threading.Lock()
         self._closing = False

@@ -1,5 +1,9 @@
 """`netfilter serve`: run the configured parts in one process until told to stop.
 
+Every listening socket of every part is bound first (`open_listeners`), before the
+engine is made (which writes to the audit log) and before any part serves: a port in
+use, an address not on this host or a privileged port ends the start in one line
+(ListenError: the part, the address, why) with nothing started and nothing written.
 SIGTERM/SIGINT stop it cleanly; SIGHUP reloads the lists (a refused bundle leaves the
 lists in force) and, when started with --config, re-reads the config: one with an error
 is refused in one line and the config in force stays; of a good one, what can change
@@ -14,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -29,7 +35,10 @@ from netfilter.errors import ConfigError, ListenError, NetfilterError
 from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
 
-__all__ = ["PARTS", "serve"]
+if TYPE_CHECKING:
+    from netfilter.dns.server import Listening
+
+__all__ = ["PARTS", "Listeners", "open_listeners", "serve"]
 
 log = logging.getLogger(__name__)
 PARTS = ("dns", "proxy", "stoppage")
@@ -48,55 +57,112 @@ LIVE = frozenset({
 })
 
 
-def _serve_tiles(settings: Settings) -> TileServer | None:
-    """The audit log's tiles, read-only over HTTP for auditors and witnesses."""
+@dataclass
+class Listeners:
+    """Every socket the parts of a start listen on, bound (TCP ones listening) before
+    any part starts, each handed to its part (the proxy's is mitmdump's own)."""
+
+    dns: list[Listening] = field(default_factory=list)  # one per dns.listen address
+    stoppage: socket.socket | None = None
+    tiles: socket.socket | None = None
+    metrics: socket.socket | None = None
+
+    def close(self) -> None:
+        """Close every one (one a part has served is closed already: no harm)."""
+        for listening in self.dns:
+            listening.close()
+        for sock in (self.stoppage, self.tiles, self.metrics):
+            if sock is not None:
+                sock.close()
+
+
+def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
+    """Bind every listening socket the start of `parts` needs, in the order the parts
+    start: DNS (UDP and TCP per address), the stop page, the proxy, the audit tiles,
+    metrics. ListenError for the first that cannot be bound, naming the part, the
+    address and why; the ones bound before it are closed. TCP sockets listen at once:
+    two parts given one address fail here too.
+
+    mitmdump binds the proxy's address in its child, whose failure would reach us only
+    as an exit status after lines of its own (and a foreign listener on the port would
+    pass the child's readiness probe): the address is probed here, the probe held until
+    the others are bound and closed then, so that the port does not seem to accept
+    connections while the parts start."""
+    tiles_listen = _tiles_listen(settings)
+    bound = Listeners()
+    probe: socket.socket | None = None
+    try:
+        if settings.dns is not None and "dns" in parts:
+            from netfilter.dns.server import bind as bind_dns
+
+            bound.dns = bind_dns(settings.dns.listen)
+        if settings.stoppage is not None and "stoppage" in parts:
+            bound.stoppage = _bind_tcp("stoppage", settings.stoppage.listen)
+        if settings.proxy is not None and "proxy" in parts:
+            probe = _bind_tcp("proxy", settings.proxy.listen, probe=True)
+        if tiles_listen is not None:
+            bound.tiles = _bind_tcp("tiles", tiles_listen)
+        if settings.metrics is not None:
+            bound.metrics = _bind_tcp("metrics", settings.metrics.listen)
+    except BaseException:
+        bound.close()
+        raise
+    finally:
+        if probe is not None:
+            probe.close()
+    return bound
+
+
+def _bind_tcp(part: str, listen: str, *, probe: bool = False) -> socket.socket:
+    """A TCP socket bound and listening on `listen` as asyncio's servers open theirs
+    (SO_REUSEADDR: a connection in TIME_WAIT is no conflict; IPv6 only on an IPv6
+    address); or, for a part that binds in a child (`probe`), configcheck's probe."""
+    host, port = parse_hostport(listen, any_port=not probe)
+    try:
+        if probe:
+            return bind_probe(host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=100)
+    except OSError as e:
+        raise ListenError.from_os_error(part, host, port, e) from None
+
+
+def _tiles_listen(settings: Settings) -> str | None:
     audit = settings.audit
     if audit is None or audit.tiles_listen is None:
         return None
     if audit.tiles is None:
         raise ConfigError("audit.tiles_listen", "needs audit.tiles (the directory to serve)")
+    return audit.tiles_listen
+
+
+def _serve_tiles(settings: Settings, sock: socket.socket | None) -> TileServer | None:
+    """The audit log's tiles, read-only over HTTP for auditors and witnesses."""
+    audit = settings.audit
+    if audit is None or audit.tiles is None or sock is None:
+        return None
     directory = settings.resolve(audit.tiles)
     directory.mkdir(parents=True, exist_ok=True)
-    host, port = parse_hostport(audit.tiles_listen, any_port=True)
-    try:
-        server = TileServer(directory, host, port)
-    except OSError as e:
-        raise _listen_error("tiles", audit.tiles_listen, e) from None
+    host, port = sock.getsockname()[:2]
+    server = TileServer(directory, host, port, sock=sock)
     threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
     log.info("audit: serving tiles of %s on %s port %d", directory, host,
              server.server_address[1])
     return server
 
 
-def _serve_metrics(settings: Settings, engine: Engine, parts: list[object],
-                   tiles: TileServer | None) -> MetricsServer | None:
+def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None,
+                   sock: socket.socket | None) -> MetricsServer | None:
     """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz."""
-    if settings.metrics is None:
+    if sock is None:
         return None
     metrics = for_node(engine, parts, tiles)
-    listen = settings.metrics.listen
-    host, port = parse_hostport(listen, any_port=True)
-    try:
-        server = MetricsServer(metrics, host, port)
-    except OSError as e:
-        raise _listen_error("metrics", listen, e) from None
+    host, port = sock.getsockname()[:2]
+    server = MetricsServer(metrics, host, port, sock=sock)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics: serving /metrics, /healthz and /readyz on %s port %d", host,
              server.server_address[1])
     return server
-
-
-def _listen_error(part: str, listen: str, error: OSError) -> ListenError:
-    """One line for a socket a part could not open: which part, where and why."""
-    host, port = parse_hostport(listen, any_port=True)
-    return ListenError.from_os_error(part, host, port, error)
-
-
-def _check_bindable(listen: str) -> None:
-    """OSError unless `listen` can be bound now. mitmdump binds in its child, whose
-    failure would reach us only as an exit status after lines of its own (and a
-    foreign listener on the port would pass the child's readiness probe)."""
-    bind_probe(*parse_hostport(listen)).close()
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
@@ -172,7 +238,7 @@ def reread(path: Path, current: Settings, engine: Engine,
     return applied
 
 
-async def _run(settings: Settings, parts: list[str], engine: Engine,
+async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: Listeners,
                config_path: Path, ready: Callable[[], None] | None = None,
                reread_config: bool = False) -> None:
     from netfilter.dns.server import DnsServer
@@ -184,8 +250,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # each part with its name and where it listens (for a one-line error if it cannot)
-    servers: list[tuple[str, Callable[[], str], DnsServer | StopPageServer | ProxyProcess]] = []
+    # each part with its name (for a one-line error if it cannot start)
+    servers: list[tuple[str, DnsServer | StopPageServer | ProxyProcess]] = []
 
     in_force = settings
     reloading: asyncio.Future[Settings | None] | None = None
@@ -207,7 +273,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
             reload()
 
     def hand_over(applied: Settings) -> None:
-        for _, _, server in servers:
+        for _, server in servers:
             if isinstance(server, DnsServer) and applied.dns is not None:
                 server.settings = applied.dns  # block answers read it per query
             elif isinstance(server, StopPageServer) and applied.stoppage is not None:
@@ -233,33 +299,25 @@ async def _run(settings: Settings, parts: list[str], engine: Engine,
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     if settings.dns is not None and "dns" in parts:
-        dns, listens = DnsServer(engine, settings.dns), settings.dns.listen
-        # the addresses are opened in order: the first not yet serving failed
-        servers.append(("dns", lambda: listens[min(len(dns.addresses), len(listens) - 1)],
-                        dns))
+        servers.append(("dns", DnsServer(engine, settings.dns, sockets=listeners.dns)))
     if settings.stoppage is not None and "stoppage" in parts:
         renderer = Renderer(settings.stoppage, base=settings.base)
-        listen = settings.stoppage.listen
-        servers.append(("stoppage", lambda: listen,
-                        StopPageServer(engine, settings.stoppage, renderer=renderer)))
+        servers.append(("stoppage", StopPageServer(engine, settings.stoppage, renderer=renderer,
+                                                   sock=listeners.stoppage)))
     if settings.proxy is not None and "proxy" in parts:
-        proxy_listen = settings.proxy.listen
-        servers.append(("proxy", lambda: proxy_listen,
-                        ProxyProcess(settings.proxy, config_path, settings.base)))
+        servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
     tiles: TileServer | None = None
     metrics: MetricsServer | None = None
     started: list[DnsServer | StopPageServer | ProxyProcess] = []
     try:
-        tiles = _serve_tiles(settings)
-        for name, where, server in servers:
+        tiles = _serve_tiles(settings, listeners.tiles)
+        for name, server in servers:
             started.append(server)  # stopped below even when it fails half-way
             try:
-                if isinstance(server, ProxyProcess):
-                    _check_bindable(where())
                 await server.start()
-            except OSError as e:
-                raise _listen_error(name, where(), e) from None
-        metrics = _serve_metrics(settings, engine, [s for _, _, s in servers], tiles)
+            except OSError as e:  # bound already: not the address, something else
+                raise ListenError.cannot_start(name, e) from None
+        metrics = _serve_metrics(engine, [s for _, s in servers], tiles, listeners.metrics)
         log.info("netfilter: serving %s", ", ".join(parts))
         if ready is not None:
             ready()
@@ -280,15 +338,22 @@ def serve(settings: Settings, parts: Sequence[str] = (), *,
     called once every part listens (the demo prints what to try then); `reread`: SIGHUP
     re-reads `config_path` (the operator's file, not the demo's)."""
     chosen = _selected(settings, parts)
-    engine = make_engine(settings)
+    listeners = open_listeners(settings, chosen)  # a ListenError here: nothing started
+    try:
+        engine = make_engine(settings)
+    except BaseException:
+        listeners.close()
+        raise
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
     try:
-        runner(_run(settings, chosen, engine, config_path or Path("netfilter.yaml"), ready,
+        runner(_run(settings, chosen, engine, listeners,
+                    config_path or Path("netfilter.yaml"), ready,
                     reread and config_path is not None))
     finally:
+        listeners.close()  # those a part did not take over, when the start failed
         engine.close()  # passes on aggregated counts, commits, signs a last checkpoint
     return 0

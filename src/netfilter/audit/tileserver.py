@@ -6,6 +6,7 @@ time-outs are `netfilter.httpd`'s.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from netfilter.httpd import (
@@ -28,10 +29,12 @@ class TileServer(ReadOnlyServer):
     def __init__(self, directory: str | Path, host: str, port: int, *,
                  timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS,
                  max_per_client: int = MAX_PER_CLIENT,
-                 max_requests: int = MAX_REQUESTS) -> None:
+                 max_requests: int = MAX_REQUESTS, sock: socket.socket | None = None) -> None:
+        """`sock`: already bound and listening on host:port (see ReadOnlyServer)."""
         self.directory = Path(directory).resolve()
         super().__init__(host, port, timeout=timeout, max_connections=max_connections,
-                         max_per_client=max_per_client, max_requests=max_requests)
+                         max_per_client=max_per_client, max_requests=max_requests,
+                         sock=sock)
 
     def resource(self, path: str) -> Resource | None:
         """A regular file below the directory and its header fields; None for anything

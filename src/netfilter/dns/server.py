@@ -25,27 +25,76 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from dnslib import QTYPE, RCODE
 
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
 from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
-from netfilter.dns.udp import PythonListener, RelayListener, relay_available
+from netfilter.dns.udp import PythonListener, RelayListener, bind_udp, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
+from netfilter.errors import ListenError
 from netfilter.metrics import LatencyHistogram
 from netfilter.slots import client_key
 
-__all__ = ["DnsServer"]
+__all__ = ["DnsServer", "Listening", "bind"]
 
 log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
 FAULT_LOG_INTERVAL = 10.0  # seconds between log lines about internal errors
 CLASS_IN, CLASS_ANY = 1, 255
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+TCP_BACKLOG = 100  # asyncio's default
+
+
+class Listening(NamedTuple):
+    """One `dns.listen` address bound: its UDP socket and the TCP one on the same port."""
+
+    host: str
+    udp: socket.socket
+    tcp: socket.socket
+
+    @property
+    def port(self) -> int:
+        return int(self.udp.getsockname()[1])
+
+    def close(self) -> None:
+        self.udp.close()
+        self.tcp.close()
+
+
+def bind(listen: Sequence[str]) -> list[Listening]:
+    """UDP and TCP bound on every address of `listen`, none served yet (`netfilter
+    serve` binds every part's sockets before it starts any). TCP takes the port UDP
+    got (port 0: the one the system chose), with SO_REUSEADDR and, on an IPv6
+    address, IPv6 only, as asyncio's servers do; it listens at once, so an address
+    given twice is caught here too. ListenError names the first address that cannot
+    be bound; the ones bound before it are closed."""
+    bound: list[Listening] = []
+    try:
+        for address in listen:
+            host, port = parse_hostport(address, any_port=True)
+            try:
+                udp = bind_udp(host, port)
+            except OSError as e:
+                raise ListenError.from_os_error("dns", host, port, e) from None
+            port = int(udp.getsockname()[1])
+            try:
+                tcp = socket.create_server((host, port), family=udp.family,
+                                           backlog=TCP_BACKLOG)
+            except OSError as e:
+                udp.close()
+                raise ListenError.from_os_error("dns", host, port, e) from None
+            bound.append(Listening(host, udp, tcp))
+    except BaseException:
+        for listening in bound:
+            listening.close()
+        raise
+    return bound
 
 
 def _qtype_name(qtype: int) -> str:
@@ -172,11 +221,15 @@ class _TcpConnection:
 
 
 class DnsServer:
-    """Serves DNS on the configured addresses until stopped."""
+    """Serves DNS on the configured addresses until stopped: on `sockets` (see `bind`,
+    one per `settings.listen` address; closed at stop) when given, else it binds them
+    itself at start."""
 
-    def __init__(self, engine: Engine, settings: DnsSettings) -> None:
+    def __init__(self, engine: Engine, settings: DnsSettings, *,
+                 sockets: Sequence[Listening] | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self._bound = list(sockets) if sockets is not None else None
         self.stats: Counter[str] = Counter()
         self.upstream = UpstreamPool(list(settings.upstreams), settings.timeout, self.stats)
         self._listeners: list[PythonListener | RelayListener] = []
@@ -196,27 +249,28 @@ class DnsServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._bound is None:
+            self._bound = bind(self.settings.listen)
         await self.upstream.start()
         # The C relay where it is built; the Python listener where routing to the
         # proxy needs a second look-up per name (udp.py).
         relay = relay_available() and not self.settings.route_url_hosts_to_proxy
-        for listen in self.settings.listen:
-            host, port = parse_hostport(listen, any_port=True)
+        while self._bound:  # each pair leaves the list once the loop serves it
+            bound = self._bound[0]
             listener: PythonListener | RelayListener
             if relay:
-                listener = RelayListener.open(self, host, port)
-                port = listener.port  # port 0: the one chosen
+                listener = RelayListener.open(self, bound.udp)
             else:
-                transport, listener = await loop.create_datagram_endpoint(
-                    lambda: PythonListener(self), local_addr=(host, port))
-                port = transport.get_extra_info("sockname")[1]
+                _, listener = await loop.create_datagram_endpoint(
+                    lambda: PythonListener(self), sock=bound.udp)
             self._listeners.append(listener)
-            server = await asyncio.start_server(self._tcp_client, host, port,
-                                                reuse_address=True)
+            server = await asyncio.start_server(self._tcp_client, sock=bound.tcp,
+                                                backlog=TCP_BACKLOG)
             self._tcp_servers.append(server)
-            self.addresses.append((host, port))
-            log.info("dns: serving on %s port %d (udp%s, tcp)", host, port,
+            self.addresses.append((bound.host, bound.port))
+            log.info("dns: serving on %s port %d (udp%s, tcp)", bound.host, bound.port,
                      " by the C relay" if relay else "")
+            self._bound.pop(0)
         if relay:
             self._sweeper = asyncio.create_task(self._sweep())
 
@@ -231,6 +285,8 @@ class DnsServer:
             self._sweeper.cancel()
         for listener in self._listeners:
             listener.close()
+        for bound in self._bound or ():  # those not served yet, when start failed
+            bound.close()
         await self.upstream.stop()
         self.fault.close()
         log.info("dns: stopped; %s", ", ".join(f"{key} {value}" for key, value

@@ -32,7 +32,7 @@ try:
 except ImportError:  # built without a C compiler
     Relay = None  # type: ignore[assignment,misc,unused-ignore]
 
-__all__ = ["PythonListener", "RelayListener", "relay_available", "relay_built"]
+__all__ = ["PythonListener", "RelayListener", "bind_udp", "relay_available", "relay_built"]
 
 Respond = Callable[[bytes], None]
 Address = tuple[Any, ...]
@@ -47,6 +47,23 @@ def relay_built() -> bool:
 def relay_available() -> bool:
     """The relay is built and not switched off (NETFILTER_DNS_PYTHON=1)."""
     return Relay is not None and os.environ.get("NETFILTER_DNS_PYTHON", "") != "1"
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    """The listening socket of either listener, bound and not read yet (`netfilter
+    serve` binds every part's sockets before it starts any). As asyncio's datagram
+    endpoints bind theirs: no SO_REUSEADDR, so a port another socket holds fails here
+    (OSError)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class PythonListener(asyncio.DatagramProtocol):
@@ -142,14 +159,11 @@ class RelayListener:
         self._loop = loop
 
     @classmethod
-    def open(cls, server: DnsServer, host: str, port: int) -> RelayListener:
-        """Bind the listening socket and connect one to the first upstream."""
-        family, _, _, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+    def open(cls, server: DnsServer, sock: socket.socket) -> RelayListener:
+        """Serve `sock` (a bound UDP socket, see `bind_udp`; closed on failure too),
+        with one socket connected to the first upstream."""
         try:
             sock.setblocking(False)
-            sock.bind(address)
             up_host, up_port = server.upstream.addresses[0]
             up_family, _, _, _, up_address = socket.getaddrinfo(
                 up_host, up_port, type=socket.SOCK_DGRAM)[0]

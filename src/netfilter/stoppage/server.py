@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -209,11 +210,16 @@ class StopPageServer:
 
     def __init__(self, engine: Engine, settings: StoppageSettings, *,
                  renderer: Renderer | None = None, read_timeout: float | None = None,
-                 write_timeout: float = WRITE_TIMEOUT, max_clients: int | None = None) -> None:
+                 write_timeout: float = WRITE_TIMEOUT, max_clients: int | None = None,
+                 sock: socket.socket | None = None) -> None:
         """`renderer` defaults to one built from `settings` (a relative template
         directory taken against the config file's directory); `read_timeout` and
-        `max_clients` override the settings' `header_timeout` and `max_clients`."""
+        `max_clients` override the settings' `header_timeout` and `max_clients`;
+        `sock`: a TCP socket already bound to `settings.listen` (`netfilter serve` binds
+        every part's before it starts any), served from `start` on and closed at `stop`;
+        without it, `start` binds one."""
         self.engine = engine
+        self._sock = sock
         self.settings = settings
         self.renderer = renderer or Renderer(settings, base=engine.settings.base)
         self.write_timeout = write_timeout
@@ -238,13 +244,19 @@ class StopPageServer:
     async def start(self) -> None:
         host, port = parse_hostport(self.settings.listen, any_port=True)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(protocol_factory(self._client, MAX_HEAD),
-                                                host, port, reuse_address=True)
+        factory = protocol_factory(self._client, MAX_HEAD)
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            self._server = await loop.create_server(factory, sock=sock)
+        else:
+            self._server = await loop.create_server(factory, host, port, reuse_address=True)
         sockname = self._server.sockets[0].getsockname()
         self.address = (host, int(sockname[1]))
         log.info("stoppage: serving on %s port %d", host, self.address[1])
 
     async def stop(self) -> None:
+        if self._sock is not None:  # not served yet, when start failed
+            self._sock.close()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):

@@ -37,6 +37,7 @@ from netfilter.node import make_engine
 
 if TYPE_CHECKING:
     from netfilter.dns.server import Listening
+    from netfilter.updates.updater import Updater
 
 __all__ = ["PARTS", "Listeners", "open_listeners", "serve"]
 
@@ -151,12 +152,27 @@ def _serve_tiles(settings: Settings, sock: socket.socket | None) -> TileServer |
     return server
 
 
+def _updater(settings: Settings, engine: Engine,
+             installed: Callable[[list[str]], object]) -> Updater | None:
+    """The periodic check of the lists' sources (an `updates` section and a list with a
+    `source`); `installed` is called after a check installed something (a reload)."""
+    if settings.updates is None or not any(item.source for item in settings.lists):
+        return None
+    from netfilter.updates.updater import Updater
+
+    return Updater(settings, engine.recorder, on_install=installed)
+
+
 def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None,
-                   sock: socket.socket | None) -> MetricsServer | None:
+                   sock: socket.socket | None,
+                   updater: Updater | None = None) -> MetricsServer | None:
     """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz."""
     if sock is None:
         return None
     metrics = for_node(engine, parts, tiles)
+    if updater is not None:
+        metrics.add("updates", updater.stats, gauges=frozenset(
+            {"consecutive_failures", "last_check_timestamp_seconds"}))
     host, port = sock.getsockname()[:2]
     server = MetricsServer(metrics, host, port, sock=sock)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
@@ -268,6 +284,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         if applied is not None:  # refused: the proxy child keeps its config too
             hand_over(applied)
             in_force = applied
+            if updater is not None:
+                updater.settings = applied  # its sources and lists; `updates` needs a restart
         if again:
             again = False
             reload()
@@ -308,6 +326,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
     tiles: TileServer | None = None
     metrics: MetricsServer | None = None
+    updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
     started: list[DnsServer | StopPageServer | ProxyProcess] = []
     try:
         tiles = _serve_tiles(settings, listeners.tiles)
@@ -317,12 +336,17 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                 await server.start()
             except OSError as e:  # bound already: not the address, something else
                 raise ListenError.cannot_start(name, e) from None
-        metrics = _serve_metrics(engine, [s for _, s in servers], tiles, listeners.metrics)
+        metrics = _serve_metrics(engine, [s for _, s in servers], tiles, listeners.metrics,
+                                 updater)
+        if updater is not None:
+            updater.start()
         log.info("netfilter: serving %s", ", ".join(parts))
         if ready is not None:
             ready()
         await stop.wait()
     finally:
+        if updater is not None:
+            await loop.run_in_executor(None, updater.close)  # a check finishes first
         for server in reversed(started):
             await server.stop()
         for http in (tiles, metrics):

@@ -395,6 +395,15 @@ class Updater:
         self.failures = 0
         return max(1.0, o.interval + self.rng.uniform(-o.jitter, o.jitter))
 
+    def stats(self) -> dict[str, int | float]:
+        """For metrics: checks by outcome (installed, current, refused, failed, ...),
+        freeze alarms, consecutive failures, and the time of the last check."""
+        out: dict[str, int | float] = dict(self.counts)
+        out["consecutive_failures"] = self.failures
+        if self.last_check is not None:
+            out["last_check_timestamp_seconds"] = self.last_check.timestamp()
+        return out
+
     def start(self) -> None:
         """Check in a daemon thread: first after a random part of the jitter, then per
         `next_delay` until `stop()`."""

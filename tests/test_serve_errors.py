@@ -65,7 +65,7 @@ def test_dns_port_in_use(tmp_path: Path) -> None:
     with _taken(port, socket.SOCK_DGRAM):
         result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{port}"],
                                            "upstreams": [f"{HOST}:9"]}})
-    assert _one_error(result) == (f"netfilter: error: dns: cannot listen on {HOST} port "
+    assert _one_error(result) == (f"netfilter: error: dns.listen[0]: cannot listen on {HOST} port "
                                   f"{port} {IN_USE}")
     assert _nothing_written(tmp_path)
 
@@ -75,7 +75,8 @@ def test_dns_names_the_address_that_failed(tmp_path: Path) -> None:
     with _taken(second):
         result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{first}", f"{HOST}:{second}"],
                                            "upstreams": [f"{HOST}:9"]}})
-    assert _one_error(result).endswith(f"dns: cannot listen on {HOST} port {second} {IN_USE}")
+    assert _one_error(result).endswith(
+        f"dns.listen[1]: cannot listen on {HOST} port {second} {IN_USE}")
     assert "dns: serving" not in result.stderr  # not even on the first address
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:  # released
         again.bind((HOST, first))
@@ -87,7 +88,7 @@ def test_stoppage_port_in_use_dns_never_started(tmp_path: Path) -> None:
         result = _serve(tmp_path, {"dns": {"listen": [f"{HOST}:{dns_port}"],
                                            "upstreams": [f"{HOST}:9"]},
                                    "stoppage": {"listen": f"{HOST}:{port}"}})
-    assert _one_error(result).endswith(f"stoppage: cannot listen on {HOST} port {port} "
+    assert _one_error(result).endswith(f"stoppage.listen: cannot listen on {HOST} port {port} "
                                        f"{IN_USE}")
     assert "dns: serving" not in result.stderr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:  # released
@@ -100,7 +101,8 @@ def test_proxy_port_in_use(tmp_path: Path) -> None:
     port = free_port()
     with _taken(port):
         result = _serve(tmp_path, {"proxy": {"listen": f"{HOST}:{port}", "intercept": "none"}})
-    assert _one_error(result).endswith(f"proxy: cannot listen on {HOST} port {port} {IN_USE}")
+    assert _one_error(result).endswith(
+        f"proxy.listen: cannot listen on {HOST} port {port} {IN_USE}")
 
 
 def test_tiles_port_in_use(tmp_path: Path) -> None:
@@ -110,7 +112,8 @@ def test_tiles_port_in_use(tmp_path: Path) -> None:
             "stoppage": {"listen": f"{HOST}:{stop_port}"},
             "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none",
                       "tiles": str(tmp_path / "tiles"), "tiles_listen": f"{HOST}:{port}"}})
-    assert _one_error(result).endswith(f"tiles: cannot listen on {HOST} port {port} {IN_USE}")
+    assert _one_error(result).endswith(
+        f"audit.tiles_listen: cannot listen on {HOST} port {port} {IN_USE}")
 
 
 def test_metrics_port_in_use(tmp_path: Path) -> None:
@@ -118,6 +121,7 @@ def test_metrics_port_in_use(tmp_path: Path) -> None:
     with _taken(port):
         result = _serve(tmp_path, {"stoppage": {"listen": f"{HOST}:{stop_port}"},
                                    "metrics": {"listen": f"{HOST}:{port}"}})
-    assert _one_error(result).endswith(f"metrics: cannot listen on {HOST} port {port} {IN_USE}")
+    assert _one_error(result).endswith(
+        f"metrics.listen: cannot listen on {HOST} port {port} {IN_USE}")
     assert "stoppage: serving" not in result.stderr
     assert _nothing_written(tmp_path)

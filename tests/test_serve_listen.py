@@ -203,6 +203,8 @@ CASES = [
     pytest.param("tiles", TCP, id="tiles"),
     pytest.param("metrics", TCP, id="metrics"),
 ]
+KEY = {"dns": "dns.listen[0]", "stoppage": "stoppage.listen", "proxy": "proxy.listen",
+       "tiles": "audit.tiles_listen", "metrics": "metrics.listen"}  # named as config check does
 
 
 @pytest.mark.parametrize(("part", "kind"), CASES)
@@ -212,7 +214,7 @@ def test_a_port_in_use_starts_nothing(node: Node, part: str, kind: int) -> None:
     with taken(port, kind):
         result = serve_probed(node, skip=(port, kind))
     assert_nothing_started(node, result, logged,
-                           f"{part}: cannot listen on {HOST} port {port} {IN_USE}")
+                           f"{KEY[part]}: cannot listen on {HOST} port {port} {IN_USE}")
 
 
 def test_two_parts_on_one_address_start_nothing(node: Node) -> None:
@@ -222,7 +224,7 @@ def test_two_parts_on_one_address_start_nothing(node: Node) -> None:
     logged = node.logged()
     result = serve_probed(node, skip=(port, TCP))
     assert_nothing_started(node, result, logged,
-                           f"metrics: cannot listen on {HOST} port {port} {IN_USE}")
+                           f"metrics.listen: cannot listen on {HOST} port {port} {IN_USE}")
 
 
 def test_the_second_dns_address_in_use_starts_nothing(node: Node) -> None:
@@ -238,7 +240,7 @@ def test_the_second_dns_address_in_use_starts_nothing(node: Node) -> None:
     with taken(second, UDP):
         result = serve_probed(node, skip=(second, UDP))
     assert_nothing_started(node, result, logged,
-                           f"dns: cannot listen on {HOST} port {second} {IN_USE}")
+                           f"dns.listen[1]: cannot listen on {HOST} port {second} {IN_USE}")
 
 
 def test_served_on_the_sockets_bound_first(node: Node) -> None:

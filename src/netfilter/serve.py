@@ -80,9 +80,10 @@ class Listeners:
 def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
     """Bind every listening socket the start of `parts` needs, in the order the parts
     start: DNS (UDP and TCP per address), the stop page, the proxy, the audit tiles,
-    metrics. ListenError for the first that cannot be bound, naming the part, the
-    address and why; the ones bound before it are closed. TCP sockets listen at once:
-    two parts given one address fail here too.
+    metrics. ListenError for the first that cannot be bound, naming its key (as
+    `config check` does: `dns.listen[1]`, `metrics.listen`), the address and why;
+    the ones bound before it are closed. TCP sockets listen at once: two parts given
+    one address fail here too.
 
     mitmdump binds the proxy's address in its child, whose failure would reach us only
     as an exit status after lines of its own (and a foreign listener on the port would
@@ -98,13 +99,13 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
 
             bound.dns = bind_dns(settings.dns.listen)
         if settings.stoppage is not None and "stoppage" in parts:
-            bound.stoppage = _bind_tcp("stoppage", settings.stoppage.listen)
+            bound.stoppage = _bind_tcp("stoppage.listen", settings.stoppage.listen)
         if settings.proxy is not None and "proxy" in parts:
-            probe = _bind_tcp("proxy", settings.proxy.listen, probe=True)
+            probe = _bind_tcp("proxy.listen", settings.proxy.listen, probe=True)
         if tiles_listen is not None:
-            bound.tiles = _bind_tcp("tiles", tiles_listen)
+            bound.tiles = _bind_tcp("audit.tiles_listen", tiles_listen)
         if settings.metrics is not None:
-            bound.metrics = _bind_tcp("metrics", settings.metrics.listen)
+            bound.metrics = _bind_tcp("metrics.listen", settings.metrics.listen)
     except BaseException:
         bound.close()
         raise

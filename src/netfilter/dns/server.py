@@ -76,19 +76,19 @@ def bind(listen: Sequence[str]) -> list[Listening]:
     be bound; the ones bound before it are closed."""
     bound: list[Listening] = []
     try:
-        for address in listen:
+        for index, address in enumerate(listen):
             host, port = parse_hostport(address, any_port=True)
             try:
                 udp = bind_udp(host, port)
             except OSError as e:
-                raise ListenError.from_os_error("dns", host, port, e) from None
+                raise ListenError.from_os_error(f"dns.listen[{index}]", host, port, e) from None
             port = int(udp.getsockname()[1])
             try:
                 tcp = socket.create_server((host, port), family=udp.family,
                                            backlog=TCP_BACKLOG)
             except OSError as e:
                 udp.close()
-                raise ListenError.from_os_error("dns", host, port, e) from None
+                raise ListenError.from_os_error(f"dns.listen[{index}]", host, port, e) from None
             bound.append(Listening(host, udp, tcp))
     except BaseException:
         for listening in bound:

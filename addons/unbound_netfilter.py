@@ -10,6 +10,11 @@ Environment of the unbound process:
     NETFILTER_SITE_PACKAGES  site-packages of the venv netfilter is installed in
                              (default: ../.venv/lib/python3.X/site-packages beside this file)
     PYTHONPATH=/usr/lib/python3/dist-packages   so Unbound's Python finds unboundmodule
+    NETFILTER_UNBOUND_CONTROL  how to run unbound-control, which flushes Unbound's cache
+                             when a list update adds entries (default: unbound-control)
+
+Do not `unbound-control reload` to load new lists: the plugin reloads them itself, and
+a reload restarts Unbound's Python, where compiled modules cannot load again.
 
 This file only wires Unbound to netfilter.dns.unbound; the logic lives there.
 """

@@ -136,8 +136,9 @@ def test_structured_error_when_the_client_asks(servers: tuple[Unbound, PluginUnb
 
 def test_cname_to_a_blocked_name_is_blocked(servers: tuple[Unbound, PluginUnbound]) -> None:
     _, plugin = servers
-    response = udp(dns.message.make_query("alias.clean.example", "A"), plugin.port)
-    assert response.rcode() == dns.rcode.NXDOMAIN
+    for _ in range(2):  # the iterator cached the chain; the block expired it there
+        response = udp(dns.message.make_query("alias.clean.example", "A"), plugin.port)
+        assert response.rcode() == dns.rcode.NXDOMAIN
     clean = udp(dns.message.make_query("alias2.clean.example", "A"), plugin.port)
     assert clean.rcode() == dns.rcode.NOERROR and clean.answer
 

@@ -3,9 +3,20 @@
 Unbound calls `operate` for every query that is not answered from its cache or
 local data. The module sits before the iterator (`module-config: "python iterator"`,
 or "validator python iterator"): a blocked name is answered here and never reaches
-the iterator or the cache, so a block applies on the next query after a list update.
-Clean names pass to the iterator; its answer comes back (MODDONE) and is checked for
-CNAME targets that are blocked.
+the iterator or the cache. Clean names pass to the iterator; its answer comes back
+(MODDONE) and is checked again, the name and its CNAME targets, against the lists in
+force then; a block there also expires the answer the iterator has just cached.
+
+List updates: a thread looks at the config and list files every CHECK_INTERVAL
+seconds and reloads the lists when one changed (a refused bundle leaves the lists in
+force). Unbound answers cached names without asking any module (its worker serves
+message-cache hits before the modules run, and in 1.17 an `inplace_cb_reply_cache`
+callback cannot refuse the cached answer), and the lists are hashed, so the module
+cannot name what to expire. So when the new lists hold a digest the old ones did not
+(or a local list changed), it has Unbound flush its caches: `<control> flush_zone .`,
+with <control> from NETFILTER_UNBOUND_CONTROL (default `unbound-control`). Removals
+need no flush. The flush refetches every cached name once (measured in
+benchmarks/README.md), which is why it is kept to swaps that add entries.
 
 The engine is built on the first query, not at load: `unbound-checkconf` runs the
 script and `init`, and must not create keys or write events.
@@ -14,26 +25,34 @@ script and `init`, and must not create keys or write events.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import unboundmodule as ub
 
-from netfilter.config import DnsSettings, load_config
+from netfilter.config import DnsSettings, Settings, load_config
 from netfilter.dns.answers import extra_text
 from netfilter.dns.wire import EDE_OPTION
 from netfilter.engine import Answer, Engine, Verdict
 from netfilter.errors import NetfilterError
+from netfilter.lists import Lists
 from netfilter.node import make_engine
 
-__all__ = ["Plugin"]
+__all__ = ["CHECK_INTERVAL", "CONTROL_ENV", "Plugin", "adds_entries"]
 
 log = logging.getLogger(__name__)
 TYPE_A, TYPE_AAAA, TYPE_CNAME = 1, 28, 5
 RETRY = 30.0  # seconds between attempts to load a broken config
+CHECK_INTERVAL = 1.0  # seconds between two looks at the config and list files
+CONTROL_ENV = "NETFILTER_UNBOUND_CONTROL"  # how to run unbound-control (a command line)
+FLUSH_TIMEOUT = 60.0  # seconds unbound-control may take to flush
 _RCODES = {Answer.NXDOMAIN: "RCODE_NXDOMAIN", Answer.REFUSED: "RCODE_REFUSED",
            Answer.STOPPAGE: "RCODE_NOERROR"}
 
@@ -41,12 +60,21 @@ _RCODES = {Answer.NXDOMAIN: "RCODE_NXDOMAIN", Answer.REFUSED: "RCODE_REFUSED",
 class Plugin:
     """One per Unbound module instance; thread-safe (Unbound may run several threads)."""
 
-    def __init__(self, config_path: str | Path) -> None:
+    def __init__(self, config_path: str | Path, *, check_interval: float = CHECK_INTERVAL,
+                 control: str | None = None) -> None:
+        """`control`: the unbound-control command line for flushes (default: the
+        environment's NETFILTER_UNBOUND_CONTROL, else `unbound-control`)."""
         self.config_path = Path(config_path)
         self._engine: Engine | None = None
         self._settings = DnsSettings()
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        self.check_interval = check_interval
+        self.control = shlex.split(control or os.environ.get(CONTROL_ENV) or "unbound-control")
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._stamps: tuple[tuple[str, int, int, int], ...] = ()
+        self.flushes = 0  # cache flushes asked of Unbound (list swaps that added entries)
 
     @property
     def engine(self) -> Engine:
@@ -60,6 +88,7 @@ class Plugin:
                         raise NetfilterError(self.config_path, "not loaded (see above)")
                     try:
                         settings = load_config(self.config_path)
+                        stamps = _stamps(self.config_path, settings)
                         self._settings = settings.dns or DnsSettings()
                         self._engine = make_engine(settings)
                     except NetfilterError as e:
@@ -68,12 +97,78 @@ class Plugin:
                                   "%d s: %s", RETRY, e)
                         raise
                     log.info("netfilter: lists loaded for unbound from %s", self.config_path)
+                    self._stamps = stamps
+                    self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                     name="netfilter-lists")
+                    self._watcher.start()
         return self._engine
 
     def close(self) -> None:
-        """Commit queued events and sign a last checkpoint (Unbound's deinit)."""
+        """Stop watching the lists, commit queued events and sign a last checkpoint
+        (Unbound's deinit)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=FLUSH_TIMEOUT + 5)
         if self._engine is not None:
             self._engine.close()
+
+    # ------------------------------------------------------------ list updates
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.check_interval):
+            try:
+                self.check_lists()
+            except Exception:  # the watch must outlive one bad moment
+                log.exception("netfilter: checking the list files failed")
+
+    def check_lists(self) -> bool:
+        """Reload the lists if the config or a list file changed; flush Unbound's
+        caches if the new lists block more. True when new lists came into force."""
+        engine = self._engine
+        if engine is None:
+            return False
+        try:
+            settings = load_config(self.config_path)
+        except NetfilterError as e:
+            if _stamps(self.config_path, None) != self._stamps[:1]:
+                log.error("netfilter: config changed but cannot be read; the lists in "
+                          "force stay: %s", e)
+                self._stamps = _stamps(self.config_path, None) + self._stamps[1:]
+            return False
+        stamps = _stamps(self.config_path, settings)
+        if stamps == self._stamps:
+            return False
+        local_changed = _local_stamps(stamps, settings) != _local_stamps(self._stamps, settings)
+        self._stamps = stamps
+        old = engine.lists
+        if not engine.reload(settings, changed=str(self.config_path)):
+            return False  # refused: the engine said why and recorded it
+        self._settings = settings.dns or DnsSettings()
+        new = engine.lists
+        log.info("netfilter: lists reloaded for unbound (%d entries)", len(new))
+        if local_changed or adds_entries(old, new):
+            self.flush_cache()
+        return True
+
+    def flush_cache(self) -> None:
+        """Have Unbound drop every cached answer: names cached as clean may be blocked
+        now. Never raises: a failed flush is logged (cache-max-ttl still bounds it)."""
+        command = [*self.control, "flush_zone", "."]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=FLUSH_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.error("netfilter: new list entries, but %s failed (%s): names cached "
+                      "before stay until their TTL (cache-max-ttl)", shlex.join(command), e)
+            return
+        if done.returncode != 0:
+            log.error("netfilter: new list entries, but %s exited %d: %s; names cached "
+                      "before stay until their TTL (cache-max-ttl)", shlex.join(command),
+                      done.returncode, (done.stdout + done.stderr).strip()[:300])
+            return
+        self.flushes += 1
+        log.info("netfilter: new list entries: Unbound's cache flushed (%s)",
+                 done.stdout.strip()[:200])
 
     # ------------------------------------------------------------ the module API
 
@@ -92,9 +187,13 @@ class Plugin:
             qstate.ext_state[module_id] = ub.MODULE_WAIT_MODULE
             return True
         if event == ub.MODULE_EVENT_MODDONE:
-            for target in _cname_targets(qstate):
-                verdict = self._check(target, qstate, via_cname=True)
+            # The name again (the lists may have changed since NEW), then CNAME targets.
+            # The iterator has cached its answer already: a block expires it there.
+            for name, via_cname in ((qstate.qinfo.qname_str, False),
+                                    *((t, True) for t in _cname_targets(qstate))):
+                verdict = self._check(name, qstate, via_cname=via_cname)
                 if verdict is not None and verdict.blocked:
+                    ub.invalidateQueryInCache(qstate, qstate.qinfo)
                     return self._answer(module_id, qstate, verdict)
             qstate.ext_state[module_id] = ub.MODULE_FINISHED
             return True
@@ -142,6 +241,76 @@ class Plugin:
                                 qstate.region)
         qstate.ext_state[module_id] = ub.MODULE_FINISHED
         return True
+
+
+def adds_entries(old: Lists, new: Lists) -> bool:
+    """Could `new` block a name that `old` did not? True when a bundle of `new` holds
+    a digest its namesake in `old` did not (or is new with entries), or the local
+    lists differ in name, version or size (the caller also counts any change of their
+    files). Digests are sorted in a bundle. URL-level entries count too: the digests
+    do not say which entries DNS enforces."""
+    if _local(old) != _local(new):
+        return True
+    before = {b.manifest.list_id: b for b in old.bundles}
+    for bundle in new.bundles:
+        previous = before.get(bundle.manifest.list_id)
+        if previous is None:
+            if bundle.manifest.entries:
+                return True
+            continue
+        if _new_digests(previous.array("digests.bin"), bundle.array("digests.bin")):
+            return True
+    return False
+
+
+def _new_digests(old: np.ndarray[Any, Any], new: np.ndarray[Any, Any]) -> bool:
+    """Any row of `new` not in `old` (both (n, 32) uint8, rows sorted)."""
+    if len(new) == 0:
+        return False
+    if len(old) == 0:
+        return True
+    old_keys = np.ascontiguousarray(old).view("S32").ravel()
+    new_keys = np.ascontiguousarray(new).view("S32").ravel()
+    at = np.searchsorted(old_keys, new_keys).clip(max=len(old_keys) - 1)
+    return bool((old_keys[at] != new_keys).any())
+
+
+def _local(lists: Lists) -> list[tuple[str, int, int]]:
+    """The local lists' identity: (list id, version, entries) of each, exceptions too."""
+    matchers = [m for m in lists.blocking if m.source != "authority"]
+    if lists.exceptions is not None:
+        matchers.append(lists.exceptions)
+    return [(m.list_id, m.version, m.entry_count) for m in matchers]
+
+
+def _stamps(config: Path, settings: Settings | None) -> tuple[tuple[str, int, int, int], ...]:
+    """The config file, then every file the lists come from: path, inode, size, mtime
+    (a bundle installed by rename gets a new inode)."""
+    files = [config]
+    if settings is not None:
+        for item in settings.lists:
+            files.append(settings.resolve(item.path))
+            files.extend(settings.resolve(k) for k in item.trust)
+            if item.hmac_key is not None:
+                files.append(settings.resolve(item.hmac_key))
+        files.extend(settings.resolve(f) for f in (settings.local.block, settings.local.allow)
+                     if f is not None)
+    return tuple(_stamp(Path(f)) for f in files)
+
+
+def _local_stamps(stamps: tuple[tuple[str, int, int, int], ...],
+                  settings: Settings) -> set[tuple[str, int, int, int]]:
+    local = {str(settings.resolve(f)) for f in (settings.local.block, settings.local.allow)
+             if f is not None}
+    return {s for s in stamps if s[0] in local}
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), 0, -1, 0)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _client(qstate: Any) -> str | None:

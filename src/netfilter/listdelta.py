@@ -97,6 +97,7 @@ from netfilter.listfile import (
     _check_signature,
     _first_error,
     _parse_manifest,
+    _parse_model,
     pack_entries,
     write_bundle,
     write_signed_bundle,
@@ -603,18 +604,7 @@ def _read_members(path: Path) -> dict[str, bytes]:
 
 
 def _parse_delta_manifest(path: Path, data: bytes) -> DeltaManifest:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as e:
-        raise BundleError(path, "malformed delta manifest: not YAML") from e
-    if not isinstance(raw, dict):
-        raise BundleError(path, "malformed delta manifest: not a mapping")
-    try:
-        return DeltaManifest.model_validate(raw)
-    except ValidationError as e:
-        raise BundleError(path, f"malformed delta manifest: {_first_error(e)}") from e
+    return _parse_model(path, data, DeltaManifest, "delta manifest")
 
 
 def _digest_member(path: Path, name: str, data: bytes, count: int | None) -> Digests:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -457,19 +457,27 @@ def _check_signature(path: Path, sig_text: bytes, message: bytes,
         path, f"signed by unknown key {', '.join(seen)} (trusted: {trusted_ids})")
 
 
-def _parse_manifest(path: Path, data: bytes) -> Manifest:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _parse_model(path: Path, data: bytes, model: type[ModelT], what: str) -> ModelT:
+    """A signed YAML document as `model`; one line naming the first problem."""
     import yaml
 
     try:
         raw = yaml.safe_load(data)
     except yaml.YAMLError as e:
-        raise BundleError(path, "malformed manifest: not YAML") from e
+        raise BundleError(path, f"malformed {what}: not YAML") from e
     if not isinstance(raw, dict):
-        raise BundleError(path, "malformed manifest: not a mapping")
+        raise BundleError(path, f"malformed {what}: not a mapping")
     try:
-        return Manifest.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise BundleError(path, f"malformed manifest: {_first_error(e)}") from e
+        raise BundleError(path, f"malformed {what}: {_first_error(e)}") from e
+
+
+def _parse_manifest(path: Path, data: bytes) -> Manifest:
+    return _parse_model(path, data, Manifest, "manifest")
 
 
 class _MemberCheck:

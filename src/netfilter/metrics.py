@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from netfilter.childmetrics import ChildCounters, merged
 from netfilter.httpd import ReadOnlyServer, Resource
+from netfilter.latency import BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
     from netfilter.audit.log import AuditLog
@@ -41,44 +41,6 @@ __all__ = ["LatencyHistogram", "MetricsServer", "NodeMetrics", "for_node"]
 
 Source = Callable[[], Mapping[str, int | float]]
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
-# seconds: a local answer takes well under a millisecond, a forwarded one an upstream's
-# round trip (up to dns.timeout)
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class LatencyHistogram:
-    """Fixed buckets as a list of counts and a sum: `observe` is a bisect and two
-    additions (a prometheus_client Histogram takes a lock per observation)."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)  # the last one: above the largest bound
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-
-    @classmethod
-    def from_child(cls, child: ChildCounters, name: str) -> LatencyHistogram | None:
-        """The histogram `name` of a child's counters, if it sent one."""
-        sent = child.histogram(name, len(BUCKETS) + 1)
-        if sent is None:
-            return None
-        histogram = cls()
-        histogram.counts, histogram.sum = sent
-        return histogram
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative, as Prometheus wants them, ending with +Inf."""
-        out, total = [], 0
-        for bound, count in zip((*map(str, BUCKETS), "+Inf"), list(self.counts), strict=True):
-            total += count
-            out.append((bound, float(total)))
-        return out
-
-
 @dataclass(frozen=True)
 class _Part:
     name: str
@@ -201,10 +163,20 @@ def _latency(parts: Mapping[str, LatencyHistogram],
     for frontend, histogram in parts.items():
         family.add_metric([frontend], histogram.buckets(), histogram.sum)
     if proxy is not None:
-        sent = LatencyHistogram.from_child(proxy, "latency")
+        sent = _child_histogram(proxy, "latency")
         if sent is not None:
             family.add_metric(["proxy"], sent.buckets(), sent.sum)
     yield family
+
+
+def _child_histogram(child: ChildCounters, name: str) -> LatencyHistogram | None:
+    """The histogram `name` of a child's counters, if it sent one."""
+    sent = child.histogram(name, len(BUCKETS) + 1)
+    if sent is None:
+        return None
+    histogram = LatencyHistogram()
+    histogram.counts, histogram.sum = sent
+    return histogram
 
 
 def _blocks(engine: Engine, proxy: ChildCounters | None) -> Iterator[Metric]:

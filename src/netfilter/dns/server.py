@@ -38,7 +38,7 @@ from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
 from netfilter.errors import ListenError
-from netfilter.metrics import LatencyHistogram
+from netfilter.latency import LatencyHistogram
 from netfilter.slots import client_key
 
 __all__ = ["DnsServer", "Listening", "bind"]

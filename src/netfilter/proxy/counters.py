@@ -17,7 +17,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from netfilter.childmetrics import Snapshot, engine_counters
-from netfilter.metrics import LatencyHistogram
+from netfilter.latency import LatencyHistogram
 from netfilter.ratelimit import RateLimit
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from netfilter.canonical import InvalidURL
 from netfilter.config import StoppageSettings, parse_hostport
 from netfilter.engine import Action, Engine, Verdict
-from netfilter.metrics import LatencyHistogram
+from netfilter.latency import LatencyHistogram
 from netfilter.slots import Slot, Slots, protocol_factory
 from netfilter.stoppage.render import REASON, Renderer, StopPage
 

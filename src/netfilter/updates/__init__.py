@@ -3,7 +3,9 @@ atomically, and refuse rollbacks across restarts.
 
     state.py     the durable record per list (highest version, manifest digest) and
                  per source (ETag, Last-Modified); the rollback rule `judge`
-    fetch.py     conditional fetch from an https:// URL or a local path
+    fetch.py     conditional fetch from an https:// URL or a local path; `probe` asks
+                 "changed?" without the body
+    delta.py     fetch the delta from the version in force, apply it (listdelta.py)
     install.py   stage beside the old bundle, fsync, rename, fsync the directory
     updater.py   `Updater`: one check of every source (`run_once`), or a thread
     commands.py  `netfilter list update`
@@ -15,6 +17,18 @@ holds it under the configured bundle's file name (`lists/demo.nfl` is fetched as
 `SOURCE/demo.nfl`); any other source is the bundle's own URL or path. This is how
 freshclam mirrors publish `daily.cvd`: a plain HTTPS mirror or an rsync'ed
 directory serves it, and HTTP caches and conditional requests keep a check cheap.
+
+Beside it the authority may publish deltas, `NAME.from-vN.delta.nfl`, one per recent
+base version N (the names `netfilter list build --diff-from` writes; a URL source's
+delta keeps the URL's query). A node with version N in force first asks whether the
+full bundle changed without reading it (a conditional HEAD, or a stat); if it did, it
+fetches the delta from N (same TLS, CA and size rules), applies it to the bundle in
+force with the list's trusted keys and installs the result, the authority's full
+bundle byte for byte, through the same verification and rollback rules as a download,
+recording the full bundle's new validators (so the next check is a 304). No delta
+(404, no such file), a delta from another base, or any fault of the delta: one log
+line, counted (`delta_absent`, `delta_failed`; `delta_applied` in `Updater.stats()`),
+and the full bundle is fetched as before.
 """
 
 from importlib import import_module

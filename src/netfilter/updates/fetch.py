@@ -8,6 +8,12 @@ written. TLS is always verified, against the system's CAs or, with `updates.ca`,
 only against that pinned CA; a redirect to anything but https:// is refused. A local
 file is "not modified" while its device, inode, size and modification time are.
 
+`probe` asks the same conditional question without reading the body (HEAD; a GET
+whose body is left unread where a server refuses HEAD; a stat for a local file): what
+the updater asks before it tries a delta instead of the full bundle. A location with
+nothing at it (HTTP 404 or 410, no such file) raises `SourceAbsent`, so that a
+missing delta can be told from a failing source.
+
 Nothing here verifies a bundle: the bytes go to a file the installer gave, and the
 installer verifies them before they can replace anything.
 """
@@ -19,14 +25,18 @@ import ssl
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from netfilter import __version__
 from netfilter.config import UpdateSettings
 from netfilter.errors import NetfilterError
 from netfilter.updates.state import Validators
 
-__all__ = ["FetchError", "Fetched", "bundle_location", "fetch", "is_url"]
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["FetchError", "Fetched", "SourceAbsent", "bundle_location", "fetch", "is_url",
+           "probe"]
 
 CHUNK = 1 << 20
 
@@ -35,9 +45,16 @@ class FetchError(NetfilterError):
     """A source could not be read (unreachable, TLS, HTTP status, too large)."""
 
 
+class SourceAbsent(FetchError):
+    """Nothing at that location of the source (HTTP 404 or 410, or no such file)."""
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """What a fetch found: a new body (written) or "not modified" (nothing written)."""
+    """What a fetch found: a new body (written) or "not modified" (nothing written).
+
+    From `probe`, nothing is written either way and `size` is the size the source
+    states (Content-Length, or the file's size; 0 when it states none)."""
 
     modified: bool
     validators: Validators
@@ -67,6 +84,17 @@ def fetch(location: str, out: IO[bytes], validators: Validators,
     return _fetch_file(Path(location), out, validators, settings.max_size)
 
 
+def probe(location: str, validators: Validators, settings: UpdateSettings, *,
+          ca: Path | None = None) -> Fetched:
+    """Has the bundle at `location` changed since `validators`? Reads no body.
+
+    The same request rules as `fetch` (pinned CA, https only, conditional headers); a
+    local file is stat'ed, not opened. Raises SourceAbsent and FetchError as `fetch`."""
+    if is_url(location):
+        return _probe_https(location, validators, settings, ca)
+    return _probe_file(Path(location), validators)
+
+
 def _file_tag(st: os.stat_result) -> str:
     return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -76,7 +104,7 @@ def _fetch_file(path: Path, out: IO[bytes], validators: Validators,
     try:
         source = open(path, "rb")  # noqa: SIM115
     except FileNotFoundError as e:
-        raise FetchError(path, "no bundle at the source") from e
+        raise SourceAbsent(path, "no bundle at the source") from e
     except OSError as e:
         raise FetchError(path, f"cannot read the source ({e.strerror})") from e
     with source:
@@ -96,6 +124,18 @@ def _fetch_file(path: Path, out: IO[bytes], validators: Validators,
     return Fetched(True, now, size)
 
 
+def _probe_file(path: Path, validators: Validators) -> Fetched:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise SourceAbsent(path, "no bundle at the source") from e
+    except OSError as e:
+        raise FetchError(path, f"cannot read the source ({e.strerror})") from e
+    tag = _file_tag(st)
+    now = Validators(etag=tag, last_modified=formatdate(st.st_mtime, usegmt=True))
+    return Fetched(validators.etag != tag, now, st.st_size)
+
+
 def tls_context(ca: Path | None) -> ssl.SSLContext:
     """Verifying TLS: the system's CAs, or only a pinned CA file."""
     try:
@@ -104,8 +144,17 @@ def tls_context(ca: Path | None) -> ssl.SSLContext:
         raise FetchError(ca or "system CAs", f"cannot load the CA certificates ({e})") from e
 
 
-def _fetch_https(url: str, out: IO[bytes], validators: Validators,
-                 settings: UpdateSettings, ca: Path | None) -> Fetched:
+def _conditional(validators: Validators) -> dict[str, str]:
+    headers = {"User-Agent": f"netfilter/{__version__} (list update)"}
+    if validators.etag and not validators.etag.startswith("file:"):
+        headers["If-None-Match"] = validators.etag
+    if validators.last_modified:
+        headers["If-Modified-Since"] = validators.last_modified
+    return headers
+
+
+def _client(url: str, settings: UpdateSettings, ca: Path | None) -> httpx.Client:
+    """Verifying TLS (system CAs or the pinned CA), redirects to https:// only."""
     import httpx
 
     def https_only(request: httpx.Request) -> None:
@@ -113,35 +162,71 @@ def _fetch_https(url: str, out: IO[bytes], validators: Validators,
             raise FetchError(url, f"redirected to {request.url.scheme}://, refused "
                                   "(https only)")
 
-    headers = {"User-Agent": f"netfilter/{__version__} (list update)"}
-    if validators.etag and not validators.etag.startswith("file:"):
-        headers["If-None-Match"] = validators.etag
-    if validators.last_modified:
-        headers["If-Modified-Since"] = validators.last_modified
+    return httpx.Client(verify=tls_context(ca), timeout=settings.timeout,
+                        follow_redirects=True, max_redirects=5,
+                        event_hooks={"request": [https_only]})
+
+
+def _answer(url: str, response: httpx.Response, headers: dict[str, str],
+            validators: Validators, max_size: int) -> Fetched:
+    """What a response's status and headers say, before any body is read: not
+    modified (raises on a 304 to an unconditional request), or modified (the stated
+    size checked against max_size); any other status raises."""
+    now = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+    if response.status_code == 304:
+        if "If-None-Match" not in headers and "If-Modified-Since" not in headers:
+            raise FetchError(url, "304 Not Modified to an unconditional request")
+        return Fetched(False, Validators(now.etag or validators.etag,
+                                         now.last_modified or validators.last_modified))
+    if response.status_code in (404, 410):
+        raise SourceAbsent(url, f"HTTP {response.status_code} {response.reason_phrase}")
+    if response.status_code != 200:
+        raise FetchError(url, f"HTTP {response.status_code} {response.reason_phrase}")
+    length = response.headers.get("Content-Length")
+    size = int(length) if length is not None and length.isdigit() else 0
+    if size > max_size:
+        raise FetchError(url, f"bundle of {length} bytes exceeds updates.max_size")
+    return Fetched(True, now, size)
+
+
+def _fetch_https(url: str, out: IO[bytes], validators: Validators,
+                 settings: UpdateSettings, ca: Path | None) -> Fetched:
+    import httpx
+
+    headers = _conditional(validators)
     try:
-        with httpx.Client(verify=tls_context(ca), timeout=settings.timeout,
-                          follow_redirects=True, max_redirects=5,
-                          event_hooks={"request": [https_only]}) as client, \
+        with _client(url, settings, ca) as client, \
                 client.stream("GET", url, headers=headers) as response:
-            now = Validators(response.headers.get("ETag"),
-                             response.headers.get("Last-Modified"))
-            if response.status_code == 304:
-                if "If-None-Match" not in headers and "If-Modified-Since" not in headers:
-                    raise FetchError(url, "304 Not Modified to an unconditional request")
-                return Fetched(False, Validators(now.etag or validators.etag,
-                                                 now.last_modified or validators.last_modified))
-            if response.status_code != 200:
-                raise FetchError(url, f"HTTP {response.status_code} {response.reason_phrase}")
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > settings.max_size:
-                raise FetchError(url, f"bundle of {length} bytes exceeds updates.max_size")
+            answer = _answer(url, response, headers, validators, settings.max_size)
+            if not answer.modified:
+                return answer
             size = 0
             for chunk in response.iter_bytes(CHUNK):
                 size += len(chunk)
                 if size > settings.max_size:
                     raise FetchError(url, "bundle exceeds updates.max_size")
                 out.write(chunk)
-            return Fetched(True, now, size)
+            return Fetched(True, answer.validators, size)
     except httpx.HTTPError as e:
         reason = str(e) or type(e).__name__
         raise FetchError(url, f"cannot fetch ({reason[:300]})") from e
+
+
+def _probe_https(url: str, validators: Validators, settings: UpdateSettings,
+                 ca: Path | None) -> Fetched:
+    """A conditional HEAD: no body travels at all. A server that refuses HEAD (405,
+    501) is asked with a GET whose body is left unread (the connection is closed after
+    the headers: what travels is at most what was in flight)."""
+    import httpx
+
+    headers = _conditional(validators)
+    try:
+        with _client(url, settings, ca) as client:
+            response = client.head(url, headers=headers)
+            if response.status_code not in (405, 501):
+                return _answer(url, response, headers, validators, settings.max_size)
+            with client.stream("GET", url, headers=headers) as streamed:
+                return _answer(url, streamed, headers, validators, settings.max_size)
+    except httpx.HTTPError as e:
+        reason = str(e) or type(e).__name__
+        raise FetchError(url, f"cannot ask ({reason[:300]})") from e

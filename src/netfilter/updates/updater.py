@@ -50,7 +50,8 @@ from netfilter.errors import BundleError, BundleExpired, NetfilterError
 from netfilter.events import Event, EventSink
 from netfilter.keys import PublicKey, load_public_key
 from netfilter.listfile import Manifest, open_bundle
-from netfilter.updates.fetch import FetchError, bundle_location, fetch
+from netfilter.updates.delta import NoDelta, apply_from_source
+from netfilter.updates.fetch import FetchError, bundle_location, fetch, probe
 from netfilter.updates.install import clean_stages, manifest_digest, place, stage, sync
 from netfilter.updates.state import Judgement, Validators, VersionState, judge, refusal, state_path
 
@@ -264,6 +265,11 @@ class Updater:
                            allow_rollback: bool) -> tuple[UpdateResult, Manifest]:
         updates = self.options
         ca = self.settings.resolve(updates.ca) if updates.ca is not None else None
+        if current is not None:
+            done = self._via_delta(item, target, location, keys, current, validators,
+                                   allow_rollback, ca)
+            if done is not None:
+                return done
         out, staged = stage(target)
         try:
             with out:
@@ -284,9 +290,61 @@ class Updater:
         finally:
             staged.unlink(missing_ok=True)
 
+    def _via_delta(self, item: ListSettings, target: Path, location: str,
+                   keys: Sequence[PublicKey], current: _InPlace, validators: Validators,
+                   allow_rollback: bool,
+                   ca: Path | None) -> tuple[UpdateResult, Manifest] | None:
+        """Has the full bundle changed (asked without its body)? Not modified: current.
+        Modified: fetch `NAME.from-vN.delta.nfl` for the version N in force, apply it
+        (updates/delta.py) and install the result through `_install` like a download,
+        recording the full bundle's new validators (the next check is a 304). None:
+        fetch the full bundle (no delta, or it failed: one log line, counted).
+
+        A mirror whose deltas lag behind its full bundle gets the delta's version
+        installed under the full bundle's validators; the next publication brings it
+        up (and the freeze alarm watches the age of what is in force)."""
+        updates = self.options
+        probed = probe(location, validators, updates, ca=ca)
+        m = current.manifest
+        if not probed.modified:
+            self.state.set_validators(location, probed.validators, self.clock())
+            return UpdateResult(target, location, "current", m.list_id, m.version,
+                                not_modified=True), m
+        out, staged = stage(target)
+        out.close()
+        try:
+            try:
+                applied = apply_from_source(location, target, keys, m.version, staged,
+                                            updates, ca=ca)
+                with open(staged, "rb") as written:
+                    sync(written)
+            except NoDelta as e:
+                self.counts["delta_absent"] += 1
+                log.info("list %s: %s; fetching the full bundle", m.list_id, e)
+                return None
+            except (NetfilterError, OSError) as e:
+                self.counts["delta_failed"] += 1
+                log.warning("list %s: the delta from version %s is not used, fetching the "
+                            "full bundle: %s", m.list_id, m.version, e)
+                return None
+            self.counts["delta_applied"] += 1
+            self._step("downloaded")
+            self._step("synced")
+            via = f" (via delta from version {m.version}, {applied.size:,} bytes)"
+            result = self._install(item, target, location, staged, keys, current,
+                                   probed.validators, allow_rollback, via=via)
+            if result[0].outcome == "installed":
+                log.info("list %s: version %s came as a delta of %s bytes from %s%s",
+                         m.list_id, result[0].version, f"{applied.size:,}", applied.location,
+                         f" (the full bundle: {probed.size:,})" if probed.size else "")
+            return result
+        finally:
+            staged.unlink(missing_ok=True)
+
     def _install(self, item: ListSettings, target: Path, location: str, staged: Path,
                  keys: Sequence[PublicKey], current: _InPlace | None,
-                 validators: Validators, allow_rollback: bool) -> tuple[UpdateResult, Manifest]:
+                 validators: Validators, allow_rollback: bool,
+                 *, via: str = "") -> tuple[UpdateResult, Manifest]:
         try:
             bundle = open_bundle(staged, keys)
         except BundleError as e:
@@ -325,7 +383,7 @@ class Updater:
         self.state.set_validators(location, validators, self.clock())
         self._step("recorded")
         previous = current.manifest.version if current is not None else None
-        detail = (f"installed {target.name} from {location}: entries={m.entries} "
+        detail = (f"installed {target.name} from {location}{via}: entries={m.entries} "
                   f"manifest-sha256={digest[:16]}")
         if forced:
             detail = (f"ROLLBACK forced with --allow-rollback by {_operator()}: was version "

@@ -29,7 +29,7 @@ from netfilter.events import MemorySink
 from netfilter.keys import PrivateKey, load_public_key
 from netfilter.listdelta import build_delta
 from netfilter.listfile import open_bundle
-from netfilter.updates.delta import delta_location
+from netfilter.updates.delta import delta_location, lags
 from tests.conftest import SOURCE, BuildBundle
 from tests.support import HOST
 from tests.test_updates import Node
@@ -228,6 +228,36 @@ def test_a_tampered_delta_is_one_line_and_the_full_bundle_comes(
     assert updater.stats()["delta_failed"] == 1
     assert [e.type for e in sink.events] == ["list-loaded"]  # a delta failure is no refusal
     assert not node.stages() and not list(node.target.parent.glob(".tmp-*"))
+    updater.close()
+
+
+@pytest.mark.parametrize("delta_age", [7200, 0])
+def test_a_delta_older_than_its_full_bundle_does_not_stop_the_next_check(
+        tmp_path: Path, node: DirNode, authority: tuple[Path, Path],
+        authority_key: PrivateKey, delta_age: int) -> None:
+    """A mirror between two publications: the full bundle is version 3 already, the
+    delta from version 1 beside it still leads to version 2. Version 2 comes from the
+    delta; a delta two hours older than the full bundle is known for a lagging one,
+    so the next check asks again and version 3 comes in full. A lagging delta as new
+    as the full bundle cannot be told: the node stays on version 2 until the next
+    publication (the residue of trusting the mirror's dates)."""
+    v2 = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
+    v3 = _release(tmp_path, v2.full, authority_key, authority[1], text=SOURCE, version=3,
+                  name="v3")
+    node.publish(v3.full)
+    where = node.publish_delta(v2.delta)
+    st = where.stat()
+    os.utime(where, (st.st_atime - delta_age, st.st_mtime - delta_age))
+    updater = node.updater()
+    [first] = updater.run_once()
+    assert (first.outcome, first.version) == ("installed", 2)
+    assert node.target.read_bytes() == v2.full.read_bytes()
+    [second] = updater.run_once()
+    if delta_age:
+        assert (second.outcome, second.version) == ("installed", 3)
+        assert node.target.read_bytes() == v3.full.read_bytes()
+    else:
+        assert (second.outcome, second.version, second.not_modified) == ("current", 2, True)
     updater.close()
 
 
@@ -453,3 +483,11 @@ def test_delta_location() -> None:
     assert delta_location("/srv/lists/test.nfl", 1) == "/srv/lists/test.from-v1.delta.nfl"
     assert delta_location("https://authority.example/current", 2) == (
         "https://authority.example/current.from-v2.delta.nfl")
+
+
+def test_lags() -> None:
+    full = "Sat, 05 Dec 2026 08:00:00 GMT"
+    assert lags("Sat, 05 Dec 2026 06:00:00 GMT", full)
+    assert not lags("Sat, 05 Dec 2026 07:55:00 GMT", full)  # copied a little before it
+    assert not lags("Sat, 05 Dec 2026 09:00:00 GMT", full)
+    assert not lags(None, full) and not lags(full, None) and not lags("junk", full)

@@ -9,6 +9,14 @@ before it writes anything, and the result then goes through the installer's
 verification like any download. What goes wrong here only means "fetch the full
 bundle": `NoDelta` when the source publishes none for this base, anything else
 (`DeltaBaseMismatch`, a bad delta, a failed fetch) a `NetfilterError`.
+
+A mirror may be caught between two publications: the new full bundle there, the old
+delta still beside it (or the other way round). A delta applied then gives a signed,
+newer version, but not the one whose validators the full bundle's answer carried;
+recording those would make the next check a 304 and hold the node on the delta's
+version until the next publication. `lags` tells it by Last-Modified (a delta older
+than the full bundle by more than a few minutes was not published with it); the
+updater then keeps the old validators, so the next check asks again.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from netfilter.updates.fetch import SourceAbsent, fetch, is_url
 from netfilter.updates.install import stage
 from netfilter.updates.state import Validators
 
-__all__ = ["DeltaApplied", "NoDelta", "apply_from_source", "delta_location"]
+__all__ = ["DeltaApplied", "NoDelta", "apply_from_source", "delta_location", "lags"]
+
+LAG_SLACK = 600.0  # seconds a delta may be older than its full bundle (copy order)
 
 
 class NoDelta(NetfilterError):
@@ -42,6 +52,7 @@ class DeltaApplied:
     location: str  # where the delta was fetched from
     base_version: int
     size: int  # bytes of the delta
+    last_modified: str | None = None  # the delta's, as its source said
 
 
 def delta_location(location: str, base_version: int) -> str:
@@ -86,6 +97,21 @@ def apply_from_source(location: str, target: Path, keys: Sequence[PublicKey],
             raise kind(e.where.replace(str(staged), where, 1), e.reason) from e
         finally:
             base.close()
-        return DeltaApplied(where, base_version, got.size)
+        return DeltaApplied(where, base_version, got.size, got.validators.last_modified)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def lags(delta_modified: str | None, full_modified: str | None,
+         slack: float = LAG_SLACK) -> bool:
+    """Was the delta last modified more than `slack` seconds before the full bundle
+    (HTTP dates)? False when either date is absent or unreadable."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        if delta_modified is None or full_modified is None:
+            return False
+        delta, full = parsedate_to_datetime(delta_modified), parsedate_to_datetime(full_modified)
+        return (full - delta).total_seconds() > slack
+    except (TypeError, ValueError):
+        return False

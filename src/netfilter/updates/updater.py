@@ -50,7 +50,7 @@ from netfilter.errors import BundleError, BundleExpired, NetfilterError
 from netfilter.events import Event, EventSink
 from netfilter.keys import PublicKey, load_public_key
 from netfilter.listfile import Manifest, open_bundle
-from netfilter.updates.delta import NoDelta, apply_from_source
+from netfilter.updates.delta import NoDelta, apply_from_source, lags
 from netfilter.updates.fetch import FetchError, bundle_location, fetch, probe
 from netfilter.updates.install import clean_stages, manifest_digest, place, stage, sync
 from netfilter.updates.state import Judgement, Validators, VersionState, judge, refusal, state_path
@@ -300,9 +300,9 @@ class Updater:
         recording the full bundle's new validators (the next check is a 304). None:
         fetch the full bundle (no delta, or it failed: one log line, counted).
 
-        A mirror whose deltas lag behind its full bundle gets the delta's version
-        installed under the full bundle's validators; the next publication brings it
-        up (and the freeze alarm watches the age of what is in force)."""
+        A delta older than the full bundle beside it (`lags`: a mirror between two
+        publications) is installed under the old validators, so the next check asks
+        again instead of being a 304 on the delta's older version."""
         updates = self.options
         probed = probe(location, validators, updates, ca=ca)
         m = current.manifest
@@ -331,8 +331,14 @@ class Updater:
             self._step("downloaded")
             self._step("synced")
             via = f" (via delta from version {m.version}, {applied.size:,} bytes)"
-            result = self._install(item, target, location, staged, keys, current,
-                                   probed.validators, allow_rollback, via=via)
+            record = probed.validators
+            if lags(applied.last_modified, probed.validators.last_modified):
+                log.info("list %s: the delta %s is older than the full bundle beside it (a "
+                         "mirror between two publications?); the next check asks again",
+                         m.list_id, applied.location)
+                record = validators
+            result = self._install(item, target, location, staged, keys, current, record,
+                                   allow_rollback, via=via)
             if result[0].outcome == "installed":
                 log.info("list %s: version %s came as a delta of %s bytes from %s%s",
                          m.list_id, result[0].version, f"{applied.size:,}", applied.location,

@@ -15,7 +15,10 @@ import http.server
 import logging
 import os
 import shutil
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,10 +32,11 @@ from netfilter.events import MemorySink
 from netfilter.keys import PrivateKey, load_public_key
 from netfilter.listdelta import build_delta
 from netfilter.listfile import open_bundle
+from netfilter.updates import STEPS
 from netfilter.updates.delta import delta_location, lags
 from tests.conftest import SOURCE, BuildBundle
-from tests.support import HOST
-from tests.test_updates import Node
+from tests.support import HOST, REPO
+from tests.test_updates import _KILLED, Node
 from tests.test_updates_https import make_ca_and_server
 
 V2 = SOURCE.replace("  - {url: \"http://whole.example/\", ref: T-8, category: csam}\n", "") + (
@@ -258,6 +262,36 @@ def test_a_delta_older_than_its_full_bundle_does_not_stop_the_next_check(
         assert node.target.read_bytes() == v3.full.read_bytes()
     else:
         assert (second.outcome, second.version, second.not_modified) == ("current", 2, True)
+    updater.close()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_kill_at_any_step_of_a_delta_install_leaves_a_whole_list(
+        tmp_path: Path, node: DirNode, authority: tuple[Path, Path],
+        authority_key: PrivateKey, step: str) -> None:
+    """`netfilter list update` killed with -9 at each step of an install from a delta:
+    the bundle in place is the whole v1 or the whole v2, and the next run finishes."""
+    release = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
+    node.publish(release.full)
+    node.publish_delta(release.delta)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED, str(node.config), step],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == step
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(10)
+    expect_new = STEPS.index(step) >= STEPS.index("renamed")
+    old = tmp_path / "v1.nfl"
+    assert node.target.read_bytes() == (release.full if expect_new else old).read_bytes()
+    updater = node.updater()
+    [result] = updater.run_once()
+    assert result.outcome == ("current" if expect_new else "installed"), result
+    assert updater.stats().get("delta_applied", 0) == (0 if expect_new else 1)
+    assert node.target.read_bytes() == release.full.read_bytes()
+    assert not node.stages() and not list(node.target.parent.glob(".tmp-*"))
     updater.close()
 
 

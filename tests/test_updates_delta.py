@@ -39,10 +39,15 @@ from tests.support import HOST, REPO
 from tests.test_updates import _KILLED, Node
 from tests.test_updates_https import make_ca_and_server
 
-V2 = SOURCE.replace("  - {url: \"http://whole.example/\", ref: T-8, category: csam}\n", "") + (
+# 3,000 entries more than SOURCE: big enough that a delta is smaller than the full
+# bundle (a delta of a tiny list is not: both are tars padded to 10 KiB records).
+V1 = SOURCE + "".join(f"  - {{domain: d{i}.example, ref: T-B{i}, category: csam}}\n"
+                      for i in range(3000))
+V2 = V1.replace("  - {url: \"http://whole.example/\", ref: T-8, category: csam}\n", "") + (
     "  - {domain: added.example, ref: T-20, category: csam}\n"
     "  - {url: \"http://fresh.test/x.html\", ref: T-21, category: csam}\n")
-OTHER_V1 = SOURCE.replace("deep.sub.blocked.invalid", "elsewhere.invalid")
+V3 = V2 + "  - {domain: third.example, ref: T-30, category: csam}\n"
+OTHER_V1 = V1.replace("deep.sub.blocked.invalid", "elsewhere.invalid")
 UPDATER = "netfilter.updates.updater"
 
 
@@ -114,7 +119,7 @@ class DirNode(Node):
 def node(tmp_path: Path, authority: tuple[Path, Path], build: BuildBundle) -> DirNode:
     """v1 published and installed (the full bundle: nothing was in force)."""
     node = DirNode(tmp_path, authority[1])
-    node.publish(build(version=1, name="v1.nfl"))
+    node.publish(build(V1, version=1, name="v1.nfl"))
     [first] = node.updater().run_once()
     assert (first.outcome, first.version) == ("installed", 1)
     return node
@@ -167,10 +172,36 @@ def test_no_delta_published_fetches_the_full_bundle(
     assert node.target.read_bytes() == release.full.read_bytes()
     assert node.atime() != untouched  # read whole: the measure above measures
     assert "via delta" not in _delta_events(sink)[0]
-    assert updater.stats()["delta_absent"] == 1
+    assert updater.stats()["delta_skipped"] == 1
     [line] = [m for m in _lines(caplog, logging.INFO) if "fetching the full" in m]
     assert "no delta from version 1; fetching the full bundle" in line
     assert not node.stages()
+    updater.close()
+
+
+def test_a_delta_larger_than_the_full_bundle_is_not_fetched(
+        tmp_path: Path, authority: tuple[Path, Path], authority_key: PrivateKey,
+        build: BuildBundle, caplog: pytest.LogCaptureFixture) -> None:
+    """A small list: its delta (a padded tar too) is larger than its full bundle, so
+    the full bundle is fetched, said at info level (no fault), and counted as skipped."""
+    caplog.set_level(logging.INFO, logger=UPDATER)
+    node = DirNode(tmp_path, authority[1])
+    small = build(SOURCE, version=1)
+    node.publish(small)
+    node.updater().run_once()
+    release = _release(tmp_path, small, authority_key, authority[1],
+                       text=SOURCE + "  - {domain: more.example, ref: T-40, category: csam}\n")
+    assert release.delta.stat().st_size > release.full.stat().st_size
+    node.publish(release.full)
+    node.publish_delta(release.delta)
+    updater = node.updater()
+    [result] = updater.run_once()
+    assert (result.outcome, result.version) == ("installed", 2)
+    assert node.target.read_bytes() == release.full.read_bytes()
+    assert not _lines(caplog, logging.WARNING)
+    [line] = [m for m in _lines(caplog, logging.INFO) if "fetching the full bundle" in m]
+    assert "the delta from version 1 is larger than the full bundle" in line
+    assert updater.stats()["delta_skipped"] == 1
     updater.close()
 
 
@@ -187,7 +218,7 @@ def test_a_delta_from_another_base_falls_back_to_the_full_bundle(
         expect, words = 2, "other digests than the delta's base"
     else:
         v2 = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
-        release = _release(tmp_path, v2.full, authority_key, authority[1], text=SOURCE,
+        release = _release(tmp_path, v2.full, authority_key, authority[1], text=V3,
                            version=3, name="v3")
         expect, words = 3, "applies to version 2 of list test, the base"
     node.publish(release.full)
@@ -246,7 +277,7 @@ def test_a_delta_older_than_its_full_bundle_does_not_stop_the_next_check(
     as the full bundle cannot be told: the node stays on version 2 until the next
     publication (the residue of trusting the mirror's dates)."""
     v2 = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
-    v3 = _release(tmp_path, v2.full, authority_key, authority[1], text=SOURCE, version=3,
+    v3 = _release(tmp_path, v2.full, authority_key, authority[1], text=V3, version=3,
                   name="v3")
     node.publish(v3.full)
     where = node.publish_delta(v2.delta)
@@ -431,7 +462,7 @@ def _https_node(tmp_path: Path, authority: tuple[Path, Path], v1: Path,
 def test_an_https_source_installs_from_the_delta_without_the_full_body(
         tmp_path: Path, authority: tuple[Path, Path], authority_key: PrivateKey,
         build: BuildBundle, mirror: tuple[Mirror, Path]) -> None:
-    node, served = _https_node(tmp_path, authority, build(version=1, name="v1.nfl"),
+    node, served = _https_node(tmp_path, authority, build(V1, version=1, name="v1.nfl"),
                                mirror)
     release = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
     served.put("lists/test.nfl", release.full.read_bytes())
@@ -460,7 +491,7 @@ def test_an_https_source_installs_from_the_delta_without_the_full_body(
 def test_an_https_source_without_a_delta_sends_the_full_bundle(
         tmp_path: Path, authority: tuple[Path, Path], authority_key: PrivateKey,
         build: BuildBundle, mirror: tuple[Mirror, Path]) -> None:
-    node, served = _https_node(tmp_path, authority, build(version=1, name="v1.nfl"),
+    node, served = _https_node(tmp_path, authority, build(V1, version=1, name="v1.nfl"),
                                mirror)
     release = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
     served.put("lists/test.nfl", release.full.read_bytes())
@@ -471,7 +502,7 @@ def test_an_https_source_without_a_delta_sends_the_full_bundle(
     full = release.full.stat().st_size
     log = served.take()
     assert log == [("HEAD", FULL, 200, 0), ("GET", DELTA, 404, 0), ("GET", FULL, 200, full)]
-    assert updater.stats()["delta_absent"] == 1
+    assert updater.stats()["delta_skipped"] == 1
     print(f"\nhttps source, no delta: {log}")
     [again] = updater.run_once()
     assert again.not_modified and served.take() == [("HEAD", FULL, 304, 0)]
@@ -483,30 +514,32 @@ def test_an_https_delta_that_fails_falls_back_to_the_full_bundle(
         tmp_path: Path, authority: tuple[Path, Path], authority_key: PrivateKey,
         build: BuildBundle, mirror: tuple[Mirror, Path], caplog: pytest.LogCaptureFixture,
         fault: str) -> None:
-    """A hostile mirror: a delta with a changed byte, or one larger than updates.max_size
-    (the full bundle fits): one warning line, then the full bundle, version 2."""
-    v1 = build(version=1, name="v1.nfl")
+    """A hostile mirror: a delta with a changed byte, or one larger than the full
+    bundle (refused from its Content-Length, before its body is read): one warning
+    line, then the full bundle, version 2."""
+    v1 = build(V1, version=1, name="v1.nfl")
     release = _release(tmp_path, v1, authority_key, authority[1])
     full = release.full.stat().st_size
-    limit = {"max_size": full + 64} if fault == "oversized" else {}
-    node, served = _https_node(tmp_path, authority, v1, mirror, **limit)
+    node, served = _https_node(tmp_path, authority, v1, mirror)
     served.put("lists/test.nfl", release.full.read_bytes())
     if fault == "tampered":
         served.put("lists/test.from-v1.delta.nfl", _flip(release.delta.read_bytes()))
         words = "SHA-256 does not match"
     else:
-        served.put("lists/test.from-v1.delta.nfl", b"\0" * (full + 65))
-        words = "exceeds updates.max_size"
+        served.put("lists/test.from-v1.delta.nfl", b"\0" * (full + 1))
+        words = f"is larger than the full bundle ({full:,} bytes)"
     caplog.set_level(logging.INFO, logger=UPDATER)
     updater = node.updater()
     [result] = updater.run_once()
     assert (result.outcome, result.version) == ("installed", 2)
     assert node.target.read_bytes() == release.full.read_bytes()
-    [line] = _lines(caplog, logging.WARNING)
+    level, counter = ((logging.WARNING, "delta_failed") if fault == "tampered"
+                      else (logging.INFO, "delta_skipped"))
+    [line] = [m for m in _lines(caplog, level) if "fetching the full bundle" in m]
     assert words in line and DELTA in line, line
     assert [(m, p, s) for m, p, s, _ in served.take()] == [
         ("HEAD", FULL, 200), ("GET", DELTA, 200), ("GET", FULL, 200)]
-    assert updater.stats()["delta_failed"] == 1
+    assert updater.stats()[counter] == 1
     assert not node.stages()
     updater.close()
 

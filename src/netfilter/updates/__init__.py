@@ -22,13 +22,15 @@ Beside it the authority may publish deltas, `NAME.from-vN.delta.nfl`, one per re
 base version N (the names `netfilter list build --diff-from` writes; a URL source's
 delta keeps the URL's query). A node with version N in force first asks whether the
 full bundle changed without reading it (a conditional HEAD, or a stat); if it did, it
-fetches the delta from N (same TLS, CA and size rules), applies it to the bundle in
-force with the list's trusted keys and installs the result, the authority's full
-bundle byte for byte, through the same verification and rollback rules as a download,
-recording the full bundle's new validators (so the next check is a 304). No delta
-(404, no such file), a delta from another base, or any fault of the delta: one log
-line, counted (`delta_absent`, `delta_failed`; `delta_applied` in `Updater.stats()`),
-and the full bundle is fetched as before.
+fetches the delta from N (same TLS and CA rules; no larger than the full bundle nor
+`updates.max_size`), applies it to the bundle in force with the list's trusted keys
+and installs the result, the authority's full bundle byte for byte, through the same
+verification and rollback rules as a download, recording the full bundle's new
+validators (so the next check is a 304; not when the delta is older than the full
+bundle, a mirror between two publications). No delta (404, no such file) or one
+larger than the full bundle, a delta from another base, or any fault of the delta:
+one log line, counted (`delta_skipped`, `delta_failed`; `delta_applied` in
+`Updater.stats()`), and the full bundle is fetched as before.
 """
 
 from importlib import import_module

@@ -7,7 +7,8 @@ pinned CA, https only, `updates.max_size`), `apply_delta` verifies its signature
 signature of the result manifest it carries and the result's checksum and members
 before it writes anything, and the result then goes through the installer's
 verification like any download. What goes wrong here only means "fetch the full
-bundle": `NoDelta` when the source publishes none for this base, anything else
+bundle": `NoDelta` when the source publishes none for this base (or one larger than
+the full bundle, not worth it), anything else
 (`DeltaBaseMismatch`, a bad delta, a failed fetch) a `NetfilterError`.
 
 A mirror may be caught between two publications: the new full bundle there, the old
@@ -31,7 +32,7 @@ from netfilter.errors import BundleError, NetfilterError
 from netfilter.keys import PublicKey
 from netfilter.listdelta import DeltaBaseMismatch, apply_delta, default_delta_path
 from netfilter.listfile import open_bundle
-from netfilter.updates.fetch import SourceAbsent, fetch, is_url
+from netfilter.updates.fetch import SourceAbsent, TooLarge, fetch, is_url
 from netfilter.updates.install import stage
 from netfilter.updates.state import Validators
 
@@ -41,7 +42,8 @@ LAG_SLACK = 600.0  # seconds a delta may be older than its full bundle (copy ord
 
 
 class NoDelta(NetfilterError):
-    """The source publishes no delta from the version in force."""
+    """The source publishes no delta from the version in force, or one larger than the
+    full bundle (a small list's delta may well be: not worth it, not a fault)."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,15 @@ def delta_location(location: str, base_version: int) -> str:
 
 def apply_from_source(location: str, target: Path, keys: Sequence[PublicKey],
                       base_version: int, out: Path, settings: UpdateSettings, *,
-                      ca: Path | None = None) -> DeltaApplied:
+                      ca: Path | None = None, full_size: int = 0) -> DeltaApplied:
     """Fetch the delta from `base_version` that belongs beside the full bundle at
     `location`, apply it to the bundle at `target` (which must be that version) and
     write the result to `out` (atomically).
 
-    The delta is staged beside `target` (as a download is) and removed afterwards.
+    The delta is staged beside `target` (as a download is) and removed afterwards. It
+    may not be larger than `full_size`, the full bundle's size as its source states it
+    (0: unknown): such a delta is worth less than the full bundle, and a hostile source
+    cannot make the node read more into memory than the full bundle would cost.
     Raises NoDelta when there is none, NetfilterError (DeltaBaseMismatch, BundleError,
     FetchError) or OSError when it cannot be used; nothing is written to `out` then.
     """
@@ -83,9 +88,16 @@ def apply_from_source(location: str, target: Path, keys: Sequence[PublicKey],
     try:
         with f:
             try:
-                got = fetch(where, f, Validators(), settings, ca=ca)
+                got = fetch(where, f, Validators(), settings, ca=ca,
+                            max_size=full_size or None,
+                            limit=f"the full bundle's size ({full_size:,} bytes)")
             except SourceAbsent as e:
                 raise NoDelta(where, f"no delta from version {base_version}") from e
+            except TooLarge as e:
+                if not 0 < full_size < settings.max_size:
+                    raise
+                raise NoDelta(where, f"the delta from version {base_version} is larger "
+                                     f"than the full bundle ({full_size:,} bytes)") from e
         base = open_bundle(target, keys, allow_expired=True)
         try:
             if base.manifest.version != base_version:

@@ -35,8 +35,8 @@ from netfilter.updates.state import Validators
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["FetchError", "Fetched", "SourceAbsent", "bundle_location", "fetch", "is_url",
-           "probe"]
+__all__ = ["FetchError", "Fetched", "SourceAbsent", "TooLarge", "bundle_location", "fetch",
+           "is_url", "probe"]
 
 CHUNK = 1 << 20
 
@@ -47,6 +47,10 @@ class FetchError(NetfilterError):
 
 class SourceAbsent(FetchError):
     """Nothing at that location of the source (HTTP 404 or 410, or no such file)."""
+
+
+class TooLarge(FetchError):
+    """The body is (or says it is) larger than the limit; refused, not read further."""
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,18 @@ def bundle_location(source: str, list_path: Path, base: Path) -> str:
 
 
 def fetch(location: str, out: IO[bytes], validators: Validators,
-          settings: UpdateSettings, *, ca: Path | None = None) -> Fetched:
+          settings: UpdateSettings, *, ca: Path | None = None, max_size: int | None = None,
+          limit: str = "updates.max_size") -> Fetched:
     """Write the bundle at `location` to `out` unless it is unchanged since `validators`.
 
-    `ca` is `updates.ca` resolved (a pinned CA file), or None for the system's CAs."""
+    `ca` is `updates.ca` resolved (a pinned CA file), or None for the system's CAs.
+    `max_size` bounds this body tighter than `updates.max_size` (`limit` names it in
+    the error)."""
+    if max_size is None or max_size >= settings.max_size:
+        max_size, limit = settings.max_size, "updates.max_size"
     if is_url(location):
-        return _fetch_https(location, out, validators, settings, ca)
-    return _fetch_file(Path(location), out, validators, settings.max_size)
+        return _fetch_https(location, out, validators, settings, ca, max_size, limit)
+    return _fetch_file(Path(location), out, validators, max_size, limit)
 
 
 def probe(location: str, validators: Validators, settings: UpdateSettings, *,
@@ -100,7 +109,7 @@ def _file_tag(st: os.stat_result) -> str:
 
 
 def _fetch_file(path: Path, out: IO[bytes], validators: Validators,
-                max_size: int) -> Fetched:
+                max_size: int, limit: str) -> Fetched:
     try:
         source = open(path, "rb")  # noqa: SIM115
     except FileNotFoundError as e:
@@ -114,12 +123,12 @@ def _fetch_file(path: Path, out: IO[bytes], validators: Validators,
         if validators.etag == tag:
             return Fetched(False, now)
         if st.st_size > max_size:
-            raise FetchError(path, f"bundle of {st.st_size} bytes exceeds updates.max_size")
+            raise TooLarge(path, f"bundle of {st.st_size} bytes exceeds {limit}")
         size = 0
         while chunk := source.read(CHUNK):
             size += len(chunk)
             if size > max_size:
-                raise FetchError(path, "bundle exceeds updates.max_size")
+                raise TooLarge(path, f"bundle exceeds {limit}")
             out.write(chunk)
     return Fetched(True, now, size)
 
@@ -168,7 +177,8 @@ def _client(url: str, settings: UpdateSettings, ca: Path | None) -> httpx.Client
 
 
 def _answer(url: str, response: httpx.Response, headers: dict[str, str],
-            validators: Validators, max_size: int) -> Fetched:
+            validators: Validators, max_size: int,
+            limit: str = "updates.max_size") -> Fetched:
     """What a response's status and headers say, before any body is read: not
     modified (raises on a 304 to an unconditional request), or modified (the stated
     size checked against max_size); any other status raises."""
@@ -185,26 +195,27 @@ def _answer(url: str, response: httpx.Response, headers: dict[str, str],
     length = response.headers.get("Content-Length")
     size = int(length) if length is not None and length.isdigit() else 0
     if size > max_size:
-        raise FetchError(url, f"bundle of {length} bytes exceeds updates.max_size")
+        raise TooLarge(url, f"bundle of {length} bytes exceeds {limit}")
     return Fetched(True, now, size)
 
 
 def _fetch_https(url: str, out: IO[bytes], validators: Validators,
-                 settings: UpdateSettings, ca: Path | None) -> Fetched:
+                 settings: UpdateSettings, ca: Path | None, max_size: int,
+                 limit: str) -> Fetched:
     import httpx
 
     headers = _conditional(validators)
     try:
         with _client(url, settings, ca) as client, \
                 client.stream("GET", url, headers=headers) as response:
-            answer = _answer(url, response, headers, validators, settings.max_size)
+            answer = _answer(url, response, headers, validators, max_size, limit)
             if not answer.modified:
                 return answer
             size = 0
             for chunk in response.iter_bytes(CHUNK):
                 size += len(chunk)
-                if size > settings.max_size:
-                    raise FetchError(url, "bundle exceeds updates.max_size")
+                if size > max_size:
+                    raise TooLarge(url, f"bundle exceeds {limit}")
                 out.write(chunk)
             return Fetched(True, answer.validators, size)
     except httpx.HTTPError as e:

@@ -315,11 +315,11 @@ class Updater:
         try:
             try:
                 applied = apply_from_source(location, target, keys, m.version, staged,
-                                            updates, ca=ca)
+                                            updates, ca=ca, full_size=probed.size)
                 with open(staged, "rb") as written:
                     sync(written)
             except NoDelta as e:
-                self.counts["delta_absent"] += 1
+                self.counts["delta_skipped"] += 1
                 log.info("list %s: %s; fetching the full bundle", m.list_id, e)
                 return None
             except (NetfilterError, OSError) as e:

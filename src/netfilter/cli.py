@@ -102,9 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle")
     verify.add_argument("--trust", action="append", required=True, metavar="PUB")
     verify.add_argument("--allow-expired", action="store_true")
+    from netfilter.updates.commands import add_held_parsers
     from netfilter.updates.commands import add_parser as add_update
 
     add_update(lsub)
+    add_held_parsers(lsub)
     info = lsub.add_parser("info", help="show a bundle's manifest")
     info.add_argument("bundle")
     info.add_argument("--trust", action="append", metavar="PUB",
@@ -277,6 +279,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from netfilter.updates.commands import run
 
         return run(args)
+    if args.list_cmd in ("held", "confirm", "reject"):
+        from netfilter.updates.commands import run_held
+
+        return run_held(args)
     if args.list_cmd == "verify":
         bundle = open_bundle(args.bundle, [load_public_key(k) for k in args.trust],
                              allow_expired=args.allow_expired)

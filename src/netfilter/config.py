@@ -227,9 +227,13 @@ class UpdateSettings(_Section):
     # restarts); SQLite, 0600. Default: list-state.sqlite beside the audit log (without
     # an audit section, beside the node key).
     state: Path | None = None
-    # Reserved for held updates (not used yet): an entry count moving by more than this
-    # fraction, or a name of this YAML list covered, holds a version for an operator.
+    # Update sanity checks (netfilter.updates.sanity): a new version whose entry count
+    # moves by more than this fraction either way (0.2 = 20 %) is held for an operator
+    # (`netfilter list held|confirm|reject`), not installed; not applied to a first install.
     max_entry_change: float = Field(0.2, gt=0)
+    # A YAML list of essential names (plain names, or {name: ..., private: true}); a new
+    # version whose domain entries or host index newly cover one (or a parent domain of
+    # one) is held. A private name is shown only as protected[N]. null: no such check.
     protected_names: Path | None = None
 
     @model_validator(mode="after")

@@ -16,8 +16,11 @@ from typing import IO, Literal, Protocol
 
 __all__ = ["Event", "EventSink", "EventType", "JsonLinesSink", "MemorySink", "NullSink"]
 
+# list-held: an update the sanity checks hold for an operator; list-confirmed and
+# list-rejected: the operator's decision on it (the detail names the operator).
 EventType = Literal["block", "override", "list-loaded", "list-refused", "list-expired",
-                    "list-held", "config-changed", "retention", "shed"]
+                    "list-held", "list-confirmed", "list-rejected", "config-changed",
+                    "retention", "shed"]
 
 
 @dataclass(frozen=True, slots=True)

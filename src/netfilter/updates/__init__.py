@@ -7,8 +7,10 @@ atomically, and refuse rollbacks across restarts.
                  "changed?" without the body
     delta.py     fetch the delta from the version in force, apply it (listdelta.py)
     install.py   stage beside the old bundle, fsync, rename, fsync the directory
+    sanity.py    update sanity checks: entry count change, protected names newly covered
+    held.py      versions held by them: kept in .held/, `confirm`, `reject`
     updater.py   `Updater`: one check of every source (`run_once`), or a thread
-    commands.py  `netfilter list update`
+    commands.py  `netfilter list update`, `list held|confirm|reject`
 
 Source layout (what an authority publishes): one file per list, the newest full
 bundle, at a fixed name; the version is the one inside its signed manifest, so there

@@ -26,7 +26,8 @@ from netfilter.errors import NetfilterError
 from netfilter.listfile import Bundle
 from netfilter.updates.install import manifest_digest
 
-__all__ = ["Installed", "Judgement", "Validators", "VersionState", "judge", "state_path"]
+__all__ = ["Held", "Installed", "Judgement", "Rejected", "Validators", "VersionState", "judge",
+           "state_path"]
 
 STATE_NAME = "list-state.sqlite"
 
@@ -39,6 +40,23 @@ CREATE TABLE IF NOT EXISTS installed (
     installed_at TEXT NOT NULL,
     forced INTEGER NOT NULL DEFAULT 0,  -- installed with --allow-rollback
     freeze_alarm INTEGER            -- the version a freeze alarm was recorded for
+);
+CREATE TABLE IF NOT EXISTS held (
+    list_id TEXT PRIMARY KEY,      -- one held version per list: a newer one replaces it
+    version INTEGER NOT NULL,
+    digest TEXT NOT NULL,          -- SHA-256 (hex) of the held bundle's signed manifest
+    trigger TEXT NOT NULL,         -- entry-change | protected-name (joined by +)
+    reason TEXT NOT NULL,          -- the one line recorded in list-held (no private name)
+    path TEXT NOT NULL,            -- the kept bundle (.held/ beside the list)
+    held_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    list_id TEXT NOT NULL,
+    version INTEGER NOT NULL,      -- this version from the source is not held again
+    digest TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    rejected_at TEXT NOT NULL,
+    PRIMARY KEY (list_id, version)
 );
 CREATE TABLE IF NOT EXISTS sources (
     source TEXT PRIMARY KEY,
@@ -65,6 +83,30 @@ class Installed:
     installed_at: datetime
     forced: bool = False
     freeze_alarm: int | None = None
+
+
+@dataclass(frozen=True)
+class Held:
+    """A verified version kept aside for an operator (update sanity checks)."""
+
+    list_id: str
+    version: int
+    digest: str
+    trigger: str
+    reason: str
+    path: Path
+    held_at: datetime
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A held version an operator rejected: never held or installed again."""
+
+    list_id: str
+    version: int
+    digest: str
+    operator: str
+    rejected_at: datetime
 
 
 @dataclass(frozen=True)
@@ -212,6 +254,65 @@ class VersionState:
                 "UPDATE installed SET freeze_alarm = ? WHERE list_id = ? AND "
                 "(freeze_alarm IS NULL OR freeze_alarm != ?)", (version, list_id, version))
             return cur.rowcount > 0
+
+    # ------------------------------------------------------------ held versions
+
+    def held(self, list_id: str) -> Held | None:
+        """The version held for this list, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT list_id, version, digest, trigger, reason, path, held_at FROM held "
+                "WHERE list_id = ?", (list_id,)).fetchone()
+        if row is None:
+            return None
+        return Held(row[0], row[1], row[2], row[3], row[4], Path(row[5]), _time(row[6]))
+
+    def all_held(self) -> list[Held]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT list_id FROM held ORDER BY 1")]
+        return [h for h in map(self.held, ids) if h is not None]
+
+    def hold(self, held: Held) -> None:
+        """Record a held version (replacing the one held before for its list)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO held (list_id, version, digest, trigger, reason, path, "
+                "held_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (held.list_id, held.version, held.digest, held.trigger, held.reason,
+                 str(held.path), held.held_at.isoformat()))
+
+    def release(self, list_id: str) -> None:
+        """No version is held for this list any more (confirmed, rejected, superseded)."""
+        with self._lock:
+            self._db.execute("DELETE FROM held WHERE list_id = ?", (list_id,))
+
+    def reject(self, held: Held, operator: str, now: datetime | None = None) -> None:
+        """Drop the held version and remember its rejection, in one transaction."""
+        at = (now or datetime.now(UTC)).isoformat()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM held WHERE list_id = ?", (held.list_id,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO rejected (list_id, version, digest, operator, "
+                    "rejected_at) VALUES (?, ?, ?, ?, ?)",
+                    (held.list_id, held.version, held.digest, operator, at))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def rejected(self, list_id: str, version: int) -> Rejected | None:
+        """The rejection of this version of this list, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT list_id, version, digest, operator, rejected_at FROM rejected "
+                "WHERE list_id = ? AND version = ?", (list_id, version)).fetchone()
+        if row is None:
+            return None
+        return Rejected(row[0], row[1], row[2], row[3], _time(row[4]))
+
+    # ------------------------------------------------------------ sources
 
     def validators(self, source: str) -> Validators:
         with self._lock:

@@ -13,6 +13,8 @@ Per list with a `source` (config `lists[].source`), one check:
    version, or the same version with another digest, is refused (`list-refused`)
    unless the operator forces it (`--allow-rollback`, recorded as `list-loaded` with
    action `allow-rollback` and the operator's user name);
+   a new version then passes the update sanity checks (sanity.py) or is held for an
+   operator (held.py: `list-held`; the list in place stays);
 5. it is renamed over the old bundle (install.py), the record is updated, a
    `list-loaded` event (action `install`) is recorded, and, after all lists, the
    `on_install` callback runs once (serve passes its reload).
@@ -52,6 +54,7 @@ from netfilter.keys import PublicKey, load_public_key
 from netfilter.listfile import Manifest, open_bundle
 from netfilter.updates.delta import NoDelta, apply_from_source, lags
 from netfilter.updates.fetch import FetchError, bundle_location, fetch, probe
+from netfilter.updates.held import Stopped, held_versions, screen
 from netfilter.updates.install import clean_stages, manifest_digest, place, stage, sync
 from netfilter.updates.state import Judgement, Validators, VersionState, judge, refusal, state_path
 
@@ -59,7 +62,9 @@ __all__ = ["STEPS", "Outcome", "UpdateResult", "Updater"]
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["installed", "current", "refused", "failed", "busy"]
+# held: the sanity checks hold the new version for an operator (held.py); rejected:
+# an operator rejected this version before (the list in place stays, no event).
+Outcome = Literal["installed", "current", "refused", "failed", "busy", "held", "rejected"]
 # The points of an install a test may stop at (the `step` callback is called there).
 STEPS = ("downloaded", "synced", "verified", "renamed", "recorded")
 
@@ -78,6 +83,7 @@ class UpdateResult:
     not_modified: bool = False  # the source said so (nothing was downloaded)
     forced: bool = False  # installed with --allow-rollback
     frozen: bool = False  # the freeze alarm is raised
+    held: int | None = None  # a version held for an operator (sanity checks)
 
     def line(self) -> str:
         """One line for the operator."""
@@ -91,8 +97,17 @@ class UpdateResult:
             text = f"{name}: up to date, version {self.version} ({how})"
         elif self.outcome == "busy":
             text = f"{name}: skipped, {self.reason}"
+        elif self.outcome == "held":
+            stays = ("nothing is in force" if self.version is None
+                     else f"version {self.version} stays in force")
+            text = (f"{name}: HELD version {self.held} for an operator, {stays}: "
+                    f"{self.reason} (netfilter list confirm|reject {name} {self.held})")
+        elif self.outcome == "rejected":
+            text = f"{name}: {self.reason}; version {self.version} stays in force"
         else:
             text = f"{name}: {self.outcome}: {self.reason}"
+        if self.held is not None and self.outcome != "held":
+            text += f"; version {self.held} is HELD for an operator"
         if self.frozen:
             text += "; FREEZE ALARM: nothing newer than updates.max_age"
         return text
@@ -233,6 +248,9 @@ class Updater:
             validators = self.state.validators(location) if in_sync else Validators()
             result, in_force = self._fetch_and_install(item, target, location, keys, current,
                                                        validators, allow_rollback)
+        except Stopped as e:  # held, or rejected before: the list in place stays
+            result = e.result
+            in_force = current.manifest if current is not None else None
         except _Refused as e:
             self._emit(Event("list-refused", self.settings.node.id, list=e.list_id,
                              version=e.version, action=e.kind,
@@ -244,6 +262,10 @@ class Updater:
             log.error("list update failed, the list in place stays: %s", e)
             result = UpdateResult(target, location, "failed", reason=str(e))
             in_force = current.manifest if current is not None else None
+        if result.held is None and result.list_id is not None:
+            held = self.state.held(result.list_id)
+            if held is not None:
+                result = replace(result, held=held.version)
         if in_force is None:
             return result
         if result.version is None:
@@ -381,6 +403,9 @@ class Updater:
             forced = True
             log.warning("list %s: %s; installed anyway (--allow-rollback by %s)",
                         m.list_id, reason, _operator())
+        elif verdict is Judgement.NEW:  # the sanity checks (a forced rollback is not checked)
+            screen(self, item, target, location, staged, list(keys),
+                   current.manifest if current is not None else None, m, digest, validators)
         self._step("verified")
         place(staged, target)
         self._step("renamed")
@@ -461,9 +486,11 @@ class Updater:
 
     def stats(self) -> dict[str, int | float]:
         """For metrics: checks by outcome (installed, current, refused, failed, ...),
-        freeze alarms, consecutive failures, and the time of the last check."""
+        freeze alarms, consecutive failures, versions held now (held_versions), and the
+        time of the last check."""
         out: dict[str, int | float] = dict(self.counts)
         out["consecutive_failures"] = self.failures
+        out["held_versions"] = len(held_versions(self.state))
         if self.last_check is not None:
             out["last_check_timestamp_seconds"] = self.last_check.timestamp()
         return out

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from netfilter.config import load_config
 from netfilter.errors import NetfilterError
 from netfilter.events import MemorySink
 from netfilter.updates.held import confirm, held_path, held_versions, reject
@@ -313,4 +314,38 @@ def test_confirming_below_the_version_in_force_is_refused(
         confirm(updater, "test", 2, "dave")
     assert node.installed_version() == 3
     assert "rejected by dave" in reject(updater, "test", 2, "dave")
+    updater.close()
+
+
+def test_a_keyed_list_is_checked_with_its_list_key(tmp_path: Path,
+                                                   authority: tuple[Path, Path],
+                                                   build: BuildBundle) -> None:
+    key = tmp_path / "list.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    node = make_node(tmp_path, authority[1], ["www.keyed.example"])
+    node.data["lists"][0]["hmac_key"] = str(key)
+    node.config.write_text(yaml.safe_dump(node.data), encoding="utf-8")
+    node.settings = load_config(node.config)
+    updater = node.updater()
+    keyed = {"hash_name": "hmac-sha256", "hmac_key": b"k" * 32}
+    node.publish(build(source(), version=1, **keyed))
+    assert updater.run_once()[0].outcome == "installed"
+    node.publish(build(source(domain("keyed.example"), drop=1), version=2, **keyed))
+    [result] = updater.run_once()
+    assert (result.outcome, result.held) == ("held", 2)
+    assert "www.keyed.example blocked by domain entry N-1" in result.reason
+    updater.close()
+
+
+def test_a_version_in_force_without_a_host_index_hides_nothing(
+        tmp_path: Path, authority: tuple[Path, Path], build: BuildBundle) -> None:
+    """Without a host index every host "may" carry URL entries: that is no cover."""
+    node = make_node(tmp_path, authority[1], ["fresh.example"])
+    updater = node.updater()
+    node.publish(build(source(), version=1, host_index=False))
+    assert updater.run_once()[0].outcome == "installed"
+    node.publish(build(source(domain("fresh.example"), drop=1), version=2, host_index=False))
+    [result] = updater.run_once()
+    assert (result.outcome, result.held) == ("held", 2)
     updater.close()

@@ -142,8 +142,9 @@ def covered_names(new: Bundle, old: Bundle | None, names: Sequence[ProtectedName
         how = covering(candidate, new_index, p.name)
         if how is None:
             continue
-        if in_force is not None and covering(in_force, old_index or not new_index,
-                                             p.name) is not None:
+        # without a host index the version in force cannot say a host carries URL
+        # entries (it would say "maybe" of every host): its domain entries only
+        if in_force is not None and covering(in_force, old_index, p.name) is not None:
             continue
         out.append((p, how))
     return out

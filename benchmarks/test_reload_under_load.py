@@ -34,17 +34,19 @@ The load, for the whole time of the swaps:
     was asked and the time it came back (see `Timeline`).
 
 Asserted: dnsperf lost 0 queries and saw only NOERROR and NXDOMAIN, with NXDOMAIN
-between the shared lines sent and the shared plus version lines sent; wrk had no
-socket errors or timeouts and saw only 200 and 451, with as many 451 as its shared
-URLs at least; the origin never saw a shared (always blocked) URL; every probe answer
-is one the versions possibly in force give, and every answer asked after a swap was
-confirmed (and before the next SIGHUP) is exactly the new version's; after each swap
-(polled, bounded by SETTLE_BOUND) `dig` of the new version's name is NXDOMAIN and of
-the old version's name NOERROR, and through the proxy the new version's domain and URL
-answer 451 and the old one's 200; `netfilter_reloads_total{result="ok"}` moved by
-SWAPS and `refused` not at all, `netfilter_list_version` is the last version, the
-mitmdump child logged SWAPS list reloads; the node exits 0 on SIGTERM, logs no error
-or traceback, and `netfilter audit verify` accepts its audit log.
+as many as the shared lines sent plus VERSION_LINES per pass of the file (one version
+in force at a time), within the lines of the passes a swap falls into; wrk had no
+socket errors or timeouts and saw only 200 and 451, the 451s 6 per cycle of its URLs
+(4 shared, 2 of the version in force), within the same slack; the origin never saw
+a shared (always blocked) URL; every probe answer is one the versions possibly in
+force give, and every answer asked after a swap was confirmed (and before the next
+SIGHUP) is exactly the new version's; after each swap (polled, bounded by
+SETTLE_BOUND) `dig` of the new version's name is NXDOMAIN and of the old version's
+name NOERROR, and through the proxy the new version's domain and URL answer 451 and
+the old one's 200; `netfilter_reloads_total{result="ok"}` moved by SWAPS and
+`refused` not at all, `netfilter_list_version` is the last version, the mitmdump
+child logged SWAPS list reloads; the node exits 0 on SIGTERM, logs no error or
+traceback, and `netfilter audit verify` accepts its audit log.
 
 Figures (printed, recorded in the figures table; never asserted): q/s and req/s during
 the swaps (dnsperf's and wrk's own, and the node's counters over exactly the swap

@@ -173,7 +173,8 @@ def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None
     metrics = for_node(engine, parts, tiles)
     if updater is not None:
         metrics.add("updates", updater.stats, gauges=frozenset(
-            {"consecutive_failures", "last_check_timestamp_seconds"}))
+            {"consecutive_failures", "last_check_timestamp_seconds",
+             "held_versions"}))
     host, port = sock.getsockname()[:2]
     server = MetricsServer(metrics, host, port, sock=sock)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

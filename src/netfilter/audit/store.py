@@ -22,6 +22,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,20 @@ class StoredCheckpoint:
     frontier: bytes
 
 
+def _set_wal(db: sqlite3.Connection, tries: int = 50) -> None:
+    """WAL mode; its switch can fail with "database is locked" at once, without the busy
+    time-out, while another connection (the appender's, the keeper's) opens the same
+    file: tried again for up to ~2.5 s."""
+    for attempt in range(tries):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
 class AuditStore:
     """One SQLite file; a connection per thread (sqlite3 objects are not shareable)."""
 
@@ -146,7 +161,7 @@ class AuditStore:
     def _open(self, path: Path) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             # What retention removes (bodies, day keys) is overwritten, not left in free
             # pages; appends free nothing, so they do not pay for it.

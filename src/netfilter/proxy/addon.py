@@ -617,6 +617,8 @@ class NetfilterAddon:
             state.intercepted = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
         self._decide(flow)
         # from the first byte of the request to its decision (for a local answer, to
         # the answer): what netfilter adds to a request; the origin's time is not ours
@@ -632,8 +634,6 @@ class NetfilterAddon:
         # HTTP/1 then half-closes the connection, HTTP/2 resets the stream); the body
         # is never forwarded, buffered or looked at.
         # This runs for every request: keep it lean (benchmarks/README.md).
-        if flow.response or flow.error or not flow.live:
-            return
         self.counters.requests += 1
         rt = self.runtime
         if rt is None:

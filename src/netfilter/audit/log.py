@@ -286,6 +286,11 @@ class AuditLog:
             log.info("audit: signing a checkpoint over %d events no checkpoint covers yet",
                      size - (latest.size if latest else 0))
             self.checkpoint()
+        elif latest is not None and self.tiles is not None:
+            # a kill between signing and writing the tiles leaves them behind the
+            # checkpoint until the next event: bring them up now (only what changed)
+            with self._checkpoint_lock:
+                write_tiles(self.store, self.tiles, refresh=self._refresh_tiles)
 
     @staticmethod
     def _safely(step: object) -> None:

@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,8 @@ from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from netfilter.dns.server import Listening
     from netfilter.updates.updater import Updater
 
@@ -161,7 +163,8 @@ def _updater(settings: Settings, engine: Engine,
         return None
     from netfilter.updates.updater import Updater
 
-    return Updater(settings, engine.recorder, on_install=installed)
+    return Updater(settings, engine.recorder, on_install=installed,
+                   enforced=lambda: engine.lists.versions())
 
 
 def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None,
@@ -175,12 +178,27 @@ def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None
         metrics.add("updates", updater.stats, gauges=frozenset(
             {"consecutive_failures", "last_check_timestamp_seconds",
              "held_versions"}))
+        metrics.add_families(lambda: _held(updater))
     host, port = sock.getsockname()[:2]
     server = MetricsServer(metrics, host, port, sock=sock)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics: serving /metrics, /healthz and /readyz on %s port %d", host,
              server.server_address[1])
     return server
+
+
+def _held(updater: Updater) -> Iterator[Metric]:
+    """One series per list while a version of it is held for a person's decision."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from netfilter.updates.held import held_versions
+
+    family = GaugeMetricFamily("netfilter_list_held_version", "The version of each list "
+                               "held for an operator (list held/confirm/reject)",
+                               labels=["list", "trigger"])
+    for held in held_versions(updater.state):
+        family.add_metric([held.list_id, held.trigger], held.version)
+    yield family
 
 
 def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:

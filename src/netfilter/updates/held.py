@@ -227,7 +227,8 @@ def confirm(updater: Updater, list_id: str, version: int, who: str) -> str:
     if updater.on_install is not None:
         updater.on_install([list_id])
     return (f"{list_id}: confirmed by {who}, installed version {version} (was {previous}) "
-            f"at {target}; a running netfilter serve loads it on SIGHUP (systemctl reload)")
+            f"at {target}; a running netfilter serve loads it at its next check "
+            "(updates.interval), or at once on SIGHUP (systemctl reload)")
 
 
 def reject(updater: Updater, list_id: str, version: int, who: str) -> str:

@@ -39,7 +39,7 @@ import os
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -141,6 +141,7 @@ class Updater:
                  state: VersionState | None = None,
                  on_install: Callable[[list[str]], object] | None = None,
                  step: Callable[[str], None] | None = None,
+                 enforced: Callable[[], Mapping[str, int]] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  rng: random.Random | None = None) -> None:
         self.settings = settings  # may be replaced (a config re-read); read per check
@@ -148,6 +149,8 @@ class Updater:
         self.state = state or VersionState(state_path(settings))
         self.on_install = on_install
         self.step = step
+        self.enforced = enforced
+        self._nudged: set[tuple[str, int]] = set()  # versions a reload was asked for
         self.clock = clock
         self.rng = rng or random.Random()
         self.counts: Counter[str] = Counter()  # outcomes, freeze alarms (for metrics)
@@ -188,6 +191,7 @@ class Updater:
             self.counts[r.outcome] += 1
             self.counts["freeze"] += r.frozen
         installed = [r.list_id or r.path.name for r in results if r.outcome == "installed"]
+        installed += self._not_enforced(results)
         if installed and self.on_install is not None:
             try:
                 self.on_install(installed)
@@ -195,6 +199,25 @@ class Updater:
                 log.exception("after installing %s: the reload callback failed",
                               ", ".join(installed))
         return results
+
+    def _not_enforced(self, results: Sequence[UpdateResult]) -> list[str]:
+        """Lists whose bundle in place is not the version the engine enforces: installed
+        by someone else (`list confirm`, `list update` from a shell) since the last
+        reload. Asked once per version, so a bundle the engine refuses is not reloaded
+        at every check."""
+        if self.enforced is None:
+            return []
+        enforced = self.enforced()
+        stale = []
+        for r in results:
+            if r.outcome == "installed" or r.list_id is None or r.version is None:
+                continue
+            if enforced.get(r.list_id) != r.version and (r.list_id, r.version) not in self._nudged:
+                self._nudged.add((r.list_id, r.version))
+                log.info("list %s: version %d is in place, the engine enforces %s: reloading",
+                         r.list_id, r.version, enforced.get(r.list_id))
+                stale.append(r.list_id)
+        return stale
 
     def _named(self, item: ListSettings, names: Sequence[str]) -> bool:
         target = self.settings.resolve(item.path)

@@ -3,6 +3,7 @@ the real engine and the demo bundle (config and audit log in tmp_path)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -824,6 +825,29 @@ def test_reload_without_restart(tmp_path: Path) -> None:
         config.write_text(text.replace("Test School IT", "Other School IT"), encoding="utf-8")
         addon.reload_lists()
         assert addon.runtime is not None and addon.runtime.engine is not engine
+
+
+def test_a_reload_asked_for_during_a_reload_is_not_dropped(tmp_path: Path) -> None:
+    """SIGHUP twice in a row (an update installed while the last reload ran): the
+    second may come after the first read the files, so a second reload follows."""
+    config = write_config(tmp_path, allowed=[])
+
+    def loads(proxy: NetfilterAddon) -> int:
+        return [e["type"] for e in events(proxy, tmp_path)].count("list-loaded")
+
+    async def twice(proxy: NetfilterAddon) -> None:
+        proxy._loop = asyncio.get_running_loop()  # as running() sets it under mitmdump
+        proxy.reload_lists()  # off the loop, in the executor
+        proxy.reload_lists()  # while the first has not reported back
+        for _ in range(200):  # bounded: 10 s
+            if loads(proxy) == 3 and proxy._reloading is not None and proxy._reloading.done():
+                break
+            await asyncio.sleep(0.05)
+
+    with addon_for(config) as (proxy, _):
+        assert loads(proxy) == 1
+        asyncio.run(twice(proxy))
+        assert loads(proxy) == 3  # the start, then both reloads
 
 
 def test_unset_config_refuses_everything(config: Path) -> None:

@@ -348,6 +348,7 @@ class NetfilterAddon:
         self._targets: dict[TargetKey, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
+        self._reload_again = False  # a reload was asked for while one was running
         self.counters = ProxyCounters()
 
     # ------------------------------------------------------------ options
@@ -482,7 +483,8 @@ class NetfilterAddon:
             self._install(self._reload(path, self.runtime))
             return
         if self._reloading is not None and not self._reloading.done():
-            log.info("netfilter: a reload is already running")
+            # the files may have changed after that reload read them: one more follows
+            self._reload_again = True
             return
         self._reloading = future = loop.run_in_executor(None, self._reload, path, self.runtime)
 
@@ -491,11 +493,14 @@ class NetfilterAddon:
                 return
             if f.exception() is not None:
                 log.error("netfilter: reload failed: %s", f.exception())
-                return
-            runtime = f.result()
-            if runtime is not self.runtime and ctx.options.netfilter_config == path:
-                self._install(runtime)
-            freeze_long_lived()  # the new lists, without a pause under load
+            else:
+                runtime = f.result()
+                if runtime is not self.runtime and ctx.options.netfilter_config == path:
+                    self._install(runtime)
+                freeze_long_lived()  # the new lists, without a pause under load
+            if self._reload_again:
+                self._reload_again = False
+                self.reload_lists()
 
         future.add_done_callback(installed)
 

@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from dnslib import QTYPE, RCODE
@@ -33,6 +33,7 @@ from dnslib import QTYPE, RCODE
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
 from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
+from netfilter.dns.listener import Listener, Respond
 from netfilter.dns.udp import PythonListener, RelayListener, bind_udp, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
@@ -44,7 +45,6 @@ from netfilter.slots import client_key
 __all__ = ["DnsServer", "Listening", "bind"]
 
 log = logging.getLogger(__name__)
-Respond = Callable[[bytes], None]
 FAULT_LOG_INTERVAL = 10.0  # seconds between log lines about internal errors
 CLASS_IN, CLASS_ANY = 1, 255
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
@@ -232,7 +232,7 @@ class DnsServer:
         self._bound = list(sockets) if sockets is not None else None
         self.stats: Counter[str] = Counter()
         self.upstream = UpstreamPool(list(settings.upstreams), settings.timeout, self.stats)
-        self._listeners: list[PythonListener | RelayListener] = []
+        self._listeners: list[Listener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.fault = FaultLog(self.stats)
         # Time to answer, for queries decided in Python (blocked, or forwarded by the

@@ -2,9 +2,9 @@
 
 A clean query (a name the engine's host cache knows matches nothing) is forwarded
 as it came and its answer relayed back when it fits the client and holds no CNAME.
-Everything else (a name seen for the first time included) goes through
-`DnsServer.query_udp`, `answer_udp` and `retry`, the full path, which decides, records
-and fills the cache.
+Everything else (a name seen for the first time included) goes through the server's
+`query_udp`, `answer_udp` and `retry` (a `listener.Handler`), the full path, which
+decides, records and fills the cache.
 
 Two ways to do the clean part, same behaviour:
 - `RelayListener`: the C relay of `_hotpath.c`, batches of packets per system call;
@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
+from netfilter.dns.listener import Handler, Respond
 from netfilter.dns.wire import answer_is_plain, scan_question
-
-if TYPE_CHECKING:
-    from netfilter.dns.server import DnsServer
 
 try:
     from netfilter.dns._hotpath import Relay
@@ -34,7 +31,6 @@ except ImportError:  # built without a C compiler
 
 __all__ = ["PythonListener", "RelayListener", "bind_udp", "relay_available", "relay_built"]
 
-Respond = Callable[[bytes], None]
 Address = tuple[Any, ...]
 _UNSEEN = object()  # a name not in the engine's host cache
 
@@ -69,7 +65,7 @@ def bind_udp(host: str, port: int) -> socket.socket:
 class PythonListener(asyncio.DatagramProtocol):
     """One UDP listening socket on a uvloop transport; the fast path in Python."""
 
-    def __init__(self, server: DnsServer) -> None:
+    def __init__(self, server: Handler) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
         self.stats = server.stats
@@ -144,7 +140,7 @@ class RelayListener:
     retries the next upstreams).
     """
 
-    def __init__(self, server: DnsServer, sock: socket.socket,
+    def __init__(self, server: Handler, sock: socket.socket,
                  upstream: socket.socket) -> None:
         assert Relay is not None
         self.server = server
@@ -159,7 +155,7 @@ class RelayListener:
         self._loop = loop
 
     @classmethod
-    def open(cls, server: DnsServer, sock: socket.socket) -> RelayListener:
+    def open(cls, server: Handler, sock: socket.socket) -> RelayListener:
         """Serve `sock` (a bound UDP socket, see `bind_udp`; closed on failure too),
         with one socket connected to the first upstream."""
         try:

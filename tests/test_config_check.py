@@ -173,6 +173,24 @@ def _unknown_group(rig: Rig) -> tuple[Path, tuple[str, ...]]:
     return rig.write(), ("audit.group", "no-such-group-nf")
 
 
+def _missing_protected_names(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    rig.data["updates"] = {"protected_names": "absent-protected.yaml"}
+    return rig.write(), ("updates.protected_names", "absent-protected.yaml")
+
+
+def _malformed_protected_names(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    (rig.dir / "protected.yaml").write_text(
+        "- www.essential.example\n- {name: x.example, private: maybe}\n", encoding="utf-8")
+    rig.data["updates"] = {"protected_names": "protected.yaml"}
+    return rig.write(), ("updates.protected_names", "protected.yaml", "[1]", "true or false")
+
+
+def _pinned_ca_not_a_certificate(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    (rig.dir / "ca.pem").write_text("not a certificate\n", encoding="utf-8")
+    rig.data["updates"] = {"ca": "ca.pem"}
+    return rig.write(), ("updates.ca", "ca.pem", "not a PEM certificate")
+
+
 CASES: dict[str, Case] = {
     "unknown key": _unknown_key,
     "wrong type": _wrong_type,
@@ -194,6 +212,9 @@ CASES: dict[str, Case] = {
     "missing templates directory": _missing_templates,
     "tiles_listen without tiles": _tiles_listen_without_tiles,
     "unknown audit group": _unknown_group,
+    "missing protected names": _missing_protected_names,
+    "malformed protected names": _malformed_protected_names,
+    "pinned CA not a certificate": _pinned_ca_not_a_certificate,
 }
 
 

@@ -14,6 +14,7 @@ import grp
 import importlib.util
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -44,6 +45,7 @@ def check_config(settings: Settings, parts: Sequence[str] = (), *,
     _check_node_key(settings)
     _check_lists(settings)
     _check_audit(settings)
+    _check_updates(settings)
     if settings.stoppage is not None:
         from netfilter.stoppage import Renderer
 
@@ -76,6 +78,12 @@ def _referenced(settings: Settings) -> Iterator[tuple[str, Path, bool]]:
             yield f"local.{name}", settings.resolve(local), False
     if settings.stoppage is not None and settings.stoppage.templates is not None:
         yield "stoppage.templates", settings.resolve(settings.stoppage.templates), True
+    updates = settings.updates
+    if updates is not None:
+        if updates.protected_names is not None:
+            yield "updates.protected_names", settings.resolve(updates.protected_names), False
+        if updates.ca is not None:
+            yield "updates.ca", settings.resolve(updates.ca), False
 
 
 def _check_files(settings: Settings) -> None:
@@ -94,6 +102,27 @@ def _check_files(settings: Settings) -> None:
         confdir = settings.resolve(proxy.confdir)
         if confdir.exists() and not (confdir.is_dir() and os.access(confdir, os.R_OK | os.X_OK)):
             raise ConfigError("proxy.confdir", f"{confdir}: not a readable directory")
+
+
+def _check_updates(settings: Settings) -> None:
+    """The protected names parse (a mistake would fail every update, found only at the
+    first one) and the pinned CA loads as PEM certificates."""
+    updates = settings.updates
+    if updates is None:
+        return
+    if updates.protected_names is not None:
+        from netfilter.updates.sanity import load_protected
+
+        try:
+            load_protected(settings.resolve(updates.protected_names))
+        except NetfilterError as e:
+            raise ConfigError("updates.protected_names", str(e)) from None
+    if updates.ca is not None:
+        ca = settings.resolve(updates.ca)
+        try:
+            ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, ValueError) as e:
+            raise ConfigError("updates.ca", f"{ca}: not a PEM certificate ({e})") from None
 
 
 def _check_node_key(settings: Settings) -> None:

@@ -34,6 +34,7 @@ from netfilter.listdelta import build_delta
 from netfilter.listfile import open_bundle
 from netfilter.updates import STEPS
 from netfilter.updates.delta import delta_location, lags
+from netfilter.updates.install import stage_prefix
 from tests.conftest import SOURCE, BuildBundle
 from tests.support import HOST, REPO
 from tests.test_updates import _KILLED, Node
@@ -156,6 +157,32 @@ def test_a_directory_source_installs_from_the_delta(
     assert node.atime() == untouched
     assert not node.stages() and len(sink.events) == 1
     updater.close()
+
+
+def test_a_delta_result_is_private_and_named_as_a_stage_until_placed(
+        tmp_path: Path, node: DirNode, authority: tuple[Path, Path],
+        authority_key: PrivateKey) -> None:
+    """The bundle written from a delta is 0600 and named with the stage prefix until it
+    is placed, so the clean-up after a kill (`clean_stages`) finds whatever is left."""
+    release = _release(tmp_path, tmp_path / "v1.nfl", authority_key, authority[1])
+    node.publish(release.full)
+    node.publish_delta(release.delta)
+    seen: dict[str, int] = {}
+
+    def look(step: str) -> None:
+        if step == "downloaded":  # the result written, not yet placed
+            for path in node.target.parent.iterdir():
+                if path != node.target:
+                    seen[path.name] = path.stat().st_mode & 0o777
+
+    updater = node.updater(step=look)
+    [result] = updater.run_once()
+    updater.close()
+    assert (result.outcome, result.version) == ("installed", 2)
+    assert seen, "nothing staged beside the list"
+    assert all(name.startswith(stage_prefix(node.target)) for name in seen), seen
+    assert set(seen.values()) == {0o600}, seen
+    assert node.target.stat().st_mode & 0o777 == 0o644  # placed: readable, as bundles are
 
 
 def test_no_delta_published_fetches_the_full_bundle(

@@ -705,9 +705,11 @@ def check_base(base: Bundle, delta: Delta) -> None:
 
 def apply_delta(base: Bundle, delta_path: str | Path,
                 trusted: list[PublicKey] | tuple[PublicKey, ...],
-                out: str | Path | None = None) -> Path:
+                out: str | Path | None = None, *, mode: int = 0o644,
+                prefix: str = ".tmp-") -> Path:
     """Verify a delta, apply it to the verified `base`, check the result and write it
-    as a full bundle (atomically; default: `<list id>-<version>.nfl` beside the delta).
+    as a full bundle (atomically; default: `<list id>-<version>.nfl` beside the delta;
+    `mode` and `prefix` as `write_signed_bundle` takes them).
 
     The written bundle is the authority's full bundle of the new version, byte for
     byte: its manifest and signature come verbatim from the delta. Raises
@@ -739,5 +741,5 @@ def apply_delta(base: Bundle, delta_path: str | Path,
     target = Path(out) if out is not None else where.with_name(f"{m.list_id}-{m.version}.nfl")
     issued = delta.result_manifest.issued
     write_signed_bundle(target, delta.result_yaml, delta.result_sig, members,
-                        int(issued.astimezone(UTC).timestamp()))
+                        int(issued.astimezone(UTC).timestamp()), mode=mode, prefix=prefix)
     return target

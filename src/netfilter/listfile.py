@@ -284,14 +284,18 @@ def write_bundle(
 
 
 def write_signed_bundle(out: str | Path, manifest: bytes, signature: bytes,
-                        members: dict[str, bytes], mtime: int) -> Path:
+                        members: dict[str, bytes], mtime: int, *, mode: int = 0o644,
+                        prefix: str = ".tmp-") -> Path:
     """Write an already signed manifest, its signature lines and the data members (in
     the given order) as a bundle, atomically. Equal inputs give equal bytes, so a node
     that re-creates a bundle's members (from a delta) re-creates the authority's file.
+
+    The temporary file beside `out` is named `prefix`...`.tmp` (an updater's stage
+    prefix, so its clean-up after a kill finds it) and gets `mode` once complete.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nfl", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=out.parent)
     try:
         with (os.fdopen(fd, "wb") as f,
               tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar):
@@ -299,7 +303,7 @@ def write_signed_bundle(out: str | Path, manifest: bytes, signature: bytes,
             _tar_member(tar, "signature", signature, mtime)
             for name, data in members.items():
                 _tar_member(tar, name, data, mtime)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from netfilter.keys import PublicKey
 from netfilter.listdelta import DeltaBaseMismatch, apply_delta, default_delta_path
 from netfilter.listfile import open_bundle
 from netfilter.updates.fetch import SourceAbsent, TooLarge, fetch, is_url
-from netfilter.updates.install import stage
+from netfilter.updates.install import stage, stage_prefix
 from netfilter.updates.state import Validators
 
 __all__ = ["DeltaApplied", "NoDelta", "apply_from_source", "delta_location", "lags"]
@@ -103,7 +103,8 @@ def apply_from_source(location: str, target: Path, keys: Sequence[PublicKey],
             if base.manifest.version != base_version:
                 raise NetfilterError(target, f"is version {base.manifest.version} now, not "
                                              f"{base_version}")
-            apply_delta(base, staged, list(keys), out)
+            # private until placed, named as a stage (a kill leaves nothing uncleaned)
+            apply_delta(base, staged, list(keys), out, mode=0o600, prefix=stage_prefix(target))
         except BundleError as e:  # named by where it came from, not by its stage
             kind = DeltaBaseMismatch if isinstance(e, DeltaBaseMismatch) else BundleError
             raise kind(e.where.replace(str(staged), where, 1), e.reason) from e

@@ -17,19 +17,21 @@ from typing import IO
 
 from netfilter.listfile import Bundle
 
-__all__ = ["BUNDLE_MODE", "clean_stages", "manifest_digest", "place", "stage", "sync"]
+__all__ = ["BUNDLE_MODE", "clean_stages", "manifest_digest", "place", "stage", "stage_prefix",
+           "sync"]
 
 BUNDLE_MODE = 0o644
 
 
-def _prefix(target: Path) -> str:
+def stage_prefix(target: Path) -> str:
+    """The name every temporary file of an update of `target` starts with."""
     return f".{target.name}.update-"
 
 
 def stage(target: Path) -> tuple[IO[bytes], Path]:
     """A new private file beside `target` for its next version (0600 until placed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=stage_prefix(target), suffix=".tmp", dir=target.parent)
     return os.fdopen(fd, "wb"), Path(name)
 
 
@@ -39,7 +41,7 @@ def clean_stages(target: Path) -> list[Path]:
     Call only while holding the update lock (another updater's stage is in use)."""
     removed = []
     if target.parent.is_dir():
-        for path in target.parent.glob(_prefix(target) + "*.tmp"):
+        for path in target.parent.glob(stage_prefix(target) + "*.tmp"):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

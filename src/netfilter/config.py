@@ -151,11 +151,32 @@ class DnsSettings(_Section):
     # Bytes of answers a client has not read yet that we keep for it; past it the
     # connection is dropped (a slow or absent reader must not grow our memory).
     tcp_max_buffer: int = Field(256 * 1024, ge=4096, le=64 << 20)
+    # Answers the C relay keeps (dns/_hotpath.c), entries; 0 switches the cache off.
+    # Positive and negative (RFC 2308), TTLs honoured, emptied on every list swap; at
+    # most 1,232 bytes an entry, so memory stays below ~1.4 KB x cache_size.
+    cache_size: int = Field(65536, ge=0, le=1 << 24)
+    # Encrypted DNS (dns/dot.py, dns/doh.py): DNS over TLS (RFC 7858) and over HTTPS
+    # (RFC 8484, at /dns-query), each a list of host:port (TCP), none by default. Their
+    # connections keep to the tcp_* limits above, in slots of their own per listener kind.
+    dot_listen: list[HostPort] = Field(default_factory=list)
+    doh_listen: list[HostPort] = Field(default_factory=list)
+    tls_certificate: Path | None = None  # PEM: the certificate chain both present
+    tls_key: Path | None = None  # PEM: its private key
+    tls_handshake_timeout: float = Field(5.0, gt=0, le=300)  # seconds, then closed
+    # HTTP/2 streams (DoH queries) one connection may have open at once
+    doh_max_streams: int = Field(100, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _routing_needs_an_address(self) -> DnsSettings:
         if self.route_url_hosts_to_proxy and not (self.proxy_ipv4 or self.proxy_ipv6):
             raise ValueError("route_url_hosts_to_proxy needs proxy_ipv4 and/or proxy_ipv6")
+        return self
+
+    @model_validator(mode="after")
+    def _encrypted_needs_a_certificate(self) -> DnsSettings:
+        if (self.dot_listen or self.doh_listen) and not (self.tls_certificate
+                                                         and self.tls_key):
+            raise ValueError("dot_listen and doh_listen need tls_certificate and tls_key")
         return self
 
 

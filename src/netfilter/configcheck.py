@@ -46,6 +46,8 @@ def check_config(settings: Settings, parts: Sequence[str] = (), *,
     _check_lists(settings)
     _check_audit(settings)
     _check_updates(settings)
+    if "dns" in chosen:
+        _check_tls(settings)
     if settings.stoppage is not None:
         from netfilter.stoppage import Renderer
 
@@ -197,6 +199,18 @@ def _check_audit(settings: Settings) -> None:
             raise ConfigError("audit.group", f"{audit.group!r} is not a group here") from None
 
 
+def _check_tls(settings: Settings) -> None:
+    """DoT and DoH: the certificate and key load together, as at start."""
+    dns = settings.dns
+    if dns is None or not (dns.dot_listen or dns.doh_listen):
+        return
+    from netfilter.dns.tlsconfig import ALPN_DOH, server_context
+
+    assert dns.tls_certificate is not None and dns.tls_key is not None  # the model's check
+    server_context(settings.resolve(dns.tls_certificate), settings.resolve(dns.tls_key),
+                   ALPN_DOH)
+
+
 def _check_listen(settings: Settings, parts: Sequence[str]) -> None:
     """Every address the start would open can be bound now. The probes are held
     until all are bound, so two parts configured on one address are caught too."""
@@ -204,6 +218,10 @@ def _check_listen(settings: Settings, parts: Sequence[str]) -> None:
     tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
     if "dns" in parts and settings.dns is not None:
         wanted += [(f"dns.listen[{i}]", a, (udp, tcp)) for i, a in enumerate(settings.dns.listen)]
+        wanted += [(f"dns.dot_listen[{i}]", a, (tcp,))
+                   for i, a in enumerate(settings.dns.dot_listen)]
+        wanted += [(f"dns.doh_listen[{i}]", a, (tcp,))
+                   for i, a in enumerate(settings.dns.doh_listen)]
     if "proxy" in parts and settings.proxy is not None:
         wanted.append(("proxy.listen", settings.proxy.listen, (tcp,)))
     if "stoppage" in parts and settings.stoppage is not None:

@@ -284,6 +284,7 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     mitmdump child: its engine's and audit log's counters are added to this
     process's); others are ignored."""
     from netfilter.audit.log import AuditLog
+    from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
     from netfilter.stoppage.server import StopPageServer
 
@@ -294,6 +295,8 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     for part in parts:
         if isinstance(part, DnsServer):
             dns = part
+        elif isinstance(part, EncryptedDns):  # DoT and DoH: queries, errors, limits
+            metrics.add("dns_encrypted", part.counts)
         elif isinstance(part, StopPageServer):
             stoppage = part
         elif isinstance(getattr(part, "counters", None), ChildCounters):

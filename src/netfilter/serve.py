@@ -66,6 +66,8 @@ class Listeners:
     any part starts, each handed to its part (the proxy's is mitmdump's own)."""
 
     dns: list[Listening] = field(default_factory=list)  # one per dns.listen address
+    dot: list[socket.socket] = field(default_factory=list)  # one per dns.dot_listen address
+    doh: list[socket.socket] = field(default_factory=list)  # one per dns.doh_listen address
     stoppage: socket.socket | None = None
     tiles: socket.socket | None = None
     metrics: socket.socket | None = None
@@ -74,15 +76,15 @@ class Listeners:
         """Close every one (one a part has served is closed already: no harm)."""
         for listening in self.dns:
             listening.close()
-        for sock in (self.stoppage, self.tiles, self.metrics):
+        for sock in (*self.dot, *self.doh, self.stoppage, self.tiles, self.metrics):
             if sock is not None:
                 sock.close()
 
 
 def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
     """Bind every listening socket the start of `parts` needs, in the order the parts
-    start: DNS (UDP and TCP per address), the stop page, the proxy, the audit tiles,
-    metrics. ListenError for the first that cannot be bound, naming its key (as
+    start: DNS (UDP and TCP per address, then DoT and DoH), the stop page, the proxy,
+    the audit tiles, metrics. ListenError for the first that cannot be bound, naming its key (as
     `config check` does: `dns.listen[1]`, `metrics.listen`), the address and why;
     the ones bound before it are closed. TCP sockets listen at once: two parts given
     one address fail here too.
@@ -100,6 +102,10 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
             from netfilter.dns.server import bind as bind_dns
 
             bound.dns = bind_dns(settings.dns.listen)
+            for i, address in enumerate(settings.dns.dot_listen):
+                bound.dot.append(_bind_tcp(f"dns.dot_listen[{i}]", address))
+            for i, address in enumerate(settings.dns.doh_listen):
+                bound.doh.append(_bind_tcp(f"dns.doh_listen[{i}]", address))
         if settings.stoppage is not None and "stoppage" in parts:
             bound.stoppage = _bind_tcp("stoppage.listen", settings.stoppage.listen)
         if settings.proxy is not None and "proxy" in parts:
@@ -277,6 +283,7 @@ def reread(path: Path, current: Settings, engine: Engine,
 async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: Listeners,
                config_path: Path, ready: Callable[[], None] | None = None,
                reread_config: bool = False) -> None:
+    from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
@@ -287,7 +294,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # each part with its name (for a one-line error if it cannot start)
-    servers: list[tuple[str, DnsServer | StopPageServer | ProxyProcess]] = []
+    servers: list[tuple[str, DnsServer | EncryptedDns | StopPageServer | ProxyProcess]] = []
 
     in_force = settings
     reloading: asyncio.Future[Settings | None] | None = None
@@ -320,6 +327,11 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                     server.settings = applied.stoppage
             elif isinstance(server, ProxyProcess):
                 server.reload()  # the mitmdump child re-reads the config itself
+            elif isinstance(server, EncryptedDns):
+                try:  # a renewed certificate, for new connections
+                    server.reload_certificate()
+                except NetfilterError as e:
+                    log.error("dns: TLS certificate not reloaded, the one in force stays: %s", e)
 
     def lists_only() -> Settings | None:
         return in_force if engine.reload() else None
@@ -337,7 +349,11 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     if settings.dns is not None and "dns" in parts:
-        servers.append(("dns", DnsServer(engine, settings.dns, sockets=listeners.dns)))
+        dns = DnsServer(engine, settings.dns, sockets=listeners.dns)
+        servers.append(("dns", dns))
+        if listeners.dot or listeners.doh:
+            servers.append(("dns", EncryptedDns(dns, settings.dns, base=settings.base,
+                                                dot=listeners.dot, doh=listeners.doh)))
     if settings.stoppage is not None and "stoppage" in parts:
         renderer = Renderer(settings.stoppage, base=settings.base)
         servers.append(("stoppage", StopPageServer(engine, settings.stoppage, renderer=renderer,
@@ -347,7 +363,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     tiles: TileServer | None = None
     metrics: MetricsServer | None = None
     updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
-    started: list[DnsServer | StopPageServer | ProxyProcess] = []
+    started: list[DnsServer | EncryptedDns | StopPageServer | ProxyProcess] = []
     try:
         tiles = _serve_tiles(settings, listeners.tiles)
         for name, server in servers:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests and benchmarks drive for real (dig, unbound
+# Installs the Debian packages the tests and benchmarks drive for real (dig, kdig, unbound
 # with its Python module, dnsperf, curl, wrk, headless Chromium, iptables), when they are missing. Needs root for apt-get;
 # without it, it says what is missing and the tests that need it skip with a reason.
 set -euo pipefail
@@ -8,6 +8,7 @@ command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v unbound >/dev/null 2>&1 || need+=(unbound)
 [ -f /usr/lib/python3/dist-packages/unboundmodule.py ] || need+=(python3-unbound)
 command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
+command -v kdig >/dev/null 2>&1 || need+=(knot-dnsutils)  # DoT and DoH tests (kdig +tls, +https)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)

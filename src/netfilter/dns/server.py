@@ -370,8 +370,11 @@ class DnsServer:
                 verdict = None
             if verdict is not None and verdict.blocked:
                 stats["blocked"] += 1
-                respond(self._fit(block_answer(data, query, verdict, self.settings), query,
-                                  over_tcp))
+                block = block_answer(data, query, verdict, self.settings)
+                respond(self._fit(block, query, over_tcp))
+                keep = getattr(respond, "keep_block", None)  # the C relay's cache (udp.py)
+                if keep is not None:
+                    keep(data, block, verdict, _qtype_name(query.qtype))
                 self.latency.observe(time.monotonic() - started)
                 return
             if self.settings.route_url_hosts_to_proxy and self._routed(query):

@@ -938,8 +938,10 @@ def test_sigterm_stops_cleanly(servers: Servers, tmp_path: Path) -> None:
 
 
 def test_clean_names_take_the_fast_path(servers: Servers, tmp_path: Path) -> None:
-    """The second query for a clean name is relayed without the full path; blocked
-    names never are. Read from the counters the server logs when it stops."""
+    """The second query for a clean name is relayed without the full path, and later
+    ones are answered from the relay's answer cache; a blocked name's first query takes
+    the full path, its repeats are answered from the relay's block cache and still
+    counted as blocks. Read from the counters the server logs when it stops."""
     server = Netfilter(tmp_path / "counted", upstreams=[servers.unbound.address],
                        env=servers.main.env)
     server.start()
@@ -956,9 +958,11 @@ def test_clean_names_take_the_fast_path(servers: Servers, tmp_path: Path) -> Non
     assert found, server.log()
     counts = {k: int(v) for k, v in (item.split() for item in found.group(1).split(", "))}
     probes = counts.get("notimp", 0)  # the readiness probes (STATUS queries)
-    if "relayed" in counts:  # the C relay: 19 clean queries; the first and the blocked
-        assert counts["relayed"] == counts["answered"] == 19  # ones take the full path
-        assert counts["handed_over"] == counts["queries"] == 21 + probes
+    if "relayed" in counts:  # the C relay: the first of each name takes the full path,
+        assert counts["relayed"] == counts["answered"] == 1  # the second is relayed,
+        assert counts["cache_hits"] == 18  # the rest answered from the caches
+        assert counts["blocks_answered"] == 19
+        assert counts["handed_over"] == counts["queries"] == 2 + probes
         assert counts["forwarded"] == 1
     else:  # the Python listener counts every query, the fast ones too
         assert counts["forwarded"] == 20

@@ -78,31 +78,40 @@ class BlockAggregator:
             return
         key = _key(event)
         now = self._clock()
+        blocks = event.count or 1  # an event may stand for several blocks (a relay's count)
         with self._lock:
             due = self._due(now)
             window = self._open.get(key)
             if window is not None:
-                wall = time.time()
-                if not window.repeats:
-                    window.first, window.detail = wall, event.detail
-                elif window.detail != event.detail:
-                    window.detail = None
-                window.repeats += 1
-                window.last = wall
-                self.folded += 1
+                self._repeat(window, event.detail, blocks)
                 event_now = None
             else:
                 if len(self._open) >= self.max_keys:
                     due.extend(self._close_oldest())
+                if event.count is not None:  # the first passed on, the rest its repeats
+                    event = replace(event, count=None, first=None, last=None)
                 if not event.time:
                     event = replace(event, time=_iso(time.time()))
-                self._open[key] = _Window(event, now)
+                window = self._open[key] = _Window(event, now)
+                if blocks > 1:
+                    self._repeat(window, event.detail, blocks - 1)
                 event_now = event
                 self._start_ticker()
         for summary in due:
             self.sink.record(summary)
         if event_now is not None:
             self.sink.record(event_now)
+
+    def _repeat(self, window: _Window, detail: str | None, blocks: int) -> None:
+        """Count `blocks` repeats into `window` (caller holds the lock)."""
+        wall = time.time()
+        if not window.repeats:
+            window.first, window.detail = wall, detail
+        elif window.detail != detail:
+            window.detail = None
+        window.repeats += blocks
+        window.last = wall
+        self.folded += blocks
 
     def _due(self, now: float) -> list[Event]:
         """Close the windows that ended by `now` (caller holds the lock).

@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from netfilter.aggregate import BlockAggregator
@@ -194,25 +195,44 @@ class Engine:
                  client: str | None, detail: str | None, checked: str | bytes) -> Verdict:
         if match is None:
             return ALLOW
-        target = None
-        if self.record_targets:  # an operator's explicit choice (audit.record_targets)
-            target = checked.decode("utf-8", "replace") if isinstance(checked, bytes) else checked
         transparency = next((m.transparency for m in state.lists.blocking
                              if m.list_id == match.list_id), None)
-        event = Event("block" if match.blocks else "override", self.node_id,
-                      frontend=frontend, list=match.list_id, version=match.list_version,
-                      ref=match.ref, category=match.category,
-                      action="block" if match.blocks else "allow",
-                      client=self.clients.record(client),
-                      detail=detail if match.blocks else f"exception={match.allowed_by}",
-                      target=target[:2000] if target else None)
-        self._emit(event)
+        self._emit(self._event(match, frontend, client, detail, checked))
         if not match.blocks:
             self.matches[(frontend, match.list_id, match.category, "exception")] += 1
             return Verdict(Action.ALLOW, match)
         answer = state.answers.get(match.list_id, Answer.STOPPAGE)
         self.matches[(frontend, match.list_id, match.category, answer.value)] += 1
         return Verdict(Action.BLOCK, match, answer, transparency)
+
+    def _event(self, match: Match, frontend: str, client: str | None, detail: str | None,
+               checked: str | bytes, count: int = 1) -> Event:
+        """The block or override event of `count` identical checks."""
+        target = None
+        if self.record_targets:  # an operator's explicit choice (audit.record_targets)
+            target = checked.decode("utf-8", "replace") if isinstance(checked, bytes) else checked
+        now = datetime.now(UTC).isoformat(timespec="milliseconds") if count > 1 else ""
+        return Event("block" if match.blocks else "override", self.node_id,
+                     time=now, frontend=frontend, list=match.list_id,
+                     version=match.list_version, ref=match.ref, category=match.category,
+                     action="block" if match.blocks else "allow",
+                     client=self.clients.record(client),
+                     detail=detail if match.blocks else f"exception={match.allowed_by}",
+                     target=target[:2000] if target else None,
+                     count=count if count > 1 else None, first=now or None, last=now or None)
+
+    def record_repeats(self, verdict: Verdict, checked: str, count: int, *,
+                       frontend: str = "dns", client: str | None = None,
+                       detail: str | None = None) -> None:
+        """`count` more blocks of a `verdict` this engine gave for `checked`, answered
+        without a check each (the C relay answers repeats from its cache, dns/udp.py):
+        recorded as `count` checks would have been, as one event with a count that the
+        aggregation folds like `count` single blocks, so the log's counts stay exact."""
+        match = verdict.match
+        if count < 1 or match is None or not verdict.blocked or verdict.answer is None:
+            return
+        self._emit(self._event(match, frontend, client, detail, checked, count))
+        self.matches[(frontend, match.list_id, match.category, verdict.answer.value)] += count
 
     def check_url(self, url: str | bytes, *, frontend: str = "proxy",
                   client: str | None = None, detail: str | None = None) -> Verdict:

@@ -137,7 +137,8 @@ def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
         labels=["frontend", "verdict"])
     if dns is not None:
         s = dns.stats
-        relayed = dns.relay_counts().get("relayed", 0)
+        relay = dns.relay_counts()  # relayed upstream, or answered from the relay's cache
+        relayed = relay.get("relayed", 0) + relay.get("cache_hits", 0)
         family.add_metric(["dns", "block"], s["blocked"] + s["blocked_cname"])
         family.add_metric(["dns", "allow"], s["forwarded"] + relayed - s["blocked_cname"])
         family.add_metric(["dns", "route"], s["routed"])

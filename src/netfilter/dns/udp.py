@@ -8,7 +8,10 @@ decides, records and fills the cache.
 
 Two ways to do the clean part, same behaviour:
 - `RelayListener`: the C relay of `_hotpath.c`, batches of packets per system call;
-  used when the extension is built.
+  used when the extension is built. It also answers from two bounded caches in C
+  (emptied on every list swap): block answers the full path built (repeats of a
+  blocked question never reach Python; their counts do, per client, every sweep, so
+  the audit log's block counts stay exact), and upstream answers (`dns.cache_size`).
 - `PythonListener`: uvloop datagram transports with the question read by
   `wire.scan_question`; where the extension is missing, with `route_url_hosts_to_proxy`
   (a second look-up per name), or with NETFILTER_DNS_PYTHON=1 (tests, comparison).
@@ -19,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from netfilter.dns.listener import Handler, Respond
 from netfilter.dns.wire import answer_is_plain, scan_question
+
+if TYPE_CHECKING:
+    from netfilter.engine import Verdict
 
 try:
     from netfilter.dns._hotpath import Relay
@@ -33,6 +39,13 @@ __all__ = ["PythonListener", "RelayListener", "bind_udp", "relay_available", "re
 
 Address = tuple[Any, ...]
 _UNSEEN = object()  # a name not in the engine's host cache
+# Block answers the relay keeps: one per (name, qtype, EDNS/DO/EDE form) under the lists
+# in force. A blocked name's first query per form still takes the full path, so this
+# bounds memory (at most 1232 bytes an answer), not what is blocked.
+BLOCK_CACHE_SIZE = 16384
+# (block answer, client) pairs counted between two sweeps; past it a blocked query
+# takes the full path (counted one by one there), so no block goes unrecorded.
+MAX_BLOCK_COUNTS = 65536
 
 
 def relay_built() -> bool:
@@ -147,7 +160,10 @@ class RelayListener:
         self.stats = server.stats
         self.sock = sock
         self.upstream = upstream
-        self.relay = Relay(sock.fileno(), upstream.fileno(), server.upstream.attempt_timeout)
+        self.relay = Relay(sock.fileno(), upstream.fileno(), server.upstream.attempt_timeout,
+                           cache_size=server.settings.cache_size,
+                           block_cache_size=BLOCK_CACHE_SIZE,
+                           max_block_counts=MAX_BLOCK_COUNTS)
         self.engine = server.engine
         loop = asyncio.get_running_loop()
         loop.add_reader(sock.fileno(), self._from_clients)
@@ -180,16 +196,27 @@ class RelayListener:
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
 
-    def _responder(self, addr: Address) -> Respond:
-        sock, stats = self.sock, self.stats
+    def _responder(self, addr: Address) -> _RelayResponder:
+        return _RelayResponder(self, addr)
 
-        def respond(answer: bytes) -> None:
-            try:
-                sock.sendto(answer, addr)
-            except OSError:  # a full buffer or a closed socket: a lost UDP answer
-                stats["send_failed"] += 1
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
+        """The full path answered `query` with the block `answer` (server.py): the relay
+        answers the same question from now on, while the lists stay the same. The token
+        carries what the audit log needs per block (`_record_blocks`)."""
+        question = scan_question(query)
+        if question is not None:
+            self.relay.remember_block(query, answer, self.engine.host_cache,
+                                      (verdict, question[0], detail))
 
-        return respond
+    def _record_blocks(self) -> None:
+        """Record the blocks the relay answered from its cache since the last call: one
+        call per (answer, client) with the count, which the engine records as that many
+        blocks (aggregate.py folds them per window), so the log's counts stay exact."""
+        engine, stats = self.engine, self.stats
+        for (verdict, name, detail), client, count in self.relay.block_counts():
+            stats["blocked"] += count
+            engine.record_repeats(verdict, name, count, frontend="dns", client=client,
+                                  detail=detail)
 
     def _from_clients(self) -> None:
         try:
@@ -226,9 +253,18 @@ class RelayListener:
         del counts["in_flight"]
         return counts
 
+    def cache_stats(self) -> dict[str, int]:
+        """Entries the relay's caches hold now, and their capacities (gauges)."""
+        return self.relay.cache_stats()
+
     def sweep(self) -> None:
-        """Hand the queries past their deadline to the pool's next upstreams (and, as
-        they may have timed out for a reader uvloop closed, register it anew)."""
+        """Record the blocks answered from the cache; hand the queries past their
+        deadline to the pool's next upstreams (and, as they may have timed out for a
+        reader uvloop closed, register it anew)."""
+        try:
+            self._record_blocks()
+        except Exception as error:
+            self.server.fault("recording the relay's blocks", error)
         late = self.relay.expired()
         if late:
             self._rearm()
@@ -239,10 +275,32 @@ class RelayListener:
             self.server.retry(data, str(addr[0]), self._responder(addr))
 
     def close(self) -> None:
-        """Stop reading; what is still in flight gets SERVFAIL from the pool."""
+        """Stop reading; what is still in flight gets SERVFAIL from the pool; the blocks
+        answered from the cache are recorded."""
         self._loop.remove_reader(self.sock.fileno())
         self._loop.remove_reader(self.upstream.fileno())
+        self._record_blocks()
         for data, addr in self.relay.expired(all=True):
             self.server.answer_udp(None, data, str(addr[0]), self._responder(addr))
         self.upstream.close()
         self.sock.close()
+
+
+class _RelayResponder:
+    """Sends the full path's answer to one client of a relay; `keep_block` is how the
+    full path hands a block answer to the relay's cache (server.py looks for it)."""
+
+    __slots__ = ("addr", "listener")
+
+    def __init__(self, listener: RelayListener, addr: Address) -> None:
+        self.listener = listener
+        self.addr = addr
+
+    def __call__(self, answer: bytes) -> None:
+        try:
+            self.listener.sock.sendto(answer, self.addr)
+        except OSError:  # a full buffer or a closed socket: a lost UDP answer
+            self.listener.stats["send_failed"] += 1
+
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
+        self.listener.keep_block(query, answer, verdict, detail)

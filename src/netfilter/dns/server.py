@@ -28,11 +28,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dnslib import QTYPE, RCODE
-
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
 from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
+from netfilter.dns.codes import OPCODE_MASK, Flag, Rcode, RRClass, type_name
 from netfilter.dns.listener import Listener, Respond
 from netfilter.dns.udp import PythonListener, RelayListener, bind_udp, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
@@ -46,7 +45,9 @@ __all__ = ["DnsServer", "Listening", "bind"]
 
 log = logging.getLogger(__name__)
 FAULT_LOG_INTERVAL = 10.0  # seconds between log lines about internal errors
-CLASS_IN, CLASS_ANY = 1, 255
+_FILTERED_CLASSES = (RRClass.IN, RRClass.ANY)
+_QR_OCTET = int(Flag.QR) >> 8  # QR in the flags' first octet (data[2])
+_TC_OCTET = int(Flag.TC) >> 8
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 TCP_BACKLOG = 100  # asyncio's default
 
@@ -95,10 +96,6 @@ def bind(listen: Sequence[str]) -> list[Listening]:
             listening.close()
         raise
     return bound
-
-
-def _qtype_name(qtype: int) -> str:
-    return str(QTYPE.get(qtype, f"TYPE{qtype}"))
 
 
 class FaultLog:
@@ -343,7 +340,7 @@ class DnsServer:
         started = time.monotonic()
         stats = self.stats
         stats["queries"] += 1
-        if len(data) < 12 or data[2] & 0x80:  # no readable header, or a response
+        if len(data) < 12 or data[2] & _QR_OCTET:  # no readable header, or a response
             stats["dropped"] += 1
             if over_tcp:
                 respond(b"")  # settles the connection's count; nothing is sent
@@ -352,20 +349,20 @@ class DnsServer:
             query = parse_query(data)
         except FormError:
             stats["formerr"] += 1
-            respond(error_answer(data, RCODE.FORMERR))
+            respond(error_answer(data, Rcode.FORMERR))
             return
-        if (query.flags >> 11) & 0xF:  # only standard queries are filtered or forwarded
+        if query.flags & OPCODE_MASK:  # only standard queries are filtered or forwarded
             stats["notimp"] += 1
-            respond(error_answer(data, RCODE.NOTIMP, query))
+            respond(error_answer(data, Rcode.NOTIMP, query))
             return
         if query.edns_version:  # RFC 6891 6.1.3: we speak EDNS version 0 only
             stats["badvers"] += 1
             respond(badvers_answer(data, query))
             return
-        if query.name and query.qclass in (CLASS_IN, CLASS_ANY):
+        if query.name and query.qclass in _FILTERED_CLASSES:
             try:
                 verdict = self.engine.check_host(query.name, frontend="dns", client=client,
-                                                 detail=_qtype_name(query.qtype))
+                                                 detail=type_name(query.qtype))
             except InvalidURL:
                 verdict = None
             if verdict is not None and verdict.blocked:
@@ -374,7 +371,7 @@ class DnsServer:
                 respond(self._fit(block, query, over_tcp))
                 keep = getattr(respond, "keep_block", None)  # the C relay's cache (udp.py)
                 if keep is not None:
-                    keep(data, block, verdict, _qtype_name(query.qtype))
+                    keep(data, block, verdict, type_name(query.qtype))
                 self.latency.observe(time.monotonic() - started)
                 return
             if self.settings.route_url_hosts_to_proxy and self._routed(query):
@@ -429,11 +426,11 @@ class DnsServer:
         self.fault(where, error)
         try:
             answer = b""
-            if len(data) >= 12 and not data[2] & 0x80:
+            if len(data) >= 12 and not data[2] & _QR_OCTET:
                 try:
-                    answer = error_answer(data, RCODE.SERVFAIL, parse_query(data))
+                    answer = error_answer(data, Rcode.SERVFAIL, parse_query(data))
                 except FormError:
-                    answer = error_answer(data, RCODE.SERVFAIL)
+                    answer = error_answer(data, Rcode.SERVFAIL)
             if answer or over_tcp:  # over TCP, b"" settles the connection's count
                 respond(answer)
         except Exception:  # answering failed too: counted once, nothing more to do
@@ -455,9 +452,9 @@ class DnsServer:
         SERVFAIL when there was none; over TCP again when truncated on a TCP query."""
         if answer is None:
             self.stats["servfail"] += 1
-            respond(error_answer(data, RCODE.SERVFAIL, query))
+            respond(error_answer(data, Rcode.SERVFAIL, query))
             return
-        if over_tcp and answer[2] & 0x02:  # truncated: fetch it whole over TCP
+        if over_tcp and answer[2] & _TC_OCTET:  # truncated: fetch it whole over TCP
             task = asyncio.ensure_future(self._answer_over_tcp(data, query, client, respond))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -475,7 +472,7 @@ class DnsServer:
                     respond(self._filter_answer(answer, data, query, client, True))
                     return
             self.stats["servfail"] += 1
-            respond(error_answer(data, RCODE.SERVFAIL, query))
+            respond(error_answer(data, Rcode.SERVFAIL, query))
         except Exception as error:
             self.failed("answer over tcp", error, data, respond, over_tcp=True)
 
@@ -487,12 +484,12 @@ class DnsServer:
                 targets = cname_targets(answer, query.question_end)
             except FormError:
                 self.stats["upstream_formerr"] += 1
-                return error_answer(data, RCODE.SERVFAIL, query)
+                return error_answer(data, Rcode.SERVFAIL, query)
             for target in targets:
                 try:
                     verdict = self.engine.check_host(
                         target, frontend="dns", client=client,
-                        detail=f"{_qtype_name(query.qtype)} via CNAME")
+                        detail=f"{type_name(query.qtype)} via CNAME")
                 except InvalidURL:
                     continue
                 if verdict.blocked:
@@ -507,7 +504,7 @@ class DnsServer:
         if over_tcp or len(answer) <= query.udp_size:
             return answer
         qid, flags = struct.unpack_from("!HH", answer)
-        header = struct.pack("!HHHHHH", qid, flags | 0x0200, 1, 0, 0, 0)
+        header = struct.pack("!HHHHHH", qid, flags | Flag.TC, 1, 0, 0, 0)
         return header + answer[12 : query.question_end]
 
     # ------------------------------------------------------------ TCP

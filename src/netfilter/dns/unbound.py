@@ -38,9 +38,9 @@ import numpy as np
 import unboundmodule as ub
 
 from netfilter.config import DnsSettings, Settings, load_config
-from netfilter.dns.answers import extra_text
-from netfilter.dns.wire import EDE_OPTION
-from netfilter.engine import Answer, Engine, Verdict
+from netfilter.dns.answers import Reply, block_reply, soa_text
+from netfilter.dns.codes import EDE_OPTION, RCODE_MASK, RRType
+from netfilter.engine import Engine, Verdict
 from netfilter.errors import NetfilterError
 from netfilter.lists import Lists
 from netfilter.node import make_engine
@@ -48,13 +48,10 @@ from netfilter.node import make_engine
 __all__ = ["CHECK_INTERVAL", "CONTROL_ENV", "Plugin", "adds_entries"]
 
 log = logging.getLogger(__name__)
-TYPE_A, TYPE_AAAA, TYPE_CNAME = 1, 28, 5
 RETRY = 30.0  # seconds between attempts to load a broken config
 CHECK_INTERVAL = 1.0  # seconds between two looks at the config and list files
 CONTROL_ENV = "NETFILTER_UNBOUND_CONTROL"  # how to run unbound-control (a command line)
 FLUSH_TIMEOUT = 60.0  # seconds unbound-control may take to flush
-_RCODES = {Answer.NXDOMAIN: "RCODE_NXDOMAIN", Answer.REFUSED: "RCODE_REFUSED",
-           Answer.STOPPAGE: "RCODE_NOERROR"}
 
 
 class Plugin:
@@ -210,37 +207,46 @@ class Plugin:
             return None
 
     def _answer(self, module_id: int, qstate: Any, verdict: Verdict) -> bool:
-        settings = self._settings
         qinfo = qstate.qinfo
-        name, qtype, ttl = qinfo.qname_str, qinfo.qtype, settings.block_ttl
-        answer = verdict.answer or Answer.STOPPAGE
-        msg = ub.DNSMessage(name, qtype, qinfo.qclass,
+        structured = any(opt.code == EDE_OPTION for opt in qstate.edns_opts_front_in_iter)
+        reply = block_reply(_plain(qinfo.qname_str), qinfo.qtype, verdict, self._settings,
+                            structured=structured)
+        return self._reply(module_id, qstate, reply)
+
+    def _reply(self, module_id: int, qstate: Any, reply: Reply) -> bool:
+        """Hand Unbound the answer answers.py planned (the resolver writes the same one):
+        the records as text, in RFC 3597's generic form where only rdata is known."""
+        qinfo = qstate.qinfo
+        name = qinfo.qname_str
+        msg = ub.DNSMessage(name, qinfo.qtype, qinfo.qclass,
                             ub.PKT_QR | ub.PKT_RA | (qstate.query_flags & ub.PKT_RD))
-        if answer is Answer.STOPPAGE and qtype == TYPE_A:
-            msg.answer.append(f"{name} {ttl} IN A {settings.stoppage_ipv4}")
-        elif answer is Answer.STOPPAGE and qtype == TYPE_AAAA:
-            msg.answer.append(f"{name} {ttl} IN AAAA {settings.stoppage_ipv6}")
-        elif answer is not Answer.REFUSED:
-            assert verdict.match is not None
-            zone = verdict.match.expression.rstrip("/") + "."
-            msg.authority.append(
-                f"{zone} {ttl} IN SOA localhost. nobody.invalid. 1 3600 600 86400 {ttl}")
+        for record in reply.answers:
+            generic = f"\\# {len(record.rdata)} {record.rdata.hex()}".rstrip()
+            msg.answer.append(f"{name} {record.ttl} IN TYPE{record.rtype} {generic}")
+        if reply.soa_zone is not None:
+            zone = name.rstrip(".") if reply.soa_zone == _plain(name) else reply.soa_zone
+            msg.authority.append(soa_text(zone, reply.ttl))
         if not msg.set_return_msg(qstate):
             qstate.ext_state[module_id] = ub.MODULE_ERROR
             return True
         # The rcode goes into the reply's flags: with a non-zero qstate.return_rcode
         # Unbound would send only the header and question (no SOA for caching).
         rep = qstate.return_msg.rep
-        rep.flags = (rep.flags & 0xFFF0) | getattr(ub, _RCODES[answer])
+        rep.flags = (rep.flags & ~RCODE_MASK & 0xFFFF) | reply.rcode
         qstate.return_rcode = ub.RCODE_NOERROR
         qstate.return_msg.rep.security = ub.sec_status_insecure
-        qstate.no_cache_store = 1  # a block is decided per query, never served from cache
-        structured = any(opt.code == EDE_OPTION for opt in qstate.edns_opts_front_in_iter)
-        data = struct.pack("!H", settings.ede) + extra_text(verdict, structured).encode()
-        ub.edns_opt_list_append(qstate.edns_opts_front_out, EDE_OPTION, bytearray(data),
-                                qstate.region)
+        qstate.no_cache_store = 1  # decided per query, never served from cache
+        if reply.ede is not None:
+            data = struct.pack("!H", reply.ede) + reply.text.encode("utf-8", "replace")
+            ub.edns_opt_list_append(qstate.edns_opts_front_out, EDE_OPTION, bytearray(data),
+                                    qstate.region)
         qstate.ext_state[module_id] = ub.MODULE_FINISHED
         return True
+
+
+def _plain(qname_str: str) -> str:
+    """Unbound's name text as wire.Query.name has it: lowercase, no final dot."""
+    return qname_str.rstrip(".").lower()
 
 
 def adds_entries(old: Lists, new: Lists) -> bool:
@@ -327,7 +333,7 @@ def _cname_targets(qstate: Any) -> list[str]:
     targets = []
     for i in range(msg.rep.an_numrrsets):
         rrset = msg.rep.rrsets[i]
-        if ub.ntohs(rrset.rk.type) != TYPE_CNAME:
+        if ub.ntohs(rrset.rk.type) != RRType.CNAME:
             continue
         data = rrset.entry.data
         for j in range(data.count):

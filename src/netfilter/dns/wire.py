@@ -15,6 +15,8 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from netfilter.dns.codes import EDE_OPTION, EDNS_DO, OPCODE_MASK, Flag, RRClass, RRType
+
 __all__ = [
     "EDE_OPTION",
     "FormError",
@@ -31,9 +33,10 @@ __all__ = [
 HEADER = struct.Struct("!HHHHHH")
 U16 = struct.Struct("!H")
 RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
-TYPE_CNAME = 5
-TYPE_OPT = 41
-EDE_OPTION = 15
+TYPE_CNAME = RRType.CNAME
+TYPE_OPT = RRType.OPT
+NO_EDNS_SIZE = 512  # what a client without EDNS can take (RFC 1035 4.2.1)
+POINTER = 0xC0  # the two top bits of a compression pointer's first octet
 MAX_NAME = 255
 MAX_POINTERS = 32  # a chain longer than this is a loop or an attack
 
@@ -85,7 +88,7 @@ def read_name(data: bytes, offset: int, *, allow_pointers: bool = True) -> tuple
         if count == 0:
             offset += 1
             break
-        if count & 0xC0 == 0xC0:
+        if count & POINTER == POINTER:
             if not allow_pointers:
                 raise FormError("compression pointer where none is allowed")
             if offset + 1 >= size:
@@ -100,7 +103,7 @@ def read_name(data: bytes, offset: int, *, allow_pointers: bool = True) -> tuple
                 raise FormError("compression pointer points forward")
             offset = target
             continue
-        if count & 0xC0:
+        if count & POINTER:
             raise FormError("unknown label type")
         start = offset + 1
         offset = start + count
@@ -171,7 +174,8 @@ def parse_query(data: bytes) -> Query:
     if not (ancount or nscount or arcount):
         if question_end != size:
             raise FormError("trailing bytes after the last record")
-        return Query(qid, flags, name, qtype, qclass, question_end, False, 512, False, False)
+        return Query(qid, flags, name, qtype, qclass, question_end, False, NO_EDNS_SIZE,
+                     False, False)
     if (arcount == 1 and not ancount and not nscount and question_end + 11 <= size
             and data[question_end] == 0):
         # The common EDNS query: one OPT record right after the question.
@@ -182,7 +186,8 @@ def parse_query(data: bytes) -> Query:
                 raise FormError("OPT record length does not match the message")
             structured = bool(rdlength) and _has_option(data, start, size, EDE_OPTION)
             return Query(qid, flags, name, qtype, qclass, question_end, True,
-                         max(512, udp_size), bool(opt_flags & 0x8000), structured, ext & 0xFF)
+                         max(NO_EDNS_SIZE, udp_size), bool(opt_flags & EDNS_DO), structured,
+                         ext & 0xFF)
     return _parse_records(data, qid, flags, name, qtype, qclass, question_end,
                           ancount + nscount, arcount)
 
@@ -206,7 +211,7 @@ def _parse_records(data: bytes, qid: int, flags: int, name: str, qtype: int, qcl
             raise FormError("OPT record with a non-root owner")
         edns = True
         _, udp_size, ttl, _ = RR_FIXED.unpack_from(data, rdata - 10)
-        dnssec_ok = bool(ttl & 0x8000)
+        dnssec_ok = bool(ttl & EDNS_DO)
         version = (ttl >> 16) & 0xFF
         structured = _has_option(data, rdata, rdata + rdlength, EDE_OPTION)
     if offset != len(data):
@@ -247,7 +252,7 @@ def cname_targets(data: bytes, question_end: int | None = None) -> list[str]:
     targets: list[str] = []
     size = len(data)
     for _ in range(ancount):
-        if offset + 12 <= size and data[offset] & 0xC0 == 0xC0:  # owner is a pointer
+        if offset + 12 <= size and data[offset] & POINTER == POINTER:  # owner is a pointer
             rtype, _, _, rdlength = RR_FIXED.unpack_from(data, offset + 2)
             rdata = offset + 12
             offset = rdata + rdlength
@@ -262,6 +267,7 @@ def cname_targets(data: bytes, question_end: int | None = None) -> list[str]:
 
 # ---------------------------------------------------------------- the forwarding fast path
 
+_QR_OPCODE_HIGH = int(Flag.QR | OPCODE_MASK) >> 8  # in the flags' first octet: a query, opcode 0
 _PLAIN_TEXT = re.compile(r"[a-z0-9_\-]+(?:\.[a-z0-9_\-]+)*").fullmatch
 Question = tuple[str, int, int, int]  # name, qtype, question_end, udp_size
 
@@ -273,7 +279,7 @@ def py_scan_question(data: bytes) -> Question | None:
     standard query, one question of class IN whose name is plain labels, and at most
     one OPT record (EDNS version 0) after it. None sends the packet to the full path.
     """
-    if len(data) < 17 or data[2] & 0xF8:
+    if len(data) < 17 or data[2] & _QR_OPCODE_HIGH:
         return None
     _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     if qdcount != 1 or ancount or nscount or arcount > 1:
@@ -282,7 +288,7 @@ def py_scan_question(data: bytes) -> Question | None:
         query = parse_query(data)
     except FormError:
         return None
-    if (query.qclass != 1 or query.edns_version or _PLAIN_TEXT(query.name) is None
+    if (query.qclass != RRClass.IN or query.edns_version or _PLAIN_TEXT(query.name) is None
             or (arcount and not query.edns)):
         return None
     return query.name, query.qtype, query.question_end, query.udp_size
@@ -307,7 +313,7 @@ def py_answer_is_plain(data: bytes, at: int) -> bool:
             if count == 0:
                 at += 1
                 break
-            if count & 0xC0 == 0xC0:
+            if count & POINTER == POINTER:
                 if at + 2 > size or ((count & 0x3F) << 8 | data[at + 1]) >= at:
                     return False
                 at += 2

@@ -64,6 +64,8 @@ class EncryptedDns:
         await self.doh.acceptor.stop()
         for sock in self._dot_sockets + self._doh_sockets:  # not served: start failed
             sock.close()
+        log.info("dns: encrypted listeners stopped; %s", ", ".join(
+            f"{key} {value}" for key, value in sorted(self.stats.items())) or "no connections")
 
     def reload_certificate(self) -> None:
         """Load the configured certificate and key again (renewed files) for new

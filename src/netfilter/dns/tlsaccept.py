@@ -106,7 +106,7 @@ class TlsAcceptor:
                 self.stats[f"{self.prefix}_handshake_failed"] += 1
                 conn.close()
                 return
-            connection.transport = cast(asyncio.Transport, transport)
+            connection.transport = transport
             held.touch()
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self.session(reader, writer, held)

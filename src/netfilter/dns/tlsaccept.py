@@ -17,7 +17,6 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 from netfilter.dns.streamslots import Held, StreamSlots
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -24,7 +25,8 @@ from netfilter import demo as demo_module
 from tests.dns_support import Unbound
 from tests.support import HOST, REPO, require_tools, wait_for
 
-PORTS = {"dns": 5353, "proxy": 8080, "stoppage": 8081, "metrics": 9108}
+PORTS = {"dns": 5353, "proxy": 8080, "stoppage": 8081, "metrics": 9108, "dot": 8853,
+         "doh": 8443}
 READY_BOUND = 60.0  # seconds: imports, the mitmdump child, and the list load
 STOP_BOUND = 20.0
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -90,7 +92,8 @@ class DemoRun:
             command, _, comment = line.strip().partition("    # ")
             words = shlex.split(command)
             key = {"dig": f"dig-{comment.split(':')[0]}", "curl": "proxy" if "-x" in words
-                   else "metrics"}.get(words[0], "audit")
+                   else "metrics", "kdig": f"kdig-{comment.split(':')[0]}"}.get(words[0],
+                                                                               "audit")
             found[key] = words
         return found
 
@@ -134,6 +137,10 @@ def _check_blocked(run: DemoRun, cmds: dict[str, list[str]]) -> None:
     """Blocked names and URLs: answered locally, whatever the upstream."""
     dig = run.run(cmds["dig-blocked"], "+tries=1", "+time=3").stdout
     assert "status: NXDOMAIN" in dig and "EDE: 16" in dig and "DEMO-0001" in dig, dig
+    if shutil.which("kdig"):  # DoT and DoH: the same answer
+        for key in ("kdig-DoT", "kdig-DoH"):
+            out = run.run(cmds[key], "+retry=0", "+timeout=3").stdout
+            assert "status: NXDOMAIN" in out and "DEMO-0001" in out, out
     if "proxy" in cmds:
         page = run.run(cmds["proxy"], "--max-time", "20")
         assert page.stdout.startswith("HTTP/1.1 451"), page.stdout + page.stderr

@@ -35,6 +35,7 @@ from netfilter.config import (
     StoppageSettings,
     parse_hostport,
 )
+from netfilter.dns.tlsconfig import generate_self_signed
 from netfilter.errors import ConfigError
 
 __all__ = ["Demo", "demo", "resolv_conf_upstreams", "state_dir"]
@@ -44,6 +45,9 @@ DNS_LISTEN = "127.0.0.1:5353"
 PROXY_LISTEN = "127.0.0.1:8080"
 STOPPAGE_LISTEN = "127.0.0.1:8081"
 METRICS_LISTEN = "127.0.0.1:9108"
+DOT_LISTEN = "127.0.0.1:8853"  # DNS over TLS, with a self-signed certificate
+DOH_LISTEN = "127.0.0.1:8443"  # DNS over HTTPS, at /dns-query
+TLS_CERTIFICATE, TLS_KEY = Path("tls.crt"), Path("tls.key")  # in the state directory
 # Where clean names go when no upstream is usable: the discard port on loopback, where
 # nothing answers, so they get SERVFAIL after the timeout (DnsSettings needs one).
 NO_UPSTREAM = "127.0.0.1:9"
@@ -139,6 +143,12 @@ class Demo:
         if "dns" in running:
             lines += [f"  {dig} {BLOCKED_NAME}    # blocked: NXDOMAIN with an Extended DNS Error",
                       f"  {dig} {CLEAN_NAME}    # {clean}"]
+            dot_host, dot_port = parse_hostport(DOT_LISTEN)
+            doh_host, doh_port = parse_hostport(DOH_LISTEN)
+            lines += [f"  kdig @{dot_host} -p {dot_port} +tls {BLOCKED_NAME}    # DoT: the same "
+                      "answer over TLS (self-signed certificate)",
+                      f"  kdig @{doh_host} -p {doh_port} +https {BLOCKED_NAME}    # DoH: the same "
+                      "answer over HTTPS at /dns-query"]
         if "proxy" in running and self.settings.proxy is not None:
             lines.append(f"  curl -i -x http://{PROXY_LISTEN} {BLOCKED_URL}    "
                          "# blocked URL: 451 and the stop page")
@@ -191,6 +201,8 @@ def demo(parts: Sequence[str] = ()) -> Demo:
     if "proxy" in parts and not has_mitmproxy:
         raise ConfigError("proxy", "mitmproxy is not installed (pip install 'netfilter[proxy]')")
     state = state_dir()
+    if not (state / TLS_CERTIFICATE).exists() or not (state / TLS_KEY).exists():
+        generate_self_signed(state / TLS_CERTIFICATE, state / TLS_KEY)  # the key 0600
     upstreams, source = _upstreams([DNS_LISTEN])
     proxy = (ProxySettings(listen=PROXY_LISTEN, confdir=state / "mitmproxy")
              if has_mitmproxy else None)
@@ -200,7 +212,9 @@ def demo(parts: Sequence[str] = ()) -> Demo:
                             action="nxdomain")],
         local=LocalSettings(block=DATA / "local-block.yaml", allow=DATA / "local-allow.yaml",
                             action="nxdomain"),
-        dns=DnsSettings(listen=[DNS_LISTEN], upstreams=upstreams or [NO_UPSTREAM]),
+        dns=DnsSettings(listen=[DNS_LISTEN], upstreams=upstreams or [NO_UPSTREAM],
+                        dot_listen=[DOT_LISTEN], doh_listen=[DOH_LISTEN],
+                        tls_certificate=TLS_CERTIFICATE, tls_key=TLS_KEY),
         proxy=proxy,
         stoppage=StoppageSettings(listen=STOPPAGE_LISTEN, operator="netfilter demo"),
         audit=AuditSettings(path=Path("audit.sqlite")),

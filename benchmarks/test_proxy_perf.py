@@ -507,6 +507,9 @@ class Proxy(ChildProcess):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+AGGREGATE_WINDOW = 10.0  # audit.aggregate_window, as the addons' config sets it
+
+
 def write_config(workload: Workload, directory: Path) -> Path:
     """The addon's config: the benchmark list (stop page) and an audit log (audit_path)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -517,7 +520,7 @@ def write_config(workload: Workload, directory: Path) -> Path:
         "proxy": {"listen": f"{HOST}:0", "allowed_destinations": ["127.0.0.0/8", "*.example"]},
         "stoppage": {"operator": "Benchmark IT", "operator_url": "https://operator.example/"},
         "audit": {"path": str(audit_path(directory)), "client": "truncated",
-                  "checkpoint_interval": 3600},
+                  "checkpoint_interval": 3600, "aggregate_window": AGGREGATE_WINDOW},
     }
     path = directory / "netfilter.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -529,31 +532,29 @@ def audit_path(directory: Path) -> Path:
 
 
 def count_blocks(audit: Path) -> int:
-    """Block events committed so far to the addon's audit log (read-only)."""
+    """Blocks committed so far to the addon's audit log (read-only): the sum of the
+    block events' `count` (1 where absent), as aggregation folds repeats into one."""
     if not audit.exists():
         return 0
     db = sqlite3.connect(f"file:{audit}?mode=ro", uri=True, timeout=5.0)
     try:
         rows = db.execute("SELECT event FROM leaves WHERE event IS NOT NULL")
-        return sum(1 for (event,) in rows if json.loads(event).get("type") == "block")
+        blocks = (json.loads(event) for (event,) in rows)
+        return sum(int(e.get("count") or 1) for e in blocks if e.get("type") == "block")
     except sqlite3.OperationalError:
         return 0
     finally:
         db.close()
 
 
-def settled_blocks(audit: Path, want: int, bound: float = 10.0) -> int:
-    """The block count once it reaches `want` or stops growing (the writer batches)."""
+def settled_blocks(audit: Path, want: int, bound: float = AGGREGATE_WINDOW + 3.0) -> int:
+    """The block count once it reaches `want`, or after `bound`: repeats of a key are
+    passed on when their aggregation window closes, up to a window after the last."""
     deadline = time.monotonic() + bound
-    last, stable = -1, 0
     while True:
         now = count_blocks(audit)
         if now >= want or time.monotonic() >= deadline:
             return now
-        stable = stable + 1 if now == last else 0
-        if stable >= 10:
-            return now
-        last = now
         time.sleep(0.1)
 
 
@@ -774,7 +775,7 @@ def check_fleet_events(addons: list[Proxy], before: dict[str, int], warm: dict[s
 
 def check_block_events(addon: Proxy, before: int, answered_451: int, runs: int,
                        connections: int) -> int:
-    """Every 451 wrk counted is one block event; requests still in flight when wrk
+    """Every 451 wrk counted is one block in the log; requests still in flight when wrk
     stopped (at most `connections` per run) may add theirs."""
     events = settled_blocks(addon_audit(addon), before + answered_451) - before
     assert answered_451 <= events <= answered_451 + runs * connections, (

@@ -64,10 +64,14 @@ class PluginUnbound(_Process):
 
 
 def _netfilter_config(directory: Path) -> Path:
+    local_block = directory / "local-block.yaml"
+    local_block.write_text("entries:\n  - stop.test\n", encoding="utf-8")
     config = {
+        "local": {"block": str(local_block), "action": "stoppage"},
         "node": {"id": "resolver-1.example", "key": str(directory / "node.key")},
         "lists": [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)], "action": "nxdomain"}],
-        "dns": {"ede": 16, "block_ttl": 120},
+        "dns": {"ede": 16, "block_ttl": 120, "canaries": True,
+                "stoppage_ipv4": "192.0.2.80", "stoppage_ipv6": "2001:db8::80"},
         "audit": {"path": str(directory / "audit.sqlite"), "client": "truncated",
                   "checkpoint_interval": 1},
     }
@@ -124,6 +128,20 @@ def test_blocked_names_get_nxdomain_with_ede(servers: tuple[Unbound, PluginUnbou
     assert "DEMO-0001" in (errors[0].text or "")
 
 
+@pytest.mark.parametrize(("qtype", "address"), [("A", "192.0.2.80"),
+                                               ("AAAA", "2001:db8::80")])
+def test_stoppage_answers_carry_the_stop_page(servers: tuple[Unbound, PluginUnbound],
+                                              qtype: str, address: str) -> None:
+    """The resolver's own records (answers.block_reply), handed to Unbound as RFC 3597
+    generic rdata."""
+    _, plugin = servers
+    response = udp(dns.message.make_query("www.stop.test", qtype, use_edns=0), plugin.port)
+    assert response.rcode() == dns.rcode.NOERROR
+    (rrset,) = response.answer
+    assert [r.address for r in rrset] == [address] and rrset.ttl == 120
+    assert [e.code for e in response.extended_errors()] == [dns.edns.EDECode.CENSORED]
+
+
 def test_structured_error_when_the_client_asks(servers: tuple[Unbound, PluginUnbound]) -> None:
     _, plugin = servers
     query = dns.message.make_query("x.blocked.example", "A", use_edns=0,
@@ -139,8 +157,25 @@ def test_cname_to_a_blocked_name_is_blocked(servers: tuple[Unbound, PluginUnboun
     for _ in range(2):  # the iterator cached the chain; the block expired it there
         response = udp(dns.message.make_query("alias.clean.example", "A"), plugin.port)
         assert response.rcode() == dns.rcode.NXDOMAIN
+        # the SOA owns the name asked (not blocked.example, which it is not below)
+        assert [r.name.to_text() for r in response.authority] == ["alias.clean.example."]
     clean = udp(dns.message.make_query("alias2.clean.example", "A"), plugin.port)
     assert clean.rcode() == dns.rcode.NOERROR and clean.answer
+
+
+@pytest.mark.parametrize("name", ["use-application-dns.net", "mask.icloud.com",
+                                  "mask-h2.icloud.com"])
+def test_canaries_are_answered_by_the_plugin(servers: tuple[Unbound, PluginUnbound],
+                                             name: str) -> None:
+    """NXDOMAIN with the plugin's own SOA: not from the iterator, whose upstream
+    forwards these names to a port with nothing on it (SERVFAIL)."""
+    _, plugin = servers
+    for _ in range(2):
+        response = udp(dns.message.make_query(name, "A", use_edns=0), plugin.port)
+        assert response.rcode() == dns.rcode.NXDOMAIN and not response.answer
+        (soa,) = response.authority
+        assert soa.name.to_text() == f"{name}." and soa[0].mname.to_text() == "localhost."
+        assert response.extended_errors() == []  # not a block
 
 
 def test_blocks_are_audit_events_and_the_log_verifies(

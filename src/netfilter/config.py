@@ -165,6 +165,11 @@ class DnsSettings(_Section):
     tls_handshake_timeout: float = Field(5.0, gt=0, le=300)  # seconds, then closed
     # HTTP/2 streams (DoH queries) one connection may have open at once
     doh_max_streams: int = Field(100, ge=1, le=65535)
+    # Canaries (dns/canaries.py): answer use-application-dns.net (Firefox's DoH) and
+    # mask(-h2).icloud.com (iCloud Private Relay) NXDOMAIN, and _dns.resolver.arpa (RFC
+    # 9462) with the DoT/DoH listeners above, so clients stay on this resolver. For a
+    # gateway (school, library: the demo has them on); off for an ISP's open resolver.
+    canaries: bool = Field(False, strict=True)  # true or false, nothing else
 
     @model_validator(mode="after")
     def _routing_needs_an_address(self) -> DnsSettings:

@@ -200,7 +200,8 @@ def _check_audit(settings: Settings) -> None:
 
 
 def _check_tls(settings: Settings) -> None:
-    """DoT and DoH: the certificate and key load together, as at start."""
+    """DoT and DoH: the certificate and key load together, as at start; with canaries,
+    the certificate names the resolver (the TargetName of resolver.arpa's SVCB)."""
     dns = settings.dns
     if dns is None or not (dns.dot_listen or dns.doh_listen):
         return
@@ -209,6 +210,13 @@ def _check_tls(settings: Settings) -> None:
     assert dns.tls_certificate is not None and dns.tls_key is not None  # the model's check
     server_context(settings.resolve(dns.tls_certificate), settings.resolve(dns.tls_key),
                    ALPN_DOH)
+    if dns.canaries:  # resolver.arpa designations need a name to designate
+        from netfilter.dns.canaries import certificate_name
+
+        if certificate_name(settings.resolve(dns.tls_certificate)) is None:
+            raise ConfigError("dns.canaries", f"{dns.tls_certificate}: no DNS name in its "
+                              "subjectAltName to designate in resolver.arpa (RFC 9462); "
+                              "use a certificate that names the resolver, or canaries: false")
 
 
 def _check_listen(settings: Settings, parts: Sequence[str]) -> None:

@@ -240,6 +240,17 @@ def _upstreams(dns: DnsServer) -> Iterator[Metric]:
     yield from (errors, timeouts)
 
 
+def _canaries(dns: DnsServer) -> Iterator[Metric]:
+    """Canary answers (dns/canaries.py) per canary; none while they are off."""
+    family = CounterMetricFamily(
+        "netfilter_dns_canary_answers", "Canary names answered by the resolver itself "
+        "(firefox_doh, icloud_private_relay, resolver_arpa); counted, never logged",
+        labels=["canary"])
+    for label in sorted(set(dns.canaries.names.values()) | set(dns.canary_counts)):
+        family.add_metric([label], dns.canary_counts[label])
+    yield family
+
+
 def _origins(proxy: ChildCounters) -> Iterator[Metric]:
     family = CounterMetricFamily(
         "netfilter_origin_errors", "Requests the proxy answered 502 or could not finish "
@@ -326,6 +337,7 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
         metrics.add("dns", server.stats.copy)
         metrics.add("dns_relay", server.relay_counts)
         metrics.add_families(lambda: _upstreams(server))
+        metrics.add_families(lambda: _canaries(server))
         metrics.add_check("upstream", server.upstream_answering)
         latency["dns"] = server.latency
     if stoppage is not None:

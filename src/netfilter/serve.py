@@ -283,6 +283,7 @@ def reread(path: Path, current: Settings, engine: Engine,
 async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: Listeners,
                config_path: Path, ready: Callable[[], None] | None = None,
                reread_config: bool = False) -> None:
+    from netfilter.dns.canaries import Canaries
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
     from netfilter.proxy.process import ProxyProcess
@@ -349,7 +350,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     if settings.dns is not None and "dns" in parts:
-        dns = DnsServer(engine, settings.dns, sockets=listeners.dns)
+        dns = DnsServer(engine, settings.dns, sockets=listeners.dns,
+                        canaries=Canaries.for_settings(settings))
         servers.append(("dns", dns))
         if listeners.dot or listeners.doh:
             servers.append(("dns", EncryptedDns(dns, settings.dns, base=settings.base,

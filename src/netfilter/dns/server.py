@@ -30,7 +30,14 @@ from typing import NamedTuple
 
 from netfilter.canonical import InvalidURL
 from netfilter.config import DnsSettings, parse_hostport
-from netfilter.dns.answers import badvers_answer, block_answer, error_answer, route_answer
+from netfilter.dns.answers import (
+    badvers_answer,
+    block_answer,
+    error_answer,
+    route_answer,
+    to_wire,
+)
+from netfilter.dns.canaries import Canaries
 from netfilter.dns.codes import OPCODE_MASK, Flag, Rcode, RRClass, type_name
 from netfilter.dns.listener import Listener, Respond
 from netfilter.dns.udp import PythonListener, RelayListener, bind_udp, relay_available
@@ -223,9 +230,14 @@ class DnsServer:
     itself at start."""
 
     def __init__(self, engine: Engine, settings: DnsSettings, *,
-                 sockets: Sequence[Listening] | None = None) -> None:
+                 sockets: Sequence[Listening] | None = None,
+                 canaries: Canaries | None = None) -> None:
+        """`canaries`: the canary names and answers (`Canaries.for_settings`, which
+        can read the certificate); default: those of `settings` without resolver.arpa."""
         self.engine = engine
         self.settings = settings
+        self.canaries = canaries if canaries is not None else Canaries(settings)
+        self.canary_counts: Counter[str] = Counter()  # answers per canary label
         self._bound = list(sockets) if sockets is not None else None
         self.stats: Counter[str] = Counter()
         self.upstream = UpstreamPool(list(settings.upstreams), settings.timeout, self.stats)
@@ -360,6 +372,13 @@ class DnsServer:
             respond(badvers_answer(data, query))
             return
         if query.name and query.qclass in _FILTERED_CLASSES:
+            if self.canaries.names:
+                label = self.canaries.label(query.name)
+                if label is not None:  # answered here, never forwarded; counted only
+                    self.canary_counts[label] += 1
+                    reply = self.canaries.reply(query.name, query.qtype)
+                    respond(self._fit(to_wire(data, query, reply), query, over_tcp))
+                    return
             try:
                 verdict = self.engine.check_host(query.name, frontend="dns", client=client,
                                                  detail=type_name(query.qtype))
@@ -496,6 +515,8 @@ class DnsServer:
                     self.stats["blocked_cname"] += 1
                     return self._fit(block_answer(data, query, verdict, self.settings), query,
                                      over_tcp)
+                if target in self.canaries.names:  # cached clean, the fast path would
+                    self.engine.host_cache.pop(target, None)  # forward the canary itself
         return self._fit(answer, query, over_tcp)
 
     @staticmethod

@@ -31,6 +31,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import unboundmodule as ub
 
 from netfilter.config import DnsSettings, Settings, load_config
 from netfilter.dns.answers import Reply, block_reply, soa_text
+from netfilter.dns.canaries import Canaries
 from netfilter.dns.codes import EDE_OPTION, RCODE_MASK, RRType
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import NetfilterError
@@ -64,6 +66,8 @@ class Plugin:
         self.config_path = Path(config_path)
         self._engine: Engine | None = None
         self._settings = DnsSettings()
+        self._canaries = Canaries(self._settings)
+        self.canary_counts: Counter[str] = Counter()  # canary answers per label, never logged
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self.check_interval = check_interval
@@ -87,6 +91,7 @@ class Plugin:
                         settings = load_config(self.config_path)
                         stamps = _stamps(self.config_path, settings)
                         self._settings = settings.dns or DnsSettings()
+                        self._canaries = Canaries(self._settings)
                         self._engine = make_engine(settings)
                     except NetfilterError as e:
                         self._retry_at = time.monotonic() + RETRY
@@ -141,6 +146,7 @@ class Plugin:
         if not engine.reload(settings, changed=str(self.config_path)):
             return False  # refused: the engine said why and recorded it
         self._settings = settings.dns or DnsSettings()
+        self._canaries = Canaries(self._settings)
         new = engine.lists
         log.info("netfilter: lists reloaded for unbound (%d entries)", len(new))
         if local_changed or adds_entries(old, new):
@@ -178,6 +184,16 @@ class Plugin:
 
     def _operate(self, module_id: int, event: int, qstate: Any) -> bool:
         if event in (ub.MODULE_EVENT_NEW, ub.MODULE_EVENT_PASS):
+            if self._engine is None:
+                self.engine  # noqa: B018 (load the config: are canaries on?)
+            canaries = self._canaries
+            if canaries.names:
+                name = _plain(qstate.qinfo.qname_str)
+                label = canaries.label(name)
+                if label is not None:  # NXDOMAIN here, never to the iterator; counted only
+                    self.canary_counts[label] += 1
+                    return self._reply(module_id, qstate,
+                                       canaries.reply(name, qstate.qinfo.qtype))
             verdict = self._check(qstate.qinfo.qname_str, qstate)
             if verdict is not None and verdict.blocked:
                 return self._answer(module_id, qstate, verdict)

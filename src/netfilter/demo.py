@@ -212,7 +212,9 @@ def demo(parts: Sequence[str] = ()) -> Demo:
                             action="nxdomain")],
         local=LocalSettings(block=DATA / "local-block.yaml", allow=DATA / "local-allow.yaml",
                             action="nxdomain"),
+        # A gateway's resolver: the canaries keep browsers and Apple devices on it.
         dns=DnsSettings(listen=[DNS_LISTEN], upstreams=upstreams or [NO_UPSTREAM],
+                        canaries=True,
                         dot_listen=[DOT_LISTEN], doh_listen=[DOH_LISTEN],
                         tls_certificate=TLS_CERTIFICATE, tls_key=TLS_KEY),
         proxy=proxy,

@@ -22,8 +22,31 @@ import contextlib
 import ipaddress
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
-__all__ = ["HeadReader", "Slot", "Slots", "client_key", "protocol_factory"]
+__all__ = ["Deadline", "HeadReader", "Slot", "Slots", "Watch", "client_key",
+           "protocol_factory"]
+
+
+class Watch(Protocol):
+    """What a slot needs to know of a connection's bytes (HeadReader, or the web
+    stack's guard): whether any came, whether a whole head is in."""
+
+    heard: bool
+    complete: bool
+    on_first: Callable[[], object] | None
+
+    def rearm(self) -> None: ...
+
+
+class Deadline(Protocol):
+    """A head deadline that can be brought forward (asyncio.Timeout is one)."""
+
+    def when(self) -> float | None: ...
+
+    def reschedule(self, when: float | None) -> None: ...
+
+    def expired(self) -> bool: ...
 
 
 def client_key(address: str | None) -> str:
@@ -83,12 +106,12 @@ class Slot:
 
     __slots__ = ("close", "deadline", "key", "reader", "reading")
 
-    def __init__(self, key: str, reader: HeadReader, close: Callable[[], object]) -> None:
+    def __init__(self, key: str, reader: Watch, close: Callable[[], object]) -> None:
         self.key = key
         self.reader = reader
         self.close = close
         self.reading = True  # waiting for a request head (not answering one)
-        self.deadline: asyncio.Timeout | None = None
+        self.deadline: Deadline | None = None
 
     def idle(self) -> bool:
         return self.reading and not self.reader.complete
@@ -116,11 +139,12 @@ class Slots:
     def busy(self) -> bool:
         return len(self) * 2 > self.total
 
-    def admit(self, address: str | None, reader: asyncio.StreamReader,
+    def admit(self, address: str | None, reader: asyncio.StreamReader | Watch,
               close: Callable[[], object]) -> Slot | None:
         """A slot for a new connection, evicting as described above; None: refuse it
         (every connection in the way is answering or about to)."""
-        assert isinstance(reader, HeadReader), "serve with slots.protocol_factory"
+        assert not isinstance(reader, asyncio.StreamReader) or isinstance(reader, HeadReader), \
+            "serve with slots.protocol_factory"
         if len(self) >= self.total and not self._evict(None):
             self.stats["refused_busy"] += 1
             return None
@@ -141,6 +165,10 @@ class Slots:
             if self._per_client[slot.key] <= 0:
                 del self._per_client[slot.key]
         self._update()
+
+    def head_timeout(self) -> float:
+        """Seconds a request head may take if it began now."""
+        return self.busy_timeout if self.busy() else self.timeout
 
     @contextlib.asynccontextmanager
     async def reading(self, slot: Slot, *, again: bool = False) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ from netfilter.httpd import (
     Resource,
 )
 
-__all__ = ["TileServer", "serve_tiles"]
+__all__ = ["TileServer", "serve_tiles", "tile_resource"]
 
 
 class TileServer(ReadOnlyServer):
@@ -37,22 +37,28 @@ class TileServer(ReadOnlyServer):
                          sock=sock)
 
     def resource(self, path: str) -> Resource | None:
-        """A regular file below the directory and its header fields; None for anything
-        else. The checkpoint changes, tiles are bytes."""
-        parts = path[1:].split("/")
-        if any(not p or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
-            return None  # "", ".", "..", dot files, directory paths
-        try:
-            real = self.directory.joinpath(*parts).resolve(strict=True)
-            if not real.is_relative_to(self.directory) or not real.is_file():
-                return None
-            data = real.read_bytes()
-        except (OSError, ValueError):
+        """See `tile_resource`."""
+        return tile_resource(self.directory, path)
+
+
+def tile_resource(directory: Path, path: str) -> Resource | None:
+    """A regular file below `directory` (resolved) at `path` (percent-decoded, from
+    "/"), and its header fields; None for anything else. The checkpoint changes, tiles
+    are bytes."""
+    parts = path[1:].split("/")
+    if any(not p or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+        return None  # "", ".", "..", dot files, directory paths
+    try:
+        real = directory.joinpath(*parts).resolve(strict=True)
+        if not real.is_relative_to(directory) or not real.is_file():
             return None
-        if parts == ["checkpoint"]:
-            return data, [("Content-Type", "text/plain; charset=utf-8"),
-                          ("Cache-Control", "no-cache")]
-        return data, [("Content-Type", "application/octet-stream")]
+        data = real.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if parts == ["checkpoint"]:
+        return data, [("Content-Type", "text/plain; charset=utf-8"),
+                      ("Cache-Control", "no-cache")]
+    return data, [("Content-Type", "application/octet-stream")]
 
 
 def serve_tiles(directory: str | Path, host: str, port: int) -> TileServer:

@@ -66,9 +66,13 @@ _POINTER = 0xC000
 # The synthetic SOA of negative answers: localhost. nobody.invalid. 1 3600 600 86400 <ttl>
 SOA_MNAME, SOA_RNAME = "localhost", "nobody.invalid"
 SOA_TIMES = (1, 3600, 600, 86400)  # serial, refresh, retry, expire (minimum: the ttl)
-_SOA_NAMES = b"\x09localhost\x00\x06nobody\x07invalid\x00"
-_SOA_TIMES = struct.Struct("!IIIII")
+_SOA_FIXED = (b"\x09localhost\x00\x06nobody\x07invalid\x00"
+              + struct.pack("!IIII", *SOA_TIMES))  # then the minimum (the ttl)
+_U32 = struct.Struct("!I")
 _QUESTION_AT = 12
+# Plain ints for the per-answer code (an enum member costs a lookup and __index__ there).
+_A, _AAAA, _SOA, _OPT_TYPE = int(RRType.A), int(RRType.AAAA), int(RRType.SOA), int(RRType.OPT)
+_IN = int(RRClass.IN)
 
 
 class Record(NamedTuple):
@@ -112,11 +116,11 @@ def block_reply(name: str, qtype: int, verdict: Verdict, settings: DnsSettings, 
     assert verdict.match is not None and verdict.answer is not None
     answer, ttl = verdict.answer, settings.block_ttl
     text = extra_text(verdict, structured)
-    if answer is Answer.STOPPAGE and qtype == RRType.A:
-        record = Record(RRType.A, ttl, settings.stoppage_ipv4.packed)
+    if answer is Answer.STOPPAGE and qtype == _A:
+        record = Record(_A, ttl, settings.stoppage_ipv4.packed)
         return Reply(Rcode.NOERROR, (record,), None, ttl, settings.ede, text)
-    if answer is Answer.STOPPAGE and qtype == RRType.AAAA:
-        record = Record(RRType.AAAA, ttl, settings.stoppage_ipv6.packed)
+    if answer is Answer.STOPPAGE and qtype == _AAAA:
+        record = Record(_AAAA, ttl, settings.stoppage_ipv6.packed)
         return Reply(Rcode.NOERROR, (record,), None, ttl, settings.ede, text)
     if answer is Answer.REFUSED:
         return Reply(Rcode.REFUSED, (), None, ttl, settings.ede, text)
@@ -158,19 +162,21 @@ def _soa_owner(raw: bytes, query: Query, zone: str) -> int:
 
 
 def _record(owner: int, rtype: int, ttl: int, rdata: bytes) -> bytes:
-    return _RECORD.pack(_POINTER | owner, rtype, RRClass.IN, ttl, len(rdata)) + rdata
+    return _RECORD.pack(_POINTER | owner, rtype, _IN, ttl, len(rdata)) + rdata
 
 
 def to_wire(raw: bytes, query: Query, reply: Reply) -> bytes:
     """`reply` to the query `raw`: header, the question exactly as the client sent it,
     the records, and an OPT record (with the EDE option, if any) when the query had
     EDNS."""
-    answers = [_record(_QUESTION_AT, r.rtype, r.ttl, r.rdata) for r in reply.answers]
+    answers = []
+    for record in reply.answers:
+        answers.append(_record(_QUESTION_AT, record.rtype, record.ttl, record.rdata))
     authority = []
     if reply.soa_zone is not None:
         ttl = reply.ttl
-        authority.append(_record(_soa_owner(raw, query, reply.soa_zone), RRType.SOA, ttl,
-                                 _SOA_NAMES + _SOA_TIMES.pack(*SOA_TIMES, ttl)))
+        authority.append(_record(_soa_owner(raw, query, reply.soa_zone), _SOA, ttl,
+                                 _SOA_FIXED + _U32.pack(ttl)))
     additional = []
     if query.edns:
         option = b""
@@ -178,7 +184,7 @@ def to_wire(raw: bytes, query: Query, reply: Reply) -> bytes:
             data = struct.pack("!H", reply.ede) + reply.text.encode("utf-8", "replace")
             option = struct.pack("!HH", EDE_OPTION, len(data)) + data
         do = EDNS_DO if query.dnssec_ok else 0  # mirrored
-        additional.append(_OPT.pack(0, RRType.OPT, EDNS_UDP, 0, 0, do, len(option)) + option)
+        additional.append(_OPT.pack(0, _OPT_TYPE, EDNS_UDP, 0, 0, do, len(option)) + option)
     flags = _QR_RA | (query.flags & _KEPT_FLAGS) | reply.rcode
     header = HEADER.pack(query.id, flags, 1, len(answers), len(authority), len(additional))
     return b"".join([header, raw[_QUESTION_AT : query.question_end], *answers, *authority,

@@ -183,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="dns, proxy, stoppage: limit the start to these parts "
                           "(default: every configured one)")
     srv.add_argument("--config", help="without it: the embedded demo on loopback "
-                     "(DNS :5353, proxy :8080, stop page :8081, metrics :9108)")
+                     "(DNS :5353, DoT :8853, DoH :8443, proxy :8080, stop page :8081, "
+                     "metrics :9108)")
     return p
 
 

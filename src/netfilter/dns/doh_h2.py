@@ -55,8 +55,10 @@ class _Session:
         self.max_buffer = settings.tcp_max_buffer
         self.max_requests = settings.tcp_max_queries
         self.requests = 0
+        # Our own response headers are well-formed: h2 need not check and normalize them.
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.doh_max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS,

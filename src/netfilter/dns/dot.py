@@ -40,6 +40,7 @@ class _Pipeline:
         self.room.set()
         self.settled = asyncio.Event()  # none in flight
         self.settled.set()
+        self.unsent: list[bytes] = []  # answers ready, written together (one TLS record)
 
     def responder(self, padded: bool) -> Respond:
         """A new query's respond: effective once; pads when the query asked for it."""
@@ -60,16 +61,25 @@ class _Pipeline:
             self.room.set()
             if not held.busy:
                 self.settled.set()
-            writer = self.writer
-            if answer and not writer.is_closing():
+            if answer and not self.writer.is_closing():
                 if padded:
                     answer = pad(answer)
-                writer.write(_LENGTH.pack(len(answer)) + answer)
-                if writer.transport.get_write_buffer_size() > self.max_buffer:
-                    self.stats["dot_dropped_unread"] += 1
-                    writer.transport.abort()
+                if not self.unsent:
+                    asyncio.get_running_loop().call_soon(self.flush)
+                self.unsent += (_LENGTH.pack(len(answer)), answer)
 
         return respond
+
+    def flush(self) -> None:
+        """Write the answers made ready since the last flush at once: a pipelined
+        burst costs one TLS record and one system call, not one per answer."""
+        writer, data = self.writer, b"".join(self.unsent)
+        self.unsent.clear()
+        if data and not writer.is_closing():
+            writer.write(data)
+            if writer.transport.get_write_buffer_size() > self.max_buffer:
+                self.stats["dot_dropped_unread"] += 1
+                writer.transport.abort()
 
 
 class DotListener:
@@ -123,6 +133,7 @@ class DotListener:
                 if not writer.is_closing():
                     async with asyncio.timeout(settings.timeout + 0.5):
                         await pipeline.settled.wait()
+                        pipeline.flush()
                         await writer.drain()
             except (TimeoutError, ConnectionError):
                 pass

@@ -1,25 +1,20 @@
-"""The filtering resolver: asyncio UDP and TCP listeners in front of the upstream pool.
+"""The filtering resolver: one server behind its listeners, in front of the upstream pool.
 
-Per query: parse the header and question by hand (wire.py), ask the engine about the
-name, and either answer the block (answers.py) or forward the packet as it came
-(only the id is rewritten). Upstream answers are scanned for CNAME targets, so a
-clean name that aliases a blocked one is blocked too. A malformed packet is answered
-FORMERR when its header is readable and dropped otherwise; either way it is counted
-and the server goes on. A query our own code fails on is answered SERVFAIL (or dropped),
-counted, and reported in at most one log line per interval, never with the client's
-address or a traceback (`FaultLog`).
-
-TCP connections are bounded as a resolver bounds them (Unbound's incoming-num-tcp,
-tcp-idle-timeout and per-client limits, Knot Resolver's tcp_pipeline): connections per
-client (IPv4 address, IPv6 /64) and in total (at either cap, the connection idle
-longest makes room for a new one), and per connection its lifetime, queries, queries
-in flight and answer bytes the client has not read (`DnsSettings`).
+Listeners (udp.py: the C relay or the Python one; tcp.py; dot.py and doh.py) own
+sockets and framing and hand queries in through `listener.Handler`; they never import
+this module. Per query: parse it once into a `wire.Query`, answer canaries
+(canaries.py), ask the engine about the name, and either answer the block
+(answers.py) or forward the packet as it came (only the id is rewritten). Upstream
+answers are scanned for CNAME targets, so a clean name that aliases a blocked one is
+blocked too. A malformed packet is answered FORMERR when its header is readable and
+dropped otherwise; either way it is counted and the server goes on. A query our own
+code fails on is answered SERVFAIL (or dropped), counted, and reported in at most one
+log line per interval, never with the client's address or a traceback (`FaultLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import struct
@@ -40,13 +35,13 @@ from netfilter.dns.answers import (
 from netfilter.dns.canaries import Canaries
 from netfilter.dns.codes import OPCODE_MASK, Flag, Rcode, RRClass, type_name
 from netfilter.dns.listener import Listener, Respond
+from netfilter.dns.tcp import TCP_BACKLOG, TcpListener
 from netfilter.dns.udp import PythonListener, RelayListener, bind_udp, relay_available
 from netfilter.dns.upstream import SWEEP_INTERVAL, UpstreamPool, query_tcp
 from netfilter.dns.wire import FormError, Query, cname_targets, parse_query
 from netfilter.engine import Engine
 from netfilter.errors import ListenError
 from netfilter.latency import LatencyHistogram
-from netfilter.slots import client_key
 
 __all__ = ["DnsServer", "Listening", "bind"]
 
@@ -55,8 +50,6 @@ FAULT_LOG_INTERVAL = 10.0  # seconds between log lines about internal errors
 _FILTERED_CLASSES = (RRClass.IN, RRClass.ANY)
 _QR_OCTET = int(Flag.QR) >> 8  # QR in the flags' first octet (data[2])
 _TC_OCTET = int(Flag.TC) >> 8
-_LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-TCP_BACKLOG = 100  # asyncio's default
 
 
 class Listening(NamedTuple):
@@ -160,70 +153,6 @@ class FaultLog:
         self._report(again=False)
 
 
-class _TcpConnection:
-    """What the TCP limits need to know about one connection."""
-
-    def __init__(self, writer: asyncio.StreamWriter, client: str, key: str,
-                 settings: DnsSettings, stats: Counter[str]) -> None:
-        self.writer = writer
-        self.client = client
-        self.key = key
-        self.pipeline = settings.tcp_pipeline
-        self.max_buffer = settings.tcp_max_buffer
-        self.stats = stats
-        self.in_flight = 0
-        self.last_active = time.monotonic()
-        self.room = asyncio.Event()  # fewer than `pipeline` queries in flight
-        self.room.set()
-        self.settled = asyncio.Event()  # none in flight
-        self.settled.set()
-
-    def responder(self) -> Respond:
-        """A new query's respond: effective once (a failure after the answer must not
-        settle it twice); drops the connection when the answers the client has not
-        read pass `tcp_max_buffer`."""
-        self.in_flight += 1
-        self.settled.clear()
-        if self.in_flight >= self.pipeline:
-            self.room.clear()
-        done = False
-
-        def respond(answer: bytes) -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            self.in_flight -= 1
-            self.last_active = time.monotonic()
-            self.room.set()
-            if not self.in_flight:
-                self.settled.set()
-            writer = self.writer
-            if answer and not writer.is_closing():
-                writer.write(struct.pack("!H", len(answer)) + answer)
-                if writer.transport.get_write_buffer_size() > self.max_buffer:
-                    self.stats["tcp_dropped_unread"] += 1
-                    self.reset()
-
-        return respond
-
-    def reset(self) -> None:
-        """Drop the connection with a reset: what is unsent is discarded, ours and the
-        kernel's (a plain close would leave it queued for a client that never reads)."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
-        self.writer.transport.abort()
-
-    def close(self) -> None:
-        """Close; with a reset when answers are still unsent."""
-        if self.writer.transport.get_write_buffer_size():
-            self.reset()
-        else:
-            self.writer.close()
-
-
 class DnsServer:
     """Serves DNS on the configured addresses until stopped: on `sockets` (see `bind`,
     one per `settings.listen` address; closed at stop) when given, else it binds them
@@ -249,10 +178,7 @@ class DnsServer:
         self.latency = LatencyHistogram()
         self._upstream_seen = (0, 0)  # (answers, SERVFAILs) at the last readiness check
         self._upstream_ok = True
-        self._tcp_servers: list[asyncio.base_events.Server] = []
-        self._tcp_clients: set[asyncio.Task[None]] = set()
-        self._tcp: set[_TcpConnection] = set()
-        self._tcp_per_client: Counter[str] = Counter()
+        self.tcp = TcpListener(self)
         self._background: set[asyncio.Future[None]] = set()
         self.addresses: list[tuple[str, int]] = []
 
@@ -273,9 +199,7 @@ class DnsServer:
                 _, listener = await loop.create_datagram_endpoint(
                     lambda: PythonListener(self), sock=bound.udp)
             self._listeners.append(listener)
-            server = await asyncio.start_server(self._tcp_client, sock=bound.tcp,
-                                                backlog=TCP_BACKLOG)
-            self._tcp_servers.append(server)
+            await self.tcp.serve(bound.tcp)
             self.addresses.append((bound.host, bound.port))
             log.info("dns: serving on %s port %d (udp%s, tcp)", bound.host, bound.port,
                      " by the C relay" if relay else "")
@@ -284,12 +208,7 @@ class DnsServer:
             self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
-        for server in self._tcp_servers:
-            server.close()
-        for connection in list(self._tcp):
-            connection.close()  # the handlers see EOF and end (cancelling logs on 3.11)
-        if self._tcp_clients:
-            await asyncio.wait(list(self._tcp_clients), timeout=1.0)
+        await self.tcp.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for listener in self._listeners:
@@ -527,100 +446,3 @@ class DnsServer:
         qid, flags = struct.unpack_from("!HH", answer)
         header = struct.pack("!HHHHHH", qid, flags | Flag.TC, 1, 0, 0, 0)
         return header + answer[12 : query.question_end]
-
-    # ------------------------------------------------------------ TCP
-
-    def _admit(self, writer: asyncio.StreamWriter) -> _TcpConnection | None:
-        """A new connection within the limits, or None (it is closed). A client at its
-        cap, or a server with every slot taken, closes its (or anybody's) connection
-        idle longest for the new one: an idle connection serves nobody now, and
-        holding many open costs a client its own oldest ones first."""
-        settings, stats = self.settings, self.stats
-        peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if peer else "?"
-        key = client_key(client)
-        if self._tcp_per_client[key] >= settings.tcp_per_client and not self._evict(key):
-            stats["tcp_refused_client"] += 1
-            return None
-        if len(self._tcp) >= settings.tcp_max_connections and not self._evict(None):
-            stats["tcp_refused_full"] += 1
-            return None
-        connection = _TcpConnection(writer, client, key, settings, stats)
-        self._tcp.add(connection)
-        self._tcp_per_client[key] += 1
-        return connection
-
-    def _evict(self, key: str | None) -> bool:
-        """Close the connection with no query in flight that was active longest ago
-        (of client `key`, or of anybody); False: every one is busy."""
-        idle = [c for c in self._tcp if not c.in_flight and key in (None, c.key)]
-        if not idle:
-            return False
-        oldest = min(idle, key=lambda c: c.last_active)
-        self._release(oldest)
-        oldest.close()
-        self.stats["tcp_closed_for_new"] += 1
-        return True
-
-    def _release(self, connection: _TcpConnection) -> None:
-        """Give the connection's slot back (once)."""
-        if connection in self._tcp:
-            self._tcp.discard(connection)
-            self._tcp_per_client[connection.key] -= 1
-            if not self._tcp_per_client[connection.key]:
-                del self._tcp_per_client[connection.key]
-
-    async def _tcp_client(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        connection = self._admit(writer) if task is not None else None
-        if connection is None or task is None:
-            writer.close()
-            return
-        self._tcp_clients.add(task)
-        settings, stats = self.settings, self.stats
-        loop = asyncio.get_running_loop()
-        end_of_life = loop.time() + settings.tcp_max_lifetime
-
-        def limit(seconds: float) -> asyncio.Timeout:
-            return asyncio.timeout_at(min(loop.time() + seconds, end_of_life))
-
-        try:
-            for _ in range(settings.tcp_max_queries):
-                if not connection.room.is_set():  # answers come within the timeout
-                    async with limit(settings.timeout + 1.0):
-                        await connection.room.wait()
-                async with limit(settings.tcp_idle_timeout):
-                    length = struct.unpack("!H", await reader.readexactly(2))[0]
-                    data = await reader.readexactly(length)
-                connection.last_active = time.monotonic()
-                respond = connection.responder()
-                try:
-                    self.handle(data, connection.client, respond, over_tcp=True)
-                except Exception as error:
-                    self.failed("tcp query", error, data, respond, over_tcp=True)
-                async with limit(settings.tcp_idle_timeout):
-                    await writer.drain()  # a client that does not read: closed at idle
-            else:
-                stats["tcp_closed_max_queries"] += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except TimeoutError:
-            stats["tcp_closed_lifetime" if loop.time() >= end_of_life else "tcp_closed_idle"] += 1
-        except asyncio.CancelledError:
-            # Shutting down: end quietly (Python 3.11's start_server logs a cancelled
-            # handler as an error).
-            connection.settled.set()
-        finally:
-            # A client may half-close after its last query: answer what is in flight
-            # (unless we closed it: evicted, or reset for not reading).
-            try:
-                if not writer.is_closing():
-                    async with asyncio.timeout(settings.timeout + 0.5):
-                        await connection.settled.wait()
-                        await writer.drain()
-            except (TimeoutError, ConnectionError):
-                pass
-            self._tcp_clients.discard(task)
-            self._release(connection)
-            connection.close()

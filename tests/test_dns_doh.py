@@ -16,6 +16,7 @@ import http.client
 import re
 import socket
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,9 @@ import h2.events
 import h2.settings
 import httpx
 import pytest
+import yaml
 
-from tests.dns_support import HOST, Unbound, require_tools, udp
+from tests.dns_support import HOST, Unbound, free_port, require_tools, udp
 from tests.dns_tls_support import (
     EncryptedNetfilter,
     certificate,
@@ -299,3 +301,24 @@ def test_slow_handshake_is_closed(unbound: Unbound, pair: tuple[Path, Path],
                        version=H1)
         assert response.rcode() == dns.rcode.NOERROR
         assert counters(server)["doh_handshake_failed"] >= 1
+
+
+def test_metrics_count_each_transport(unbound: Unbound, pair: tuple[Path, Path],
+                                      tmp_path: Path) -> None:
+    """/metrics carries the encrypted listeners' counters, per transport."""
+    port = free_port()
+    server = EncryptedNetfilter(tmp_path, *pair, upstreams=[unbound.address])
+    server.config["metrics"] = {"listen": f"{HOST}:{port}"}
+    server.conf.write_text(yaml.safe_dump(server.config), encoding="utf-8")
+    server.start()
+    try:
+        doh(server, dns.message.make_query("blocked.example", "A"), post=True, version=H2)
+        with client(server, http2=False) as session:
+            assert session.post(server.doh_url, content=b"x").status_code == 415
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as page:
+            text = page.read().decode()
+    finally:
+        server.stop()
+    assert "netfilter_dns_encrypted_doh_queries_total 1.0" in text, text
+    assert "netfilter_dns_encrypted_doh_http_415_total 1.0" in text
+    assert "netfilter_dns_encrypted_doh_connections_h2_total 1.0" in text

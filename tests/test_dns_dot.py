@@ -11,7 +11,9 @@ stops the server. A second client is a socket bound to 127.0.0.2.
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Iterator
@@ -25,7 +27,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.dns_support import HOST, Unbound, require_tools, udp
+from netfilter.dns.tlsconfig import generate_self_signed
+from tests.dns_support import HOST, Unbound, require_tools, udp, wait_for
 from tests.dns_tls_support import (
     EncryptedNetfilter,
     certificate,
@@ -255,3 +258,35 @@ def counters(server: EncryptedNetfilter) -> dict[str, int]:
     found = re.search(r"dns: encrypted listeners stopped; (.*)", server.log())
     assert found, server.log()
     return {k: int(v) for k, v in (item.split() for item in found.group(1).split(", "))}
+
+
+def test_sighup_loads_a_renewed_certificate(unbound: Unbound, tmp_path: Path) -> None:
+    """Certificates are renewed in place (certbot, an operator's CA): SIGHUP, and new
+    connections get the new one; the connections and answers go on."""
+    cert, key = certificate(tmp_path / "tls")
+    with serving(tmp_path / "node", unbound, (cert, key)) as server:
+        def presented() -> bytes:
+            with tls_connect(server.dot_port, cert) as sock:
+                der = sock.getpeercert(binary_form=True)
+                assert der is not None
+                return der
+
+        old = presented()
+        cert.unlink()
+        key.unlink()
+        generate_self_signed(cert, key)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        new = client_context(cert)  # trusts only the renewed certificate
+        assert wait_for(lambda: _verifies(server.dot_port, new))
+        assert presented() != old
+        assert dot(server, dns.message.make_query("clean.example", "A")).answer
+
+
+def _verifies(port: int, context: ssl.SSLContext) -> bool:
+    try:
+        with context.wrap_socket(socket.create_connection((HOST, port), timeout=2),
+                                 server_hostname=HOST):
+            return True
+    except (ssl.SSLError, OSError):
+        return False

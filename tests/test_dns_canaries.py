@@ -23,6 +23,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.svcbbase
+import dns.rrset
 import pytest
 import yaml
 
@@ -39,7 +40,8 @@ RESOLVER_NAME = "dns.gateway.test"  # the certificate's DNS name: the SVCB Targe
 
 
 class Recorder:
-    """An upstream that records every question name and answers REFUSED at once."""
+    """An upstream that records every question name and answers REFUSED at once, but
+    `alias.test` with a CNAME to a canary."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -64,7 +66,11 @@ class Recorder:
                 continue
             self.names.append(query.question[0].name.to_text(omit_final_dot=True).lower())
             response = dns.message.make_response(query)
-            response.set_rcode(dns.rcode.REFUSED)
+            if self.names[-1] == "alias.test":
+                response.answer.append(dns.rrset.from_text(
+                    "alias.test.", 60, "IN", "CNAME", "mask.icloud.com."))
+            else:
+                response.set_rcode(dns.rcode.REFUSED)
             self.sock.sendto(response.to_wire(), peer)
 
     def close(self) -> None:
@@ -120,6 +126,17 @@ def test_canaries_are_nxdomain_and_never_forwarded(rig: Rig, name: str, qtype: s
         assert not response.answer and _soa_owner(response) == name
         assert response.authority[0].ttl == 60
     assert name not in rig.recorder.names
+
+
+def test_a_canary_seen_as_a_cname_target_stays_local(rig: Rig) -> None:
+    """The target is checked (and found clean), but not left for the fast path, which
+    would forward the canary itself from then on."""
+    response = udp(dns.message.make_query("alias.test", "A"), rig.on.port)
+    assert response.rcode() == dns.rcode.NOERROR and response.answer
+    for _ in range(2):
+        response = udp(dns.message.make_query("mask.icloud.com", "A"), rig.on.port)
+        assert response.rcode() == dns.rcode.NXDOMAIN
+    assert "mask.icloud.com" not in rig.recorder.names
 
 
 def test_dig_sees_the_firefox_canary_answered(rig: Rig) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Settings",
     "StoppageSettings",
     "UpdateSettings",
+    "WebSettings",
     "load_config",
     "parse_hostport",
 ]
@@ -273,6 +274,15 @@ class MetricsSettings(_Section):
     listen: HostPort = "127.0.0.1:9108"
 
 
+class WebSettings(_Section):
+    """The public pages (/transparency, /transparency.json)."""
+
+    listen: HostPort | None = None  # a listener of their own; null: the stop page's
+    # Where the public reaches them (https://filter.example): the 451 answers' Link
+    # rel="blocked-by" points below it; null: derived from the listener's address.
+    public_url: str | None = Field(None, max_length=500, pattern=r"^https?://[^\s<>]+$")
+
+
 class Settings(_Section):
     """The whole file; `base` is the directory relative paths are resolved against."""
 
@@ -285,6 +295,7 @@ class Settings(_Section):
     audit: AuditSettings | None = None
     metrics: MetricsSettings | None = None
     updates: UpdateSettings | None = None
+    web: WebSettings | None = None
     base: Path = Field(Path("."), exclude=True)
 
     def resolve(self, path: Path) -> Path:

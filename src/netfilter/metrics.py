@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -288,8 +289,12 @@ class _AuditWritable:
         return self.ok
 
 
+class _Counted(Protocol):
+    stats: Counter[str]
+
+
 def for_node(engine: Engine, parts: Iterable[object] = (),
-             tiles: ReadOnlyServer | None = None) -> NodeMetrics:
+             tiles: _Counted | None = None) -> NodeMetrics:
     """The metrics and readiness checks of a node: its engine, its audit log (the
     engine's sink, when it is one), and the running parts among `parts`: a DnsServer,
     a StopPageServer, and a part with `counters` in another process (the proxy's

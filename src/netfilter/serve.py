@@ -27,16 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from netfilter.audit.tileserver import TileServer
 from netfilter.config import Settings, load_config, parse_hostport
 from netfilter.configcheck import bind_probe, check_config
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError, NetfilterError
 from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
+from netfilter.stoppage.render import blocked_by_url
+from netfilter.web.server import Listener, WebServer
+from netfilter.web.transparency import TransparencySource
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
+    from starlette.routing import BaseRoute
 
     from netfilter.dns.server import Listening
     from netfilter.updates.updater import Updater
@@ -69,6 +72,7 @@ class Listeners:
     dot: list[socket.socket] = field(default_factory=list)  # one per dns.dot_listen address
     doh: list[socket.socket] = field(default_factory=list)  # one per dns.doh_listen address
     stoppage: socket.socket | None = None
+    web: socket.socket | None = None  # web.listen: the public pages on a listener of their own
     tiles: socket.socket | None = None
     metrics: socket.socket | None = None
 
@@ -76,7 +80,8 @@ class Listeners:
         """Close every one (one a part has served is closed already: no harm)."""
         for listening in self.dns:
             listening.close()
-        for sock in (*self.dot, *self.doh, self.stoppage, self.tiles, self.metrics):
+        for sock in (*self.dot, *self.doh, self.stoppage, self.web, self.tiles,
+                     self.metrics):
             if sock is not None:
                 sock.close()
 
@@ -108,6 +113,8 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
                 bound.doh.append(_bind_tcp(f"dns.doh_listen[{i}]", address))
         if settings.stoppage is not None and "stoppage" in parts:
             bound.stoppage = _bind_tcp("stoppage.listen", settings.stoppage.listen)
+        if settings.web is not None and settings.web.listen is not None:
+            bound.web = _bind_tcp("web.listen", settings.web.listen)
         if settings.proxy is not None and "proxy" in parts:
             probe = _bind_tcp("proxy.listen", settings.proxy.listen, probe=True)
         if tiles_listen is not None:
@@ -146,19 +153,34 @@ def _tiles_listen(settings: Settings) -> str | None:
     return audit.tiles_listen
 
 
-def _serve_tiles(settings: Settings, sock: socket.socket | None) -> TileServer | None:
-    """The audit log's tiles, read-only over HTTP for auditors and witnesses."""
+def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
+        WebServer, list[BaseRoute], Listener | None, TransparencySource]:
+    """The web stack's own listeners (the public pages on `web.listen`, the audit tiles
+    on `audit.tiles_listen`), the public pages' routes (for the stop page's listener
+    when there is no `web.listen`), the tiles' listener (its counters go to metrics)
+    and the transparency page's source."""
+    from netfilter.web.app import build_app
+    from netfilter.web.public import transparency_routes
+    from netfilter.web.tiles import tile_routes
+
+    tiles_url = None
+    if listeners.tiles is not None:
+        host, port = listeners.tiles.getsockname()[:2]
+        tiles_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    source = TransparencySource(settings, engine, tiles_url=tiles_url)
+    language = settings.stoppage.default_language if settings.stoppage else "en"
+    public: list[BaseRoute] = list(transparency_routes(source, language))
+    served: list[Listener] = []
+    if listeners.web is not None:
+        served.append(Listener("web", listeners.web, build_app(public)))
+    tiles: Listener | None = None
     audit = settings.audit
-    if audit is None or audit.tiles is None or sock is None:
-        return None
-    directory = settings.resolve(audit.tiles)
-    directory.mkdir(parents=True, exist_ok=True)
-    host, port = sock.getsockname()[:2]
-    server = TileServer(directory, host, port, sock=sock)
-    threading.Thread(target=server.serve_forever, name="audit-tiles", daemon=True).start()
-    log.info("audit: serving tiles of %s on %s port %d", directory, host,
-             server.server_address[1])
-    return server
+    if listeners.tiles is not None and audit is not None and audit.tiles is not None:
+        directory = settings.resolve(audit.tiles)
+        directory.mkdir(parents=True, exist_ok=True)
+        tiles = Listener("audit tiles", listeners.tiles, build_app(tile_routes(directory)))
+        served.append(tiles)
+    return WebServer(served), public if listeners.web is None else [], tiles, source
 
 
 def _updater(settings: Settings, engine: Engine,
@@ -173,7 +195,7 @@ def _updater(settings: Settings, engine: Engine,
                    enforced=lambda: engine.lists.versions())
 
 
-def _serve_metrics(engine: Engine, parts: list[object], tiles: TileServer | None,
+def _serve_metrics(engine: Engine, parts: list[object], tiles: Listener | None,
                    sock: socket.socket | None,
                    updater: Updater | None = None) -> MetricsServer | None:
     """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz."""
@@ -324,7 +346,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                 server.settings = applied.dns  # block answers read it per query
             elif isinstance(server, StopPageServer) and applied.stoppage is not None:
                 if applied.stoppage != in_force.stoppage:
-                    server.renderer = Renderer(applied.stoppage, base=applied.base)
+                    server.renderer = Renderer(applied.stoppage, base=applied.base,
+                                               blocked_by=blocked_by_url(applied))
                     server.settings = applied.stoppage
             elif isinstance(server, ProxyProcess):
                 server.reload()  # the mitmdump child re-reads the config itself
@@ -356,18 +379,19 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         if listeners.dot or listeners.doh:
             servers.append(("dns", EncryptedDns(dns, settings.dns, base=settings.base,
                                                 dot=listeners.dot, doh=listeners.doh)))
+    web, public, tiles, source = _web(settings, engine, listeners)
     if settings.stoppage is not None and "stoppage" in parts:
-        renderer = Renderer(settings.stoppage, base=settings.base)
+        renderer = Renderer(settings.stoppage, base=settings.base,
+                            blocked_by=blocked_by_url(settings))
         servers.append(("stoppage", StopPageServer(engine, settings.stoppage, renderer=renderer,
-                                                   sock=listeners.stoppage)))
+                                                   sock=listeners.stoppage, routes=public)))
     if settings.proxy is not None and "proxy" in parts:
         servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
-    tiles: TileServer | None = None
     metrics: MetricsServer | None = None
     updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
     started: list[DnsServer | EncryptedDns | StopPageServer | ProxyProcess] = []
     try:
-        tiles = _serve_tiles(settings, listeners.tiles)
+        await web.start()
         for name, server in servers:
             started.append(server)  # stopped below even when it fails half-way
             try:
@@ -387,10 +411,11 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
             await loop.run_in_executor(None, updater.close)  # a check finishes first
         for server in reversed(started):
             await server.stop()
-        for http in (tiles, metrics):
-            if http is not None:
-                http.shutdown()
-                http.server_close()
+        await web.stop()
+        source.close()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,

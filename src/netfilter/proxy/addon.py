@@ -85,6 +85,7 @@ from netfilter.proxy.decisions import (
 from netfilter.proxy.destinations import DestinationPolicy, Routes, normalize_host
 from netfilter.proxy.replies import refusal, stop_page
 from netfilter.stoppage import Renderer
+from netfilter.stoppage.render import blocked_by_url
 
 __all__ = ["ConnState", "NetfilterAddon", "Runtime", "Target", "build_runtime", "make_target"]
 
@@ -168,7 +169,8 @@ def build_runtime(path: str, settings: Settings | None = None) -> Runtime:
         policy = DestinationPolicy.parse(proxy.allowed_destinations)
     except ValueError as e:
         raise ConfigError(f"{path}: proxy.allowed_destinations", str(e)) from e
-    renderer = Renderer(settings.stoppage or StoppageSettings(), base=settings.base)
+    renderer = Renderer(settings.stoppage or StoppageSettings(), base=settings.base,
+                        blocked_by=blocked_by_url(settings))  # RFC 7725 Link, always
     try:
         engine = make_engine(settings)
     except NetfilterError:

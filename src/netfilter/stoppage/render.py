@@ -34,7 +34,7 @@ from jinja2 import ChoiceLoader, FileSystemLoader, Template, TemplateError, node
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup, escape
 
-from netfilter.config import StoppageSettings
+from netfilter.config import Settings, StoppageSettings, parse_hostport
 from netfilter.engine import Action, Verdict
 from netfilter.errors import ConfigError
 from netfilter.listfile import TransparencyText
@@ -48,6 +48,7 @@ __all__ = [
     "STATUS",
     "Renderer",
     "StopPage",
+    "blocked_by_url",
     "choose_language",
     "wants_html",
 ]
@@ -220,6 +221,28 @@ def _utc(now: datetime | None) -> datetime:
     return now.astimezone(UTC)
 
 
+TRANSPARENCY_PATH = "/transparency"
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def blocked_by_url(settings: Settings) -> str:
+    """The transparency page's URL, which every 451 names (RFC 7725 `Link: <...>;
+    rel="blocked-by"`): below `web.public_url`, else at the address of `web.listen` or
+    the stop page's listener (a wildcard address: the one DNS answers send browsers
+    to, `dns.stoppage_ipv4`, else loopback)."""
+    web = settings.web
+    if web is not None and web.public_url:
+        return web.public_url.rstrip("/") + TRANSPARENCY_PATH
+    listen = (web.listen if web is not None and web.listen else None) or (
+        settings.stoppage or StoppageSettings()).listen
+    host, port = parse_hostport(listen, any_port=True)
+    if host in _WILDCARDS:
+        host = str(settings.dns.stoppage_ipv4) if settings.dns is not None else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}{'' if port == 80 else f':{port}'}{TRANSPARENCY_PATH}"
+
+
 def _link_header(url: str) -> str:
     """`<url>; rel="blocked-by"` with anything unsafe in a header percent-encoded."""
     target = quote(url.strip(), safe="/:?#[]@!$&'()*+,;=%~")
@@ -314,10 +337,12 @@ class Renderer:
     """
 
     def __init__(self, settings: StoppageSettings, *, base: Path | None = None,
-                 cache_size: int = PAGE_CACHE_SIZE) -> None:
+                 cache_size: int = PAGE_CACHE_SIZE, blocked_by: str | None = None) -> None:
         """`base`: the directory a relative `settings.templates` is taken against
         (the config file's, `Settings.base`); without it, the working directory.
-        `cache_size`: pages kept (0: none, every answer rendered)."""
+        `cache_size`: pages kept (0: none, every answer rendered). `blocked_by`: the
+        URL of the Link rel="blocked-by" field (`blocked_by_url`); `operator_url`,
+        when configured, is named instead; with neither, no Link field."""
         self.settings = settings
         self.cache_size = cache_size
         # Letters and digits only: autoescaping leaves them as they are, as it does the
@@ -358,7 +383,8 @@ class Renderer:
         for lang in self.languages:
             self._html[lang] = self._load(f"stop.{lang}.html")
             self._text[lang] = self._load(f"stop.{lang}.txt")
-        self._link = _link_header(settings.operator_url) if settings.operator_url else None
+        target = settings.operator_url or blocked_by
+        self._link = _link_header(target) if target else None
         self._trial()
 
     def _load(self, name: str) -> Template:

@@ -21,7 +21,7 @@ from netfilter.config import StoppageSettings, parse_hostport
 from netfilter.engine import Engine
 from netfilter.latency import LatencyHistogram
 from netfilter.slots import Slots
-from netfilter.stoppage.render import Renderer
+from netfilter.stoppage.render import Renderer, blocked_by_url
 from netfilter.web.app import build_app
 from netfilter.web.head import MAX_HEAD, split_host
 from netfilter.web.server import Limits, Listener, WebServer
@@ -52,9 +52,9 @@ class StopPageServer:
                              settings.max_clients_per_address,
                              read_timeout or settings.header_timeout,
                              settings.busy_header_timeout)
-        self.route = StopPageRoute(engine, renderer or Renderer(settings,
-                                                                base=engine.settings.base),
-                                   self.stats, self.latency)
+        renderer = renderer or Renderer(settings, base=engine.settings.base,
+                                        blocked_by=blocked_by_url(engine.settings))
+        self.route = StopPageRoute(engine, renderer, self.stats, self.latency)
         self.app = build_app(routes, fallback=self.route)
         self.address: tuple[str, int] | None = None
         self._web: WebServer | None = None

@@ -191,6 +191,39 @@ def _pinned_ca_not_a_certificate(rig: Rig) -> tuple[Path, tuple[str, ...]]:
     return rig.write(), ("updates.ca", "ca.pem", "not a PEM certificate")
 
 
+def _canaries_not_a_boolean(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    rig.data["dns"] = {"listen": [f"{HOST}:0"], "canaries": "yes"}
+    return rig.write(), ("dns.canaries", "'yes'")
+
+
+def _canaries_with_a_certificate_naming_no_resolver(rig: Rig) -> tuple[Path, tuple[str, ...]]:
+    """resolver.arpa's SVCB needs a TargetName: a certificate with addresses only."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "addresses only")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(1)
+                   .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    (rig.dir / "ip.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (rig.dir / "ip.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    rig.data["dns"] = {"listen": [f"{HOST}:0"], "dot_listen": [f"{HOST}:0"],
+                       "tls_certificate": "ip.pem", "tls_key": "ip.key", "canaries": True}
+    return rig.write(), ("dns.canaries", "ip.pem", "no DNS name")
+
+
 CASES: dict[str, Case] = {
     "unknown key": _unknown_key,
     "wrong type": _wrong_type,
@@ -215,6 +248,9 @@ CASES: dict[str, Case] = {
     "missing protected names": _missing_protected_names,
     "malformed protected names": _malformed_protected_names,
     "pinned CA not a certificate": _pinned_ca_not_a_certificate,
+    "canaries not true or false": _canaries_not_a_boolean,
+    "canaries with a certificate naming no resolver":
+        _canaries_with_a_certificate_naming_no_resolver,
 }
 
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from netfilter.config import DnsSettings
     from netfilter.dns.upstream import UpstreamPool
-    from netfilter.engine import Engine
+    from netfilter.engine import Engine, Verdict
 
-__all__ = ["Handler", "Listener", "Respond"]
+__all__ = ["BlockKeeper", "Handler", "Listener", "Respond"]
 
 # Sends one answer to the client the query came from. b"" sends nothing; over a
 # stream it still settles the query (the connection stops waiting for it).
@@ -69,3 +69,14 @@ class Listener(Protocol):
 
     def close(self) -> None:
         """Stop serving; answer or give back what is in flight."""
+
+
+class BlockKeeper(Protocol):
+    """A `respond` that can also keep block answers (the C relay's block cache,
+    udp.py): the server hands it each block answer it builds for that client's query
+    (`keep_block`), so the listener can answer the same question itself from then on."""
+
+    def __call__(self, answer: bytes) -> None: ...
+
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
+        """`detail`: the query type's name, as the block's audit event carries it."""

@@ -307,7 +307,7 @@ class DnsServer:
                 stats["blocked"] += 1
                 block = block_answer(data, query, verdict, self.settings)
                 respond(self._fit(block, query, over_tcp))
-                keep = getattr(respond, "keep_block", None)  # the C relay's cache (udp.py)
+                keep = getattr(respond, "keep_block", None)  # a listener.BlockKeeper
                 if keep is not None:
                     keep(data, block, verdict, type_name(query.qtype))
                 self.latency.observe(time.monotonic() - started)

@@ -146,10 +146,13 @@ class Plugin:
         if not engine.reload(settings, changed=str(self.config_path)):
             return False  # refused: the engine said why and recorded it
         self._settings = settings.dns or DnsSettings()
+        canaries_before = set(self._canaries.names)
         self._canaries = Canaries(self._settings)
+        # canaries switched on: Unbound may hold their real answers in its cache
+        new_canaries = bool(set(self._canaries.names) - canaries_before)
         new = engine.lists
         log.info("netfilter: lists reloaded for unbound (%d entries)", len(new))
-        if local_changed or adds_entries(old, new):
+        if local_changed or new_canaries or adds_entries(old, new):
             self.flush_cache()
         return True
 

@@ -8,6 +8,7 @@ atomically on reload; a bundle that fails verification leaves the old lists in f
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from netfilter.aggregate import BlockAggregator
+from netfilter.canonical import InvalidURL, canonical_parts
 from netfilter.config import Settings
 from netfilter.errors import NetfilterError
 from netfilter.events import Event, EventSink, NullSink
@@ -27,7 +29,7 @@ from netfilter.memo import remember
 from netfilter.privacy import ClientRecorder
 from netfilter.ratelimit import RateLimit
 
-__all__ = ["Action", "Answer", "Engine", "Verdict"]
+__all__ = ["Action", "Answer", "Engine", "Verdict", "origin_hosts"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,29 @@ ALLOW = Verdict(Action.ALLOW)
 
 HOST_CACHE_SIZE = 1 << 17  # names; cleared wholesale when full
 SINK_FAILURE_LOG_INTERVAL = 10.0  # seconds between two "event sink failed" lines
+
+
+# `scheme://host[:port]` made only of characters whose canonical form is plain: a path
+# appended to it cannot change its host.
+_PLAIN_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[A-Za-z0-9_.\-]+(?::[0-9]{1,5})?").fullmatch
+
+
+def origin_hosts(*origins: str) -> tuple[str, ...] | None:
+    """The canonical host of every URL `origin + path`, whatever the path, one per
+    origin (`scheme://host[:port]`); None when an origin has characters (escapes,
+    brackets, '@', ...) that call for the full check of each URL.
+
+    What `Engine.urls_free` takes: front-ends keep these per origin without knowing
+    how a URL is canonicalized."""
+    hosts = []
+    for origin in origins:
+        if _PLAIN_ORIGIN(origin) is None:
+            return None
+        try:
+            hosts.append(canonical_parts(origin + "/")[0])
+        except InvalidURL:
+            return None
+    return tuple(hosts)
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,15 @@ class Engine:
         state = self._state
         return self._verdict(state.lists.check_url(url), state, frontend, client, detail, url)
 
+    def check_url_at(self, origin: str, path: str, *, frontend: str = "proxy",
+                     client: str | None = None, detail: str | None = None) -> Verdict:
+        """Verdict for the URL of a request's parts: `origin` (`scheme://host[:port]`)
+        and its target `path` (with query; a missing leading '/' is added). The
+        engine, not the front-end, canonicalizes; raises InvalidURL."""
+        if not path.startswith("/"):
+            path = f"/{path}"
+        return self.check_url(origin + path, frontend=frontend, client=client, detail=detail)
+
     def check_host(self, name: str, *, frontend: str = "dns",
                    client: str | None = None, detail: str | None = None) -> Verdict:
         """Verdict for a host name from domain-level entries only (DNS, TLS SNI)."""
@@ -248,7 +282,7 @@ class Engine:
         return self._verdict(match, state, frontend, client, detail, name)
 
     def urls_free(self, hosts: tuple[str, ...]) -> bool:
-        """True when no URL on any of these canonical hosts (`canonical_parts`) can
+        """True when no URL on any of these canonical hosts (`origin_hosts`) can
         match an entry under the lists in force: `check_url` would return ALLOW for
         every path and record nothing, so a proxy may skip it. Cached per list state."""
         state = self._state

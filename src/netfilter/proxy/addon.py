@@ -52,7 +52,6 @@ import contextlib
 import gc
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -61,28 +60,31 @@ from pathlib import Path
 
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
-from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
 from netfilter import InvalidURL
-from netfilter.canonical import canonical_parts
 from netfilter.childmetrics import export_from_environment
 from netfilter.config import ProxySettings, Settings, StoppageSettings, load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import ConfigError, NetfilterError
-from netfilter.node import make_engine
-from netfilter.proxy import early
-from netfilter.proxy.counters import ProxyCounters, verdict_of
-from netfilter.proxy.decisions import (
+from netfilter.http import (
     HostDecision,
     InterceptMode,
+    Target,
+    TargetCache,
     TlsAction,
+    check_request,
     combine,
     decide_host,
     intercept_mode,
+    make_target,
+    normalize_host,
 )
-from netfilter.proxy.destinations import DestinationPolicy, Routes, normalize_host
+from netfilter.node import make_engine
+from netfilter.proxy import early
+from netfilter.proxy.counters import ProxyCounters, verdict_of
+from netfilter.proxy.destinations import DestinationPolicy, Routes
 from netfilter.proxy.replies import refusal, stop_page
 from netfilter.stoppage import Renderer
 from netfilter.stoppage.render import blocked_by_url
@@ -198,74 +200,9 @@ def _client_ip(client: connection.Client) -> str | None:
     return str(peer[0]) if peer else None
 
 
-def _origin(scheme: str, host: str, port: int) -> str:
-    """`scheme://host[:port]`, the part of a checked URL before the path."""
-    # mitmproxy's Request.url leaves an IPv6 host unbracketed ("http://::1:80/").
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    # The scheme's own port is left out: matching ignores ports anyway (and the
-    # canonicalizer's fast path takes `host:port` too).
-    suffix = "" if port == url.default_port(scheme) else f":{port}"
-    return f"{scheme}://{host}{suffix}"
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What a request's scheme, Host/:authority and dialled address yield.
-
-    The same few names come again and again, so this is computed once per
-    (scheme, Host, host, port) and cached: the Host header is parsed once, and the
-    allowed_destinations and route look-ups are not repeated per request.
-    """
-
-    authority: str  # the name the client asked for (Host/:authority, else the address)
-    asked: str  # `scheme://host[:port]` by Host/:authority
-    dialled: str | None  # the same for the address mitmproxy dials, when it differs
-    allowed: bool  # the dialled host is in proxy.allowed_destinations (or routed there)
-    # The canonical host of every URL `asked + path` (and `dialled + path`): where
-    # the engine says no URL on them can match, a request's URL need not be checked.
-    # None for an origin unusual enough that a path might change its host.
-    hosts: tuple[str, ...] | None = None
-
-
-TARGET_CACHE_SIZE = 4096  # entries; cleared wholesale when full
-
 # What a Target is computed from, as mitmproxy holds it: scheme, HTTP version, the
 # :authority (HTTP/2 and 3 take it before Host), the Host field, dialled host and port.
 TargetKey = tuple[bytes, bytes, bytes, bytes | None, str, int]
-
-
-def make_target(scheme: str, header: str | None, host: str, port: int,
-                allowed: bool) -> Target:
-    """A Target for one (scheme, Host header, dialled host and port)."""
-    dialled = _origin(scheme, host, port)
-    if not header:
-        return Target(normalize_host(host), dialled, None, allowed, _hosts(dialled))
-    # check=False never raises: a malformed authority comes back whole, without a port.
-    asked_host, asked_port = url.parse_authority(header, check=False)
-    if asked_port is None:
-        asked_port = url.default_port(scheme) or port
-    asked = _origin(scheme, asked_host, asked_port)
-    if asked == dialled:
-        return Target(normalize_host(asked_host), asked, None, allowed, _hosts(asked))
-    return Target(normalize_host(asked_host), asked, dialled, allowed, _hosts(asked, dialled))
-
-
-_PLAIN_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[A-Za-z0-9_.\-]+(?::[0-9]{1,5})?").fullmatch
-
-
-def _hosts(*origins: str) -> tuple[str, ...] | None:
-    """The canonical hosts of URLs on these origins, whatever path follows; None if
-    any origin has characters (escapes, brackets, '@', '?', '#', ...) that call for
-    the full check of each URL."""
-    hosts = []
-    for origin in origins:
-        if _PLAIN_ORIGIN(origin) is None:
-            return None
-        try:
-            hosts.append(canonical_parts(origin + "/")[0])
-        except InvalidURL:
-            return None
-    return tuple(hosts)
 
 
 # mitmproxy tags each connection's records with the client's (address, port), printed
@@ -347,7 +284,7 @@ class NetfilterAddon:
         # mitmproxy's `request` hook: None (no hook) until netfilter_resolve has routes
         self.request: Callable[[http.HTTPFlow], None] | None = None
         self.conns: dict[str, ConnState] = {}
-        self._targets: dict[TargetKey, Target] = {}
+        self._targets = TargetCache()  # by TargetKey
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
         self._reload_again = False  # a reload was asked for while one was running
@@ -659,31 +596,19 @@ class NetfilterAddon:
                data.host, data.port)
         target = self._targets.get(key)
         if target is None:
-            target = self._target(rt, request, request.host_header)
-            if len(self._targets) >= TARGET_CACHE_SIZE:
-                self._targets.clear()
-            self._targets[key] = target
+            target = self._targets.put(key, self._target(rt, request, request.host_header))
         if self.conns:
             state = self.conns.get(flow.client_conn.id)
             if state is not None and self._misdirected(flow, rt, state, target.authority,
                                                        _client_ip(flow.client_conn)):
                 return
-        engine = rt.engine
-        if target.hosts is None or not engine.urls_free(target.hosts):
+        if target.hosts is None or not rt.engine.urls_free(target.hosts):
             # Only hosts some entry covers get here (most traffic does not): the URL
-            # itself is checked.
-            ip = _client_ip(flow.client_conn)
-            path = request.path
-            if not path.startswith("/"):
-                path = f"/{path}"
+            # itself is checked, the one way every HTTP front-end checks it.
             try:
-                verdict = engine.check_url(target.asked + path, frontend="proxy", client=ip,
-                                           detail=request.method)
-                if not verdict.blocked and target.dialled is not None:
-                    # The address mitmproxy would connect to, when it differs from the
-                    # Host/authority (absolute-form or transparent requests).
-                    verdict = engine.check_url(target.dialled + path, frontend="proxy",
-                                               client=ip, detail=request.method)
+                verdict = check_request(rt.engine, target, request.path, frontend="proxy",
+                                        client=_client_ip(flow.client_conn),
+                                        method=request.method)
             except InvalidURL as e:
                 _answer(flow, self.counters,
                         refusal(400, f"netfilter: cannot check this request's URL ({e})"))

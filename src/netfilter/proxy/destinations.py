@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from netfilter.canonical import embedded_ipv4
+from netfilter.http.target import normalize_host
 
 __all__ = [
     "DestinationPolicy",
@@ -39,19 +40,6 @@ _NAME = re.compile(r"(?:\*\.)?(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
                    r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _DOTTED = re.compile(r"[0-9.]+")  # meant as an address: an error if not a valid one
 MAX_NAME = 253
-
-
-def normalize_host(host: str) -> str:
-    """A host as the proxy compares it: lowercase, no trailing dot, no IPv6 brackets.
-
-    For comparing names (SNI against CONNECT, a request's authority against its
-    connection's) and for the destination policy; the engine does its own, full
-    canonicalization for matching.
-    """
-    host = host.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host[:-1] if host.endswith(".") else host
 
 
 def _ip(host: str) -> IPAddress | None:

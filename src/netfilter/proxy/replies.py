@@ -10,49 +10,28 @@ from __future__ import annotations
 from mitmproxy import http
 
 from netfilter.engine import Verdict
+from netfilter.http.reply import REASONS, stop_reply
 from netfilter.stoppage import Renderer
 
 __all__ = ["MAX_SHOWN", "refusal", "stop_page"]
 
 MAX_SHOWN = 253
 
-REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    421: "Misdirected Request",
-    451: "Unavailable For Legal Reasons",
-    503: "Service Unavailable",
-}
-
 
 def _shown(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_SHOWN])
 
 
-def _is_websocket(request: http.Request) -> bool:
-    return str(request.headers.get("upgrade", "")).strip().lower() == "websocket"
-
-
 def stop_page(renderer: Renderer, verdict: Verdict, request: http.Request,
               host: str | None) -> http.Response:
-    """The 451 answer for `request`, with the renderer's headers.
-
-    A WebSocket upgrade and a CONNECT get the short text: neither can show a page.
-    HEAD gets the headers only.
-    """
-    accept = request.headers.get("accept")
-    dest = request.headers.get("sec-fetch-dest")
-    if request.method == "CONNECT" or _is_websocket(request):
-        accept, dest = "text/plain", None
-    page = renderer.render(verdict, host=host, accept=accept,
-                           accept_language=request.headers.get("accept-language"),
-                           sec_fetch_dest=dest)
+    """The 451 answer for `request` (netfilter.http.reply decides its shape)."""
+    page = stop_reply(renderer, verdict, method=request.method,
+                      header=request.headers.get, host=host)
     headers = [(name.encode("latin-1"), value.encode("latin-1"))
                for name, value in page.headers]
-    body = b"" if request.method == "HEAD" else page.body
-    response = http.Response.make(page.status, body, headers)
-    if request.method == "HEAD":
-        response.headers["content-length"] = str(len(page.body))
+    response = http.Response.make(page.status, page.body, headers)
+    if request.method == "HEAD":  # make() set the empty body's length
+        response.headers["content-length"] = str(page.length)
     response.reason = REASONS.get(page.status, response.reason)
     return response
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from netfilter.config import parse_hostport
+from netfilter.dns.codes import Flag
 from netfilter.ratelimit import RateLimit
 
 __all__ = ["Done", "UpstreamPool", "query_tcp"]
@@ -80,6 +81,7 @@ def _name(address: tuple[str, int]) -> str:
 
 
 _UNREACHABLE = "unreachable (ICMP error): its queries move to the next upstream or get SERVFAIL"
+_QR_OCTET = int(Flag.QR) >> 8  # QR in the flags' first octet (data[2])
 _NOT_DNS = "sent a packet that is not a DNS response: ignored"
 _UNKNOWN_ID = "sent an answer whose id is of no query in flight (late, or a wrong id): ignored"
 _WRONG_QUESTION = "sent an answer whose question is not the one asked: ignored"
@@ -104,7 +106,7 @@ class _Socket(asyncio.DatagramProtocol):
         if item is None or data[12 : 12 + len(item[QUESTION])] != item[QUESTION]:
             self.pool.stats["upstream_mismatch"] += 1  # late, spoofed or foreign: ignore
             self.pool.trouble(self.pool.names[self.upstream],
-                              _NOT_DNS if len(data) < 12 or not data[2] & 0x80
+                              _NOT_DNS if len(data) < 12 or not data[2] & _QR_OCTET
                               else _UNKNOWN_ID if item is None else _WRONG_QUESTION)
             return
         del self.pending[query_id]

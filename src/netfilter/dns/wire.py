@@ -37,6 +37,8 @@ TYPE_CNAME = RRType.CNAME
 TYPE_OPT = RRType.OPT
 NO_EDNS_SIZE = 512  # what a client without EDNS can take (RFC 1035 4.2.1)
 POINTER = 0xC0  # the two top bits of a compression pointer's first octet
+OFFSET_HIGH = 0x3F  # the rest of that octet: the offset's high bits
+_VERSION = 0xFF  # the EDNS version: the low octet of ext-rcode+version (RFC 6891 6.1.3)
 MAX_NAME = 255
 MAX_POINTERS = 32  # a chain longer than this is a loop or an attack
 
@@ -96,7 +98,7 @@ def read_name(data: bytes, offset: int, *, allow_pointers: bool = True) -> tuple
             jumps += 1
             if jumps > MAX_POINTERS:
                 raise FormError("compression loop")
-            target = (count & 0x3F) << 8 | data[offset + 1]
+            target = (count & OFFSET_HIGH) << 8 | data[offset + 1]
             if end < 0:
                 end = offset + 2
             if target >= offset:
@@ -187,7 +189,7 @@ def parse_query(data: bytes) -> Query:
             structured = bool(rdlength) and _has_option(data, start, size, EDE_OPTION)
             return Query(qid, flags, name, qtype, qclass, question_end, True,
                          max(NO_EDNS_SIZE, udp_size), bool(opt_flags & EDNS_DO), structured,
-                         ext & 0xFF)
+                         ext & _VERSION)
     return _parse_records(data, qid, flags, name, qtype, qclass, question_end,
                           ancount + nscount, arcount)
 
@@ -212,7 +214,7 @@ def _parse_records(data: bytes, qid: int, flags: int, name: str, qtype: int, qcl
         edns = True
         _, udp_size, ttl, _ = RR_FIXED.unpack_from(data, rdata - 10)
         dnssec_ok = bool(ttl & EDNS_DO)
-        version = (ttl >> 16) & 0xFF
+        version = (ttl >> 16) & _VERSION
         structured = _has_option(data, rdata, rdata + rdlength, EDE_OPTION)
     if offset != len(data):
         raise FormError("trailing bytes after the last record")
@@ -314,7 +316,7 @@ def py_answer_is_plain(data: bytes, at: int) -> bool:
                 at += 1
                 break
             if count & POINTER == POINTER:
-                if at + 2 > size or ((count & 0x3F) << 8 | data[at + 1]) >= at:
+                if at + 2 > size or ((count & OFFSET_HIGH) << 8 | data[at + 1]) >= at:
                     return False
                 at += 2
                 break

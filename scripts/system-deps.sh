@@ -9,6 +9,7 @@ command -v unbound >/dev/null 2>&1 || need+=(unbound)
 [ -f /usr/lib/python3/dist-packages/unboundmodule.py ] || need+=(python3-unbound)
 command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
 command -v kdig >/dev/null 2>&1 || need+=(knot-dnsutils)  # DoT and DoH tests (kdig +tls, +https)
+command -v dnsdist >/dev/null 2>&1 || need+=(dnsdist)  # a DoT reference in benchmarks/test_encrypted_dns.py
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)

@@ -322,3 +322,57 @@ def test_metrics_count_each_transport(unbound: Unbound, pair: tuple[Path, Path],
     assert "netfilter_dns_encrypted_doh_queries_total 1.0" in text, text
     assert "netfilter_dns_encrypted_doh_http_415_total 1.0" in text
     assert "netfilter_dns_encrypted_doh_connections_h2_total 1.0" in text
+
+
+def test_more_streams_than_advertised_end_the_connection(server: EncryptedNetfilter) -> None:
+    """A client that opens more streams than SETTINGS allow (7 here) gets GOAWAY and its
+    connection closes; the server answers the next connection. The frames are written by
+    hand: h2 as a client would refuse to send them."""
+    import hpack
+    import hyperframe.frame
+
+    sock = tls_connect(server.doh_port, server.cert, alpn=["h2"])
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                 + hyperframe.frame.SettingsFrame(0).serialize())
+    encoder = hpack.Encoder()
+    headers = [(":method", "GET"), (":scheme", "https"), (":authority", HOST),
+               (":path", f"/dns-query?dns={_b64(_query())}")]
+    frames = b""
+    for n in range(8):  # open, never ended: each holds its stream
+        frame = hyperframe.frame.HeadersFrame(1 + 2 * n)
+        frame.data = encoder.encode(headers)
+        frame.flags.add("END_HEADERS")
+        frames += frame.serialize()
+    sock.sendall(frames)
+    pieces: list[bytes] = []
+    assert closed_by_server_collecting(sock, pieces)
+    received = b"".join(pieces)
+    goaway = hyperframe.frame.GoAwayFrame.type
+    assert _frame_types(received).count(goaway) == 1, received
+    sock.close()
+    assert doh(server, dns.message.make_query("clean.example", "A"), post=False,
+               version=H2).rcode() == dns.rcode.NOERROR
+
+
+def closed_by_server_collecting(sock: socket.socket, into: list[bytes]) -> bool:
+    """As closed_by_server, keeping what was received."""
+    for _ in range(100):
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        into.append(data)
+    return False
+
+
+def _frame_types(data: bytes) -> list[int]:
+    types, at = [], 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at:at + 3], "big")
+        types.append(data[at + 3])
+        at += 9 + length
+    return types

@@ -204,6 +204,7 @@ async def serve_h2(listener: DohListener, reader: asyncio.StreamReader,
                 await writer.drain()
     except h2.exceptions.ProtocolError:
         stats["doh_h2_protocol_error"] += 1
+        session.goaway = True
         session.flush()  # h2's GOAWAY
     except ConnectionError:
         return

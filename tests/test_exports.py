@@ -11,7 +11,9 @@ import netfilter
 MODULES = ["netfilter", "netfilter.canonical", "netfilter.keys", "netfilter.listfile",
            "netfilter.listsource", "netfilter.matcher", "netfilter.lists", "netfilter.bloom",
            "netfilter.config", "netfilter.engine", "netfilter.events", "netfilter.errors",
-           "netfilter.digest", "netfilter.privacy"]
+           "netfilter.digest", "netfilter.privacy", "netfilter.dns.answers",
+           "netfilter.dns.canaries", "netfilter.dns.codes", "netfilter.dns.listener",
+           "netfilter.dns.tcp", "netfilter.dns.wire"]
 
 
 @pytest.mark.parametrize("name", MODULES)

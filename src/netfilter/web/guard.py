@@ -209,6 +209,8 @@ class Guard(asyncio.Protocol):
 
     def _head(self, data: bytes) -> bytes:
         """Take bytes of a head; hand a whole one over. Returns what follows it."""
+        if self._timer is None:  # a later head on a kept-alive connection begins
+            self._arm()
         self._buffer += data
         end = head_end(self._buffer)
         try:
@@ -282,10 +284,13 @@ class Guard(asyncio.Protocol):
     # ------------------------------------------------------------ deadlines and ends
 
     def answered(self) -> None:
-        """The stack writes an answer: the next head's deadline runs from now (not
-        before: a slow answer must not cost its connection)."""
-        if self._timer is None and not self.closing and not self._discard_all:
-            self._arm()
+        """The stack writes an answer: the connection waits for its next head, idle
+        (evictable) again. That head's deadline runs from its first byte; until then
+        uvicorn's keep-alive time-out ends a silent connection."""
+        slot = self._slot
+        if slot is not None and not slot.reading:
+            slot.reading = True
+            self.complete = False
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()

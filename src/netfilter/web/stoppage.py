@@ -27,6 +27,7 @@ from netfilter.web.head import decode, split_host
 __all__ = ["MAX_HOST", "StopPageRoute"]
 
 MAX_HOST = 255  # longer is no DNS name: not looked up
+_UNSAFE = str.maketrans("", "", "\r\n\0")  # never in a header field value
 
 
 def _refusal(status: int) -> Response:
@@ -75,9 +76,9 @@ class StopPageRoute:
         page = self.renderer.render(verdict, host=host, accept=field(b"accept"),
                                     accept_language=field(b"accept-language"),
                                     sec_fetch_dest=field(b"sec-fetch-dest"))
-        headers = [(n, "".join(c for c in v if c not in "\r\n\0")) for n, v in page.headers]
         response = Response(page.body, status_code=page.status)
-        for name, value in [*headers, ("Connection", "close")]:
-            response.headers.append(name, value)
+        response.raw_headers += [(n.lower().encode("latin-1"),
+                                  v.translate(_UNSAFE).encode("latin-1", "replace"))
+                                 for n, v in [*page.headers, ("Connection", "close")]]
         self.latency.observe(time.monotonic() - started)
         return response

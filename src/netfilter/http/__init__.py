@@ -17,6 +17,7 @@ from netfilter.http.hosts import (
 )
 from netfilter.http.reply import REASONS, Reply, refusal_text, stop_reply
 from netfilter.http.target import (
+    DEFAULT_PORTS,
     Target,
     TargetCache,
     make_target,
@@ -26,6 +27,7 @@ from netfilter.http.target import (
 )
 
 __all__ = [
+    "DEFAULT_PORTS",
     "REASONS",
     "HostDecision",
     "InterceptMode",

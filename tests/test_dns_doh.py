@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import random
 import re
 import socket
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import h2.config
 import h2.connection
@@ -376,3 +378,39 @@ def _frame_types(data: bytes) -> list[int]:
         types.append(data[at + 3])
         at += 9 + length
     return types
+
+
+@pytest.mark.parametrize("alpn", [["h2"], ["http/1.1"], ["dot"]])
+def test_random_bytes_never_stop_the_server(server: EncryptedNetfilter,
+                                            alpn: list[str]) -> None:
+    """Seeded random bytes after the handshake, and a good request cut short and
+    mutated, on DoH (HTTP/2, HTTP/1.1) and DoT: the server closes or answers, and
+    answers the next client."""
+    rng = random.Random(8484)
+    port = server.dot_port if alpn == ["dot"] else server.doh_port
+    good = (b"POST /dns-query HTTP/1.1\r\nHost: x\r\ncontent-type: application/dns-message"
+            b"\r\ncontent-length: %d\r\n\r\n" % len(_query()) + _query())
+    if alpn == ["h2"]:
+        good = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + good
+    for _ in range(20):
+        if rng.random() < 0.5:
+            junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        else:
+            junk = bytearray(good[: rng.randrange(1, len(good) + 1)])
+            for _ in range(rng.randrange(1, 6)):
+                junk[rng.randrange(len(junk))] = rng.randrange(256)
+            junk = bytes(junk)
+        with tls_connect(port, server.cert, alpn=alpn) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            closed_by_server(sock)
+    assert dot_or_doh_answers(server)
+
+
+def dot_or_doh_answers(server: EncryptedNetfilter) -> bool:
+    query = dns.message.make_query("blocked.example", "A")
+    over_doh = doh(server, query, post=True, version=H2)
+    with tls_connect(server.dot_port, server.cert) as sock:
+        dns.query.send_tcp(sock, query)
+        over_dot, _ = dns.query.receive_tcp(sock)
+    return over_doh.rcode() == over_dot.rcode() == dns.rcode.NXDOMAIN

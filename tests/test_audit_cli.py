@@ -193,7 +193,8 @@ def check_inclusion(node: Node, index: int, size: int | None,
                     result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, (index, size, result.stderr)
     record = json.loads(result.stdout)
-    assert list(record) == ["index", "tree_size", "event", "inclusion"]
+    assert list(record) == ["index", "tree_size", "event", "leaf_hash", "inclusion", "root",
+                            "checkpoint"]  # what verify-proof reads (test_audit_proofs.py)
     tree = size or 37
     assert (record["index"], record["tree_size"]) == (index, tree)
     event = record["event"].encode("utf-8")
@@ -217,7 +218,7 @@ def test_inclusion_proof_text(node: Node) -> None:
                                     "--json")])
     assert result.returncode == 0, result.stderr
     record = parse_text(result.stdout)
-    assert list(record) == ["index", "tree_size", "event", "inclusion"]
+    assert list(record) == ["index", "tree_size", "event", "leaf_hash", "inclusion", "root"]
     assert (record["index"], record["tree_size"]) == ("9", "16")
     event = str(record["event"]).encode("utf-8")
     assert "résumé ✓" in str(record["event"])  # UTF-8 as is
@@ -244,8 +245,9 @@ def check_consistency(node: Node, old: int, size: int | None,
     assert result.returncode == 0, (old, size, result.stderr)
     record = json.loads(result.stdout)
     tree = size or 37
-    assert record == {"old_size": old, "tree_size": tree, "consistency": record["consistency"]}
-    assert list(record) == ["old_size", "tree_size", "consistency"]
+    assert list(record) == ["old_size", "old_root", "tree_size", "new_root", "consistency",
+                            "old_checkpoint", "checkpoint"]
+    assert (record["old_size"], record["tree_size"]) == (old, tree)
     roots = signed_roots(node)
     proof = b64(record["consistency"])
     merkle.verify_consistency(old, tree, roots[old], roots[tree], proof)
@@ -258,7 +260,7 @@ def test_consistency_proof_text(node: Node) -> None:
     result = run("prove", "--log", node.log, "--old-size", "5")
     assert result.returncode == 0, result.stderr
     record = parse_text(result.stdout)
-    assert list(record) == ["old_size", "tree_size", "consistency"]
+    assert list(record) == ["old_size", "old_root", "tree_size", "new_root", "consistency"]
     assert (record["old_size"], record["tree_size"]) == ("5", "37")
     proof = record["consistency"]
     assert isinstance(proof, list) and proof

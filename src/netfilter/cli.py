@@ -143,10 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "prove":
             which = cmd.add_mutually_exclusive_group(required=True)
             which.add_argument("--index", type=int, help="inclusion proof of event N")
-            which.add_argument("--old-size", type=int, help="consistency proof from size M")
-            cmd.add_argument("--size", type=int,
+            which.add_argument("--old-size", "--old", type=int,
+                               help="consistency proof from size M")
+            cmd.add_argument("--size", "--new", type=int,
                              help="tree size (default: the latest signed checkpoint's)")
-            cmd.add_argument("--json", action="store_true")
+            cmd.add_argument("--json", action="store_true",
+                             help="the JSON object `audit verify-proof` reads")
         if name in ("report", "export-authority"):
             cmd.add_argument("--from", dest="start", type=_day, required=True,
                              metavar="YYYY-MM-DD")
@@ -171,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--mode", default="0644", metavar="OCTAL",
                              help="file mode, 0644 or narrower (default 0644: an export is "
                                   "meant to be handed over; it holds no pseudonym keys)")
+    from netfilter.audit_args import add_auditor_commands
+
+    add_auditor_commands(asub)  # follow, verify-proof: no --log/--config
 
     cfg = sub.add_parser("config", help="check a configuration file")
     csub = cfg.add_subparsers(dest="config_cmd", required=True)
@@ -234,9 +239,12 @@ def _fail(error: NetfilterError, status: int) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from netfilter.audit.commands import run
+    from netfilter.audit.commands import exit_status, run
 
-    return run(args)
+    try:
+        return run(args)
+    except NetfilterError as e:
+        return _fail(e, exit_status(args, e))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sqlite3
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from netfilter.audit import merkle
 from netfilter.audit.note import Signer
+from netfilter.audit.proofs import proof_record
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore, keys_path
 from netfilter.audit.tiles import write_tiles
@@ -22,7 +22,23 @@ from netfilter.config import load_config, parse_hostport
 from netfilter.errors import ListenError, NetfilterError
 from netfilter.keys import load_private_key, load_public_key
 
-__all__ = ["run"]
+__all__ = ["exit_status", "run"]
+
+AUDITOR_COMMANDS = ("follow", "verify-proof")
+"""Commands whose user mistakes exit 2 (the older ones keep their 1)."""
+
+
+def exit_status(args: argparse.Namespace, error: NetfilterError) -> int:
+    """1 when what was checked does not verify (or the node cannot be read); 2 for a
+    mistake in the command of follow or verify-proof; 1 for the other commands."""
+    if args.audit_cmd not in AUDITOR_COMMANDS:
+        return 1
+    from netfilter.audit.fetch import FetchError
+    from netfilter.audit.proofs import VerificationError
+    from netfilter.audit.tilereader import TileError
+
+    return 1 if isinstance(error, FetchError | TileError | VerificationError
+                           | merkle.ProofError) else 2
 
 
 def _log_path(args: argparse.Namespace) -> Path:
@@ -83,6 +99,14 @@ def _read_checkpoint_file(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.audit_cmd == "follow":
+        from netfilter.audit.auditor import follow_command
+
+        return follow_command(args)
+    if args.audit_cmd == "verify-proof":
+        from netfilter.audit.auditor import verify_proof_command
+
+        return verify_proof_command(args)
     path = _log_path(args)
     if args.audit_cmd == "export":
         return _export(path, Path(args.out), args.mode)
@@ -201,6 +225,7 @@ def _export(source: Path, out: Path, octal: str) -> int:
 
 
 def _prove(store: AuditStore, args: argparse.Namespace) -> int:
+    """The proof as `verify-proof` reads it (--json), or as `key: value` lines."""
     size = args.size
     if size is None:
         latest = store.latest_checkpoint()
@@ -209,34 +234,23 @@ def _prove(store: AuditStore, args: argparse.Namespace) -> int:
         size = latest.size
     if not 0 < size <= store.size():
         raise NetfilterError("--size", f"must be 1..{store.size()}")
-    b64 = [base64.b64encode(h).decode() for h in _proof(store, args, size)]
-    if args.index is not None:
-        leaf = store.leaf(args.index)
-        assert leaf is not None
-        event = leaf.event.decode() if leaf.event is not None else None
-        record = {"index": args.index, "tree_size": size, "event": event, "inclusion": b64}
-    else:
-        record = {"old_size": args.old_size, "tree_size": size, "consistency": b64}
-    if args.json:
-        print(json.dumps(record, ensure_ascii=False))
-    else:
-        for key, value in record.items():
-            if isinstance(value, list):
-                print(f"{key}:")
-                for item in value:
-                    print(f"  {item}")
-            elif value is None:
-                print(f"{key}: (removed by retention; its leaf hash is in the tree)")
-            else:
-                print(f"{key}: {value}")
-    return 0
-
-
-def _proof(store: AuditStore, args: argparse.Namespace, size: int) -> list[bytes]:
     try:
-        if args.index is not None:
-            return merkle.inclusion_proof(args.index, size, store)
-        return merkle.consistency_proof(args.old_size, size, store)
+        record = proof_record(store, size, index=args.index, old_size=args.old_size)
     except ValueError as e:
         raise NetfilterError("--index" if args.index is not None else "--old-size",
                              str(e)) from e
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    for key, value in record.items():
+        if key in ("checkpoint", "old_checkpoint"):
+            continue  # signed notes of several lines: in --json only
+        if isinstance(value, list):
+            print(f"{key}:")
+            for item in value:
+                print(f"  {item}")
+        elif value is None:
+            print(f"{key}: (removed by retention; its leaf hash is in the tree)")
+        else:
+            print(f"{key}: {value}")
+    return 0

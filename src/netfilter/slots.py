@@ -49,9 +49,22 @@ class Deadline(Protocol):
     def expired(self) -> bool: ...
 
 
+_KEYS: dict[str | None, str] = {}  # address -> key, recent ones (cleared when full)
+_KEYS_KEPT = 4096
+
+
 def client_key(address: str | None) -> str:
     """What the per-client cap counts: an IPv4 address (also when IPv4-mapped), an
-    IPv6 /64."""
+    IPv6 /64. Remembered for recent addresses: a flood comes from few of them."""
+    key = _KEYS.get(address)
+    if key is None:
+        if len(_KEYS) >= _KEYS_KEPT:
+            _KEYS.clear()
+        key = _KEYS[address] = _client_key(address)
+    return key
+
+
+def _client_key(address: str | None) -> str:
     text = (address or "").split("%")[0]
     try:
         ip = ipaddress.ip_address(text)

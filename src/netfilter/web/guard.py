@@ -244,7 +244,7 @@ class Guard(asyncio.Protocol):
             self._refuse(Refused(413, "request body too large"))
             return b""
         self._body, self._forward_body = (length or 0), keep
-        self._hand(request, keep)
+        self._hand(request, head, keep)
         return b"" if self._discard_all else rest
 
     @staticmethod
@@ -258,12 +258,17 @@ class Guard(asyncio.Protocol):
             raise Refused(400, "bad Content-Length")
         return int(next(iter(lengths)))
 
-    def _hand(self, request: Request, keep: bool) -> None:
-        head = canonical(request)
-        if not keep and request.get("content-length"):
-            head = canonical(Request(request.method, request.target, request.version,
-                                     request.fields,
-                                     [f for f in request.raw if f[0] != b"content-length"]))
+    def _hand(self, request: Request, head: bytes, keep: bool) -> None:
+        """Give the stack the head: as received when it is in canonical form already
+        (CRLF, origin-form, no body dropped here), else rewritten (`head.canonical`)."""
+        dropped = not keep and bool(request.get("content-length"))
+        if (dropped or not request.target.startswith("/") or head[:1] in (b"\r", b"\n")
+                or head.count(b"\n") != head.count(b"\r\n")):
+            if dropped:
+                request = Request(request.method, request.target, request.version,
+                                  request.fields,
+                                  [f for f in request.raw if f[0] != b"content-length"])
+            head = canonical(request)
         if self._inner is None:
             assert self._transport is not None
             self._inner = self._make_inner()

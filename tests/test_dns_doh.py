@@ -414,3 +414,28 @@ def dot_or_doh_answers(server: EncryptedNetfilter) -> bool:
         dns.query.send_tcp(sock, query)
         over_dot, _ = dns.query.receive_tcp(sock)
     return over_doh.rcode() == over_dot.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_unfinished_bodies_are_bounded_per_connection(unbound: Unbound,
+                                                      pair: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """Streams that send parts of bodies and never end them: past dns.tcp_max_buffer
+    (4 KiB here) for all of them together, the connection is dropped; each stream alone
+    stays under its 65535 octets."""
+    with serving(tmp_path, unbound, pair, tcp_max_buffer=4096) as server:
+        sock = tls_connect(server.doh_port, server.cert, alpn=["h2"])
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for _ in range(6):
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, [(":method", "POST"), (":scheme", "https"),
+                                       (":authority", HOST), (":path", "/dns-query"),
+                                       ("content-type", DNS_MESSAGE)])
+            conn.send_data(stream, b"\0" * 1000)
+        sock.sendall(conn.data_to_send())
+        assert closed_by_server(sock)
+        sock.close()
+        response = doh(server, dns.message.make_query("clean.example", "A"), post=True,
+                       version=H2)
+        assert response.rcode() == dns.rcode.NOERROR
+        assert counters(server)["doh_dropped_unfinished"] == 1

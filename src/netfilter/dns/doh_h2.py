@@ -4,8 +4,9 @@ Each stream is one request; many are answered at once, in the order the answers 
 Bounded: streams open at once (`dns.doh_max_streams`, advertised in SETTINGS; h2 ends
 a connection that opens more), a header list of at most 16 KiB, a body of at most
 65535 octets per stream (past it: 413 for that stream), requests per connection
-(`dns.tcp_max_queries`, then GOAWAY), idle time and lifetime, and the answer bytes the
-client has not read (`dns.tcp_max_buffer`, past it the connection is dropped). A
+(`dns.tcp_max_queries`, then GOAWAY), idle time and lifetime; and by
+`dns.tcp_max_buffer` both the unfinished request bodies of all streams together and the
+answer bytes the client has not read (past either, the connection is dropped). A
 protocol error ends the connection with GOAWAY, as h2 decides.
 """
 
@@ -123,7 +124,7 @@ class _Session:
     def _data(self, event: h2.events.DataReceived) -> None:
         self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         request = self.pending.get(event.stream_id)
-        if request is None or request.refused:
+        if request is None or request.refused or self.writer.is_closing():
             return
         request.body += event.data or b""
         if len(request.body) > MAX_MESSAGE:
@@ -131,6 +132,11 @@ class _Session:
             request.body = bytearray()
             self.stats["doh_http_413"] += 1
             self._reply(event.stream_id, 413, b"a DNS message has at most 65535 octets\n")
+        elif sum(len(r.body) for r in self.pending.values()) > self.max_buffer:
+            # Bodies of requests not whole yet, all streams together: bounded like the
+            # answers a client has not read (at most doh_max_streams entries to add up).
+            self.stats["doh_dropped_unfinished"] += 1
+            self.writer.transport.abort()
 
     def _ended(self, stream_id: int) -> None:
         request = self.pending.pop(stream_id, None)

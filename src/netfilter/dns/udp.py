@@ -20,6 +20,7 @@ Two ways to do the clean part, same behaviour:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
@@ -37,6 +38,7 @@ except ImportError:  # built without a C compiler
 
 __all__ = ["PythonListener", "RelayListener", "bind_udp", "relay_available", "relay_built"]
 
+log = logging.getLogger(__name__)
 Address = tuple[Any, ...]
 _UNSEEN = object()  # a name not in the engine's host cache
 # Block answers the relay keeps: one per (name, qtype, EDNS/DO/EDE form) under the lists
@@ -280,6 +282,8 @@ class RelayListener:
         self._loop.remove_reader(self.sock.fileno())
         self._loop.remove_reader(self.upstream.fileno())
         self._record_blocks()
+        log.info("dns: relay caches at stop: %s", ", ".join(
+            f"{key} {value}" for key, value in sorted(self.relay.cache_stats().items())))
         for data, addr in self.relay.expired(all=True):
             self.server.answer_udp(None, data, str(addr[0]), self._responder(addr))
         self.upstream.close()

@@ -290,3 +290,20 @@ def _verifies(port: int, context: ssl.SSLContext) -> bool:
             return True
     except (ssl.SSLError, OSError):
         return False
+
+
+def test_connections_in_their_handshake_hold_slots_and_lose_them(
+        unbound: Unbound, pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A connection takes its slot before its handshake: a client's connections that
+    never send a ClientHello count against its cap, and its next connection closes the
+    oldest of them (long before the 60 s handshake deadline here)."""
+    with serving(tmp_path, unbound, pair, tcp_per_client=2,
+                 tls_handshake_timeout=60) as server:
+        first = socket.create_connection((HOST, server.dot_port), timeout=5)
+        second = socket.create_connection((HOST, server.dot_port), timeout=5)
+        with tls_connect(server.dot_port, server.cert) as sock:
+            assert ask(sock, dns.message.make_query("clean.example", "A")).answer
+        assert closed_by_server(first)
+        for raw in (first, second):
+            raw.close()
+        assert counters(server)["dot_closed_for_new"] >= 1

@@ -160,7 +160,7 @@ def _check_entries(reader: TileReader, start: int, end: int,
                    result: FollowResult) -> None:
     """The entry bundles of leaves start..end-1 against the (checked) level-0 tiles."""
     checked = removed = 0
-    for index in range(start // WIDTH, -(-end // WIDTH)):
+    for index in range(start // WIDTH, -(-end // WIDTH) if end > start else 0):
         lo = index * WIDTH
         entries = reader.entries(index, MAX_BUNDLE)
         hashes = reader.tile(0, index)

@@ -1,0 +1,337 @@
+"""`netfilter audit follow` against a running node: `netfilter audit tiles --listen`
+serving a tlog-tiles directory that `write_tiles` keeps current as the log grows.
+
+Held against the issue ("Auditor's view"): following twice as the log grows is
+consistent, across full tiles; a log rewritten with the node's own key (events deleted
+and others appended, re-signed) is caught in one line with exit 1 and the kept
+checkpoint stays; a tampered tile or entry, a wrong key, an oversize response are
+caught; only the tiles a proof needs are fetched; the state is 0700/0600; each user
+mistake is one line with exit 2. Traffic only to loopback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netfilter.audit.checkpoint import Checkpoint, CosignatureSigner, sign_checkpoint
+from netfilter.audit.follow import State
+from netfilter.audit.follow import follow as run_follow
+from netfilter.audit.merkle import CompactRange, leaf_hash
+from netfilter.audit.note import Signer
+from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.tiles import tile_path, write_tiles
+from netfilter.keys import generate_keypair, load_private_key, load_public_key
+from tests.support import ChildProcess, free_port, listening
+
+ROOT = Path(__file__).resolve().parent.parent
+ORIGIN = "gw-follow.example"
+
+
+class Log:
+    """A node's store grown by direct appends and signed with its key."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "audit.sqlite"
+        self.store = AuditStore(self.path)
+        key, self.pub = generate_keypair(directory / "node")
+        self.signer = Signer.from_private_key(ORIGIN, load_private_key(key))
+        self.compact = CompactRange()
+        self.tiles = directory / "tiles"
+
+    def grow(self, count: int, tag: str = "e") -> None:
+        first = self.store.size()
+        rows = []
+        for i in range(first, first + count):
+            event = b'{"i":%d,"origin":"%s","tag":"%s"}' % (i, ORIGIN.encode(), tag.encode())
+            rows.append((leaf_hash(event), event, "2026-11-05"))
+        self.store.append(rows)
+        self.compact.extend(h for h, _, _ in rows)
+        self.sign()
+
+    def sign(self) -> None:
+        size, root = self.compact.size, self.compact.root()
+        note = sign_checkpoint(Checkpoint(ORIGIN, size, root), self.signer)
+        self.store.add_checkpoint(StoredCheckpoint(size, root, note, "2026-11-05T00:00:00",
+                                                   b"".join(self.compact.hashes)))
+        write_tiles(self.store, self.tiles)
+
+    def rewrite(self, keep: int, count: int) -> None:
+        """Delete the events from `keep` on and every checkpoint, append `count` others
+        and sign with the same key: a history no earlier checkpoint is part of."""
+        self.store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("DELETE FROM leaves WHERE idx >= ?", (keep,))
+            db.execute("DELETE FROM checkpoints")
+        db.close()
+        self.store = AuditStore(self.path, create=False)
+        self.compact = CompactRange()
+        self.compact.extend(self.store.leaf_hashes(0, keep))
+        self.grow(count, tag="rewritten")
+
+
+class TileNode(ChildProcess):
+    """`netfilter audit tiles --log --out --listen`: the node's tiles over HTTP."""
+
+    name = "audit tiles"
+
+    def __init__(self, log: Log, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc = None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.popen([sys.executable, "-m", "netfilter.cli", "audit", "tiles", "--log",
+                    str(log.path), "--out", str(log.tiles), "--listen",
+                    f"127.0.0.1:{self.port}"], cwd=ROOT)
+        self.wait_until(lambda: listening(self.port))
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    node = Log(tmp_path)
+    node.grow(10)
+    return node
+
+
+@pytest.fixture
+def node(log: Log, tmp_path: Path) -> Iterator[TileNode]:
+    server = TileNode(log, tmp_path / "tiles.log")
+    yield server
+    server.stop()
+
+
+def follow(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "netfilter.cli", "audit", "follow",
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def one_line(result: subprocess.CompletedProcess[str], status: int, *needles: str) -> str:
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("netfilter: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+def ok(result: subprocess.CompletedProcess[str], old: int, new: int) -> str:
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    (line,) = result.stdout.splitlines()
+    assert f"{ORIGIN} at " in line and f": {old} -> {new}, consistent; cosigners:" in line
+    return line
+
+
+# ---------------------------------------------------------------- a log that grows
+def test_follow_as_the_log_grows(log: Log, node: TileNode, tmp_path: Path) -> None:
+    state = tmp_path / "auditor" / "state"
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 10)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    kept = state / "checkpoint"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_bytes() == (log.tiles / "checkpoint").read_bytes()
+    assert [p.name for p in state.iterdir()] == ["checkpoint"]  # no temporary left
+
+    log.grow(290)  # 300: the first full tile
+    line = ok(follow(node.url, "--key", log.pub, "--state", state, "--entries"), 10, 300)
+    assert line.endswith("cosigners: none; 290 entries match their leaf hashes "
+                         "(0 removed by retention)")
+    log.grow(300)  # 600: a second full level-0 tile, two hashes at level 1
+    ok(follow(node.url, "--key", log.pub, "--state", state, "--entries"), 300, 600)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 600, 600)
+    assert kept.read_bytes() == (log.tiles / "checkpoint").read_bytes()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_partial_tiles_gone_read_from_full_tiles(log: Log, node: TileNode,
+                                                 tmp_path: Path) -> None:
+    """A node may delete a partial tile once its full tile exists (tlog-tiles); a
+    follower that holds an older checkpoint reads the prefix of the full one."""
+    state = tmp_path / "state"
+    log.grow(290)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 300)
+    old = (log.tiles / "checkpoint").read_bytes()
+    log.grow(300)
+    (log.tiles / "checkpoint").write_bytes(old)  # the served checkpoint lags its tiles
+    assert not (log.tiles / f"{tile_path(0, 1)}.p").exists()
+    ok(follow(node.url, "--key", log.pub, "--state", tmp_path / "fresh", "--entries"), 0, 300)
+
+
+# ---------------------------------------------------------------- rewritten logs
+def test_rewritten_log_is_caught_and_the_old_checkpoint_kept(log: Log, node: TileNode,
+                                                             tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log.grow(290)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 300)
+    kept = (state / "checkpoint").read_bytes()
+    log.rewrite(keep=120, count=200)  # 320 events, 180 of them new; signed by the node
+    line = one_line(follow(node.url, "--key", log.pub, "--state", state), 1,
+                    "NOT CONSISTENT", "size 320", "size 300", "rewritten or forked")
+    assert (state / "checkpoint").read_bytes() == kept
+    assert (state / "conflicting-checkpoint").read_bytes() == (
+        log.tiles / "checkpoint").read_bytes()
+    assert str(state / "conflicting-checkpoint") in line
+    # and it stays caught: the next run compares with the same kept checkpoint
+    one_line(follow(node.url, "--key", log.pub, "--state", state), 1, "NOT CONSISTENT")
+    assert (state / "checkpoint").read_bytes() == kept
+
+
+def test_shrunk_log_is_caught(log: Log, node: TileNode, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log.grow(290)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 300)
+    kept = (state / "checkpoint").read_bytes()
+    log.rewrite(keep=250, count=5)
+    one_line(follow(node.url, "--key", log.pub, "--state", state), 1,
+             "NOT CONSISTENT", "smaller than the kept one of size 300")
+    assert (state / "checkpoint").read_bytes() == kept
+
+
+def test_same_size_other_root_is_caught(log: Log, node: TileNode, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 10)
+    log.rewrite(keep=9, count=1)
+    one_line(follow(node.url, "--key", log.pub, "--state", state), 1, "NOT CONSISTENT")
+
+
+# ---------------------------------------------------------------- tampering, keys, sizes
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_tiles_are_caught(log: Log, node: TileNode, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log.grow(290)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 300)
+    kept = (state / "checkpoint").read_bytes()
+    log.grow(300)
+    full = log.tiles / tile_path(0, 1)  # leaves 256..511: the proof from 300 needs it
+    _flip(full, 32 * 60 + 3)
+    one_line(follow(node.url, "--key", log.pub, "--state", state), 1,
+             tile_path(0, 1), "does not hash to the hash its parent", "tampered tile")
+    assert (state / "checkpoint").read_bytes() == kept
+    _flip(full, 32 * 60 + 3)
+    edge = log.tiles / tile_path(0, 2, 600 - 512)
+    _flip(edge, 5)
+    one_line(follow(node.url, "--key", log.pub, "--state", state), 1,
+             "do not hash to the checkpoint's root")
+    _flip(edge, 5)
+    bundle = log.tiles / tile_path("entries", 1)
+    data = bundle.read_bytes()
+    bundle.write_bytes(data.replace(b'"i":300,', b'"i":301,'))
+    one_line(follow(node.url, "--key", log.pub, "--state", state, "--entries"), 1,
+             "entry 300 does not hash to its leaf")
+    assert (state / "checkpoint").read_bytes() == kept
+    bundle.write_bytes(data)
+    ok(follow(node.url, "--key", log.pub, "--state", state, "--entries"), 300, 600)
+
+
+def test_wrong_key_and_forged_signature(log: Log, node: TileNode, tmp_path: Path) -> None:
+    _, other = generate_keypair(tmp_path / "other")
+    one_line(follow(node.url, "--key", other, "--state", tmp_path / "s1"), 1,
+             "not signed by the key in", "wrong key")
+    assert not (tmp_path / "s1" / "checkpoint").exists()
+    served = log.tiles / "checkpoint"
+    note = served.read_bytes()
+    served.write_bytes(note.replace(b"\n10\n", b"\n11\n", 1))  # the text, not the signature
+    one_line(follow(node.url, "--key", log.pub, "--state", tmp_path / "s2"), 1,
+             "does not verify", "forged or altered")
+    served.write_bytes(note)
+    ok(follow(node.url, "--key", log.pub, "--state", tmp_path / "s3"), 0, 10)
+    one_line(follow(node.url, "--key", other, "--state", tmp_path / "s3"), 2,
+             "the kept checkpoint does not verify")
+
+
+def test_cosignatures_reported(log: Log, node: TileNode, tmp_path: Path) -> None:
+    served = log.tiles / "checkpoint"
+    witness_key, _ = generate_keypair(tmp_path / "witness")
+    witness = CosignatureSigner("witness.example", load_private_key(witness_key),
+                                clock=lambda: 1_780_000_000)
+    note = served.read_bytes()
+    text = note.split(b"\n\n", 1)[0] + b"\n"
+    signed = sign_checkpoint(Checkpoint.parse(text.decode()), log.signer, witness)
+    served.write_bytes(signed)
+    line = ok(follow(node.url, "--key", log.pub, "--state", tmp_path / "s1"), 0, 10)
+    assert line.endswith("cosigners: witness.example (unchecked)")
+    line = ok(follow(node.url, "--key", log.pub, "--state", tmp_path / "s2", "--witness",
+                     witness.verifier().vkey), 0, 10)
+    assert line.endswith("cosigners: witness.example (verified)")
+
+
+def test_oversize_responses_refused(log: Log, node: TileNode, tmp_path: Path) -> None:
+    served = log.tiles / "checkpoint"
+    note = served.read_bytes()
+    served.write_bytes(note + b"x" * (1 << 18))
+    one_line(follow(node.url, "--key", log.pub, "--state", tmp_path / "s"), 1,
+             "/checkpoint", "more than the 131072 it may have")
+    served.write_bytes(note)
+    edge = log.tiles / tile_path(0, 0, 10)
+    edge.write_bytes(edge.read_bytes() + b"\0" * 32)
+    one_line(follow(node.url, "--key", log.pub, "--state", tmp_path / "s"), 1,
+             tile_path(0, 0, 10), "more than the 320 it may have")
+    assert not (tmp_path / "s" / "checkpoint").exists()
+
+
+def test_missing_tiles_and_no_node(log: Log, node: TileNode, tmp_path: Path) -> None:
+    shutil.rmtree(log.tiles / "tile")
+    one_line(follow(node.url, "--key", log.pub, "--state", tmp_path / "s"), 1,
+             "not served (404)")
+    one_line(follow(f"{node.url}elsewhere/", "--key", log.pub, "--state", tmp_path / "s"),
+             1, "checkpoint: not served (404)")
+    node.stop()
+    one_line(follow(node.url, "--key", log.pub, "--state", tmp_path / "s"), 1,
+             "cannot fetch")
+
+
+# ---------------------------------------------------------------- user mistakes
+def test_user_mistakes_one_line_exit_2(log: Log, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (("http://node.example/", "--key", log.pub, "--state", state),
+         ("http://node.example/", "loopback", "--allow-http")),
+        (("ftp://127.0.0.1/", "--key", log.pub, "--state", state), ("https://",)),
+        (("https://127.0.0.1:99999/", "--key", log.pub, "--state", state), ("not a URL",)),
+        (("https://node.example/?x=1", "--key", log.pub, "--state", state), ("query",)),
+        (("https://node.example/", "--key", tmp_path / "none.pub", "--state", state),
+         ("none.pub", "not found")),
+        (("https://node.example/", "--key", tmp_path / "file", "--state", state),
+         ("not a PEM public key",)),
+        (("https://node.example/", "--key", log.pub, "--state", tmp_path / "file"),
+         ("not a directory",)),
+        (("https://node.example/", "--key", log.pub, "--state", state, "--timeout", "0"),
+         ("--timeout",)),
+        (("https://node.example/", "--key", log.pub, "--state", state, "--witness", "w+1"),
+         ("--witness", "malformed cosigner key")),
+    ]
+    for args, needles in cases:
+        one_line(follow(*args), 2, *needles)
+    assert not state.exists()
+    usage = follow("https://node.example/", "--state", state)  # argparse: no --key
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_only_the_tiles_a_proof_needs(log: Log, node: TileNode, tmp_path: Path) -> None:
+    """From 300 to 600: the checkpoint, the two edge tiles (0/002.p/88, 1/000.p/2) and
+    the one full tile the proof reads into (0/001); never tile 0/000 or the entries."""
+    state = State(tmp_path / "state")
+    log.grow(290)
+    first = run_follow(node.url, load_public_key(log.pub), state)
+    assert (first.old_size, first.new_size, first.requests) == (0, 300, 3)
+    log.grow(300)
+    second = run_follow(node.url, load_public_key(log.pub), state)
+    assert (second.old_size, second.new_size, second.requests) == (300, 600, 4)
+    checked = run_follow(node.url, load_public_key(log.pub), state, entries=True)
+    assert checked.entries_checked == 0 and checked.requests == 3

@@ -106,7 +106,7 @@ class DohListener:
                             "doh")
         self.acceptor = TlsAcceptor(context, slots, self.session,
                                     handshake_timeout=settings.tls_handshake_timeout,
-                                    stats=stats, prefix="doh")
+                                    stats=stats, prefix="doh", fault=resolver.fault)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       held: Held) -> None:

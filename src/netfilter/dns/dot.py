@@ -94,7 +94,7 @@ class DotListener:
                             "dot")
         self.acceptor = TlsAcceptor(context, slots, self.session,
                                     handshake_timeout=settings.tls_handshake_timeout,
-                                    stats=stats, prefix="dot")
+                                    stats=stats, prefix="dot", fault=resolver.fault)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       held: Held) -> None:

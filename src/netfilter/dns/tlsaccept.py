@@ -23,6 +23,7 @@ from netfilter.dns.streamslots import Held, StreamSlots
 __all__ = ["Session", "TlsAcceptor"]
 
 Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Held], Awaitable[None]]
+Fault = Callable[[str, BaseException], None]  # the server's FaultLog: counted, rate-limited
 STREAM_LIMIT = 1 << 16  # StreamReader's buffer limit; sessions read in bounded pieces
 ACCEPT_PAUSE = 0.1  # seconds after an accept error (EMFILE) before the next try
 
@@ -49,8 +50,10 @@ class TlsAcceptor:
     connection gets a slot, a TLS handshake under `context`, then `session`."""
 
     def __init__(self, context: ssl.SSLContext, slots: StreamSlots, session: Session, *,
-                 handshake_timeout: float, stats: Counter[str], prefix: str) -> None:
+                 handshake_timeout: float, stats: Counter[str], prefix: str,
+                 fault: Fault) -> None:
         self.context = context
+        self.fault = fault
         self.slots = slots
         self.session = session
         self.handshake_timeout = handshake_timeout
@@ -111,6 +114,8 @@ class TlsAcceptor:
             await self.session(reader, writer, held)
         except asyncio.CancelledError:
             conn.close()  # evicted in its handshake, or stopping: end quietly
+        except Exception as error:  # a bug costs this connection, in no more log lines
+            self.fault(f"{self.prefix} connection", error)  # than FaultLog allows
         finally:
             self.slots.release(held)
             tls = connection.transport

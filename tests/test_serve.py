@@ -82,4 +82,4 @@ def test_serve_names_a_wrong_part(tmp_path: Path) -> None:
                             timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip() == ("netfilter: error: bogus: not a part to serve "
-                                     "(one of: dns, proxy, stoppage)")
+                                     "(one of: dns, proxy, stoppage, icap)")

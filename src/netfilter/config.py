@@ -19,6 +19,7 @@ from netfilter.listsource import read_yaml_file
 __all__ = [
     "AuditSettings",
     "DnsSettings",
+    "IcapSettings",
     "ListSettings",
     "LocalSettings",
     "MetricsSettings",
@@ -214,6 +215,16 @@ class StoppageSettings(_Section):
     busy_header_timeout: float = Field(2.0, gt=0, le=300)
 
 
+class IcapSettings(_Section):
+    """The ICAP server (RFC 3507, REQMOD at /reqmod): `netfilter serve icap`."""
+
+    listen: HostPort = "127.0.0.1:1344"
+    max_connections: int = Field(256, ge=1, le=65536)  # at once; OPTIONS says Max-Connections
+    max_connections_per_client: int = Field(64, ge=1, le=65536)  # per client address
+    header_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a head, or a body read
+    idle_timeout: float = Field(60.0, gt=0, le=3600)  # between requests on one connection
+
+
 class AuditSettings(_Section):
     path: Path = Path("var/audit.sqlite")
     client: Literal["none", "truncated", "pseudonym", "full"] = "pseudonym"
@@ -292,6 +303,7 @@ class Settings(_Section):
     dns: DnsSettings | None = None
     proxy: ProxySettings | None = None
     stoppage: StoppageSettings | None = None
+    icap: IcapSettings | None = None
     audit: AuditSettings | None = None
     metrics: MetricsSettings | None = None
     updates: UpdateSettings | None = None
@@ -327,7 +339,8 @@ def load_config(path: str | Path) -> Settings:
     if "base" in raw:
         raise ConfigError(f"{path}: base", "unknown key")
     # A present but empty section (`dns:`) means "run it with defaults".
-    sections = ("node", "local", "dns", "proxy", "stoppage", "audit", "metrics", "updates")
+    sections = ("node", "local", "dns", "proxy", "stoppage", "icap", "audit", "metrics",
+                "updates")
     data = {k: ({} if v is None and k in sections else v) for k, v in raw.items()}
     try:
         return Settings.model_validate({**data, "base": path.resolve().parent})

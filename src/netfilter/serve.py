@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from netfilter.config import Settings, load_config, parse_hostport
+from netfilter.config import Settings, StoppageSettings, load_config, parse_hostport
 from netfilter.configcheck import bind_probe, check_config
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError, NetfilterError
@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["PARTS", "Listeners", "open_listeners", "serve"]
 
 log = logging.getLogger(__name__)
-PARTS = ("dns", "proxy", "stoppage")
-AVAILABLE = ("dns", "proxy", "stoppage")
+PARTS = ("dns", "proxy", "stoppage", "icap")
+AVAILABLE = ("dns", "proxy", "stoppage", "icap")
 # What a re-read config may change in a running serve: the engine's lists, what the
 # DNS server reads per query for its answers, the stop page texts, and what the
 # mitmdump child takes from its own re-read. The rest (listen addresses, upstreams,
@@ -72,6 +72,7 @@ class Listeners:
     dot: list[socket.socket] = field(default_factory=list)  # one per dns.dot_listen address
     doh: list[socket.socket] = field(default_factory=list)  # one per dns.doh_listen address
     stoppage: socket.socket | None = None
+    icap: socket.socket | None = None
     web: socket.socket | None = None  # web.listen: the public pages on a listener of their own
     tiles: socket.socket | None = None
     metrics: socket.socket | None = None
@@ -80,7 +81,7 @@ class Listeners:
         """Close every one (one a part has served is closed already: no harm)."""
         for listening in self.dns:
             listening.close()
-        for sock in (*self.dot, *self.doh, self.stoppage, self.web, self.tiles,
+        for sock in (*self.dot, *self.doh, self.stoppage, self.icap, self.web, self.tiles,
                      self.metrics):
             if sock is not None:
                 sock.close()
@@ -88,7 +89,7 @@ class Listeners:
 
 def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
     """Bind every listening socket the start of `parts` needs, in the order the parts
-    start: DNS (UDP and TCP per address, then DoT and DoH), the stop page, the proxy,
+    start: DNS (UDP and TCP per address, then DoT and DoH), the stop page, ICAP, the proxy,
     the audit tiles, metrics. ListenError for the first that cannot be bound, naming its key (as
     `config check` does: `dns.listen[1]`, `metrics.listen`), the address and why;
     the ones bound before it are closed. TCP sockets listen at once: two parts given
@@ -113,6 +114,8 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
                 bound.doh.append(_bind_tcp(f"dns.doh_listen[{i}]", address))
         if settings.stoppage is not None and "stoppage" in parts:
             bound.stoppage = _bind_tcp("stoppage.listen", settings.stoppage.listen)
+        if settings.icap is not None and "icap" in parts:
+            bound.icap = _bind_tcp("icap.listen", settings.icap.listen)
         if settings.web is not None and settings.web.listen is not None:
             bound.web = _bind_tcp("web.listen", settings.web.listen)
         if settings.proxy is not None and "proxy" in parts:
@@ -161,7 +164,7 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
     and the transparency page's source."""
     from netfilter.web.app import build_app
     from netfilter.web.public import transparency_routes
-    from netfilter.web.tiles import tile_routes
+    from netfilter.web.tiles import TilesApp
 
     tiles_url = None
     if listeners.tiles is not None:
@@ -178,7 +181,8 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
     if listeners.tiles is not None and audit is not None and audit.tiles is not None:
         directory = settings.resolve(audit.tiles)
         directory.mkdir(parents=True, exist_ok=True)
-        tiles = Listener("audit tiles", listeners.tiles, build_app(tile_routes(directory)))
+        tiles = Listener("audit tiles", listeners.tiles,
+                         build_app([], fallback=TilesApp(directory)))
         served.append(tiles)
     return WebServer(served), public if listeners.web is None else [], tiles, source
 
@@ -243,7 +247,8 @@ def _selected(settings: Settings, parts: Sequence[str]) -> list[str]:
             log.warning("%s: section present but not available in this version", part)
     chosen = [p for p in chosen if p in AVAILABLE]
     if not chosen:
-        raise ConfigError("serve", "nothing to serve: add a dns, proxy or stoppage section")
+        raise ConfigError("serve", "nothing to serve: add a dns, proxy, stoppage or icap "
+                                   "section")
     return chosen
 
 
@@ -308,6 +313,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     from netfilter.dns.canaries import Canaries
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
+    from netfilter.icap import IcapServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
     from netfilter.stoppage.server import StopPageServer
@@ -317,7 +323,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # each part with its name (for a one-line error if it cannot start)
-    servers: list[tuple[str, DnsServer | EncryptedDns | StopPageServer | ProxyProcess]] = []
+    servers: list[tuple[str, DnsServer | EncryptedDns | StopPageServer | IcapServer
+                        | ProxyProcess]] = []
 
     in_force = settings
     reloading: asyncio.Future[Settings | None] | None = None
@@ -349,6 +356,9 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                     server.renderer = Renderer(applied.stoppage, base=applied.base,
                                                blocked_by=blocked_by_url(applied))
                     server.settings = applied.stoppage
+            elif isinstance(server, IcapServer) and applied.stoppage != in_force.stoppage:
+                server.renderer = Renderer(applied.stoppage or StoppageSettings(),
+                                           base=applied.base, blocked_by=blocked_by_url(applied))
             elif isinstance(server, ProxyProcess):
                 server.reload()  # the mitmdump child re-reads the config itself
             elif isinstance(server, EncryptedDns):
@@ -385,11 +395,16 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                             blocked_by=blocked_by_url(settings))
         servers.append(("stoppage", StopPageServer(engine, settings.stoppage, renderer=renderer,
                                                    sock=listeners.stoppage, routes=public)))
+    if settings.icap is not None and "icap" in parts:
+        icap_page = Renderer(settings.stoppage or StoppageSettings(), base=settings.base,
+                             blocked_by=blocked_by_url(settings))
+        servers.append(("icap", IcapServer(engine, settings.icap, icap_page,
+                                           sock=listeners.icap)))
     if settings.proxy is not None and "proxy" in parts:
         servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
     metrics: MetricsServer | None = None
     updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
-    started: list[DnsServer | EncryptedDns | StopPageServer | ProxyProcess] = []
+    started: list[DnsServer | EncryptedDns | StopPageServer | IcapServer | ProxyProcess] = []
     try:
         await web.start()
         for name, server in servers:

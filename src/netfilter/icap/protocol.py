@@ -1,0 +1,151 @@
+"""ICAP (RFC 3507) message heads and the HTTP request inside them: pure parsing and
+formatting on bytes. Strict: anything malformed is an IcapError with the status to
+answer (400, 404, 405, 505), never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+__all__ = [
+    "Encapsulated",
+    "HttpHead",
+    "IcapError",
+    "IcapRequest",
+    "format_head",
+    "parse_encapsulated",
+    "parse_http_request",
+    "parse_icap_head",
+]
+
+MAX_FIELDS = 100  # header fields in one head
+ICAP_REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
+    404: "ICAP Service Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    500: "Server Error",
+    503: "Service Overloaded", 505: "ICAP Version Not Supported",
+}
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+_SECTION = re.compile(r"\s*(req-hdr|res-hdr|req-body|res-body|null-body|opt-body)=([0-9]{1,9})\s*")
+
+
+class IcapError(Exception):
+    """A request the server answers with `status` (and then closes the connection)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _fields(lines: Iterable[bytes], what: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(lines):
+        if n >= MAX_FIELDS:
+            raise IcapError(400, f"more than {MAX_FIELDS} {what} header fields")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN(name):
+            raise IcapError(400, f"malformed {what} header field")
+        out.setdefault(name.decode("ascii").lower(), []).append(
+            value.strip().decode("latin-1"))
+    return out
+
+
+@dataclass(frozen=True)
+class IcapRequest:
+    """An ICAP request line and its header fields (names lowercase)."""
+
+    method: str
+    service: str  # the URI's path, e.g. /reqmod
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def field(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[-1] if values else None
+
+
+def parse_icap_head(head: bytes) -> IcapRequest:
+    """`METHOD icap://host[:port]/service ICAP/1.0` and fields (head without the blank
+    line that ends it)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN(parts[0]):
+        raise IcapError(400, "malformed ICAP request line")
+    method, uri, version = parts
+    if version != b"ICAP/1.0":
+        raise IcapError(505, "only ICAP/1.0 is spoken")
+    if not uri.lower().startswith(b"icap://"):
+        raise IcapError(400, "the request URI is not icap://")
+    rest = uri[7:]
+    slash = rest.find(b"/")
+    service = "/" if slash < 0 else rest[slash:].partition(b"?")[0].decode("latin-1")
+    return IcapRequest(method.decode("ascii"), service, _fields(lines[1:], "ICAP"))
+
+
+@dataclass(frozen=True)
+class Encapsulated:
+    """Offsets of the encapsulated sections; `body` is the body section's name."""
+
+    req_hdr: int | None
+    body: str  # req-body, null-body (or res-*, opt-body: refused for REQMOD)
+    body_offset: int
+
+
+def parse_encapsulated(value: str | None) -> Encapsulated:
+    """The Encapsulated field of a REQMOD request (RFC 3507 4.4.1)."""
+    if value is None:
+        raise IcapError(400, "no Encapsulated header field")
+    sections: list[tuple[str, int]] = []
+    for item in value.split(","):
+        m = _SECTION.fullmatch(item)
+        if m is None:
+            raise IcapError(400, "malformed Encapsulated header field")
+        sections.append((m[1], int(m[2])))
+    offsets = [o for _, o in sections]
+    if offsets != sorted(offsets) or not sections:
+        raise IcapError(400, "Encapsulated offsets out of order")
+    names = [n for n, _ in sections]
+    body, body_offset = sections[-1]
+    if body not in ("req-body", "null-body") or names[:-1] not in ([], ["req-hdr"]):
+        raise IcapError(400, "REQMOD carries req-hdr and req-body or null-body only")
+    req_hdr = sections[0][1] if names[0] == "req-hdr" else None
+    if req_hdr is not None and req_hdr != 0:
+        raise IcapError(400, "req-hdr must come first")
+    return Encapsulated(req_hdr, body, body_offset)
+
+
+@dataclass(frozen=True)
+class HttpHead:
+    """The encapsulated HTTP request: its line and fields (names lowercase)."""
+
+    method: str
+    target: str
+    fields: dict[str, list[str]]
+
+    def field(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return ", ".join(values) if values else None
+
+
+def parse_http_request(head: bytes) -> HttpHead:
+    """`METHOD target HTTP/1.x` and fields (without the blank line)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN(parts[0]) or not parts[2].startswith(b"HTTP/"):
+        raise IcapError(400, "malformed encapsulated HTTP request line")
+    try:
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise IcapError(400, "a non-ASCII HTTP request target") from None
+    return HttpHead(parts[0].decode("ascii"), target, _fields(lines[1:], "HTTP"))
+
+
+def format_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
+    """An ICAP response head, blank line included."""
+    lines = [f"ICAP/1.0 {status} {ICAP_REASONS.get(status, 'Error')}",
+             f"Date: {formatdate(usegmt=True)}", "Service: netfilter"]
+    lines.extend(f"{name}: {value}" for name, value in fields)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -1,0 +1,282 @@
+"""The ICAP server (RFC 3507): OPTIONS and REQMOD over real sockets against the real
+engine and demo bundle, its limits, and a real Squid (Debian `squid`) adapting through
+it with curl: a blocked URL answered 451 with the stop page, a clean URL served by a
+loopback origin, an HTTPS CONNECT to a blocked domain refused."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from netfilter.config import IcapSettings, load_config
+from netfilter.icap import IcapServer
+from netfilter.node import make_engine
+from netfilter.stoppage import Renderer
+from netfilter.stoppage.render import blocked_by_url
+from tests.proxy_support import Curl, Origin, write_config
+from tests.squid_support import Squid, require_squid, squid_directory
+from tests.support import HOST, ChildProcess, free_port, listening, read_events, wait_for
+
+BLOCKED = b"GET http://partly.example/dir/secret.html HTTP/1.1\r\nHost: partly.example\r\n" \
+          b"Accept: text/html\r\n\r\n"
+CLEAN = b"GET http://partly.example/public/page.html HTTP/1.1\r\nHost: partly.example\r\n\r\n"
+
+
+class Running:
+    """An IcapServer on its own event loop in a thread, on a free loopback port."""
+
+    def __init__(self, config: Path, **limits: Any) -> None:
+        settings = load_config(config)
+        self.engine = make_engine(settings)
+        icap = IcapSettings(listen=f"{HOST}:0", **limits)
+        renderer = Renderer(settings.stoppage, base=settings.base,  # type: ignore[arg-type]
+                            blocked_by=blocked_by_url(settings))
+        self.server = IcapServer(self.engine, icap, renderer)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        self.port = self.server.port
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.engine.close()
+
+
+@pytest.fixture
+def icap(tmp_path: Path) -> Iterator[Running]:
+    running = Running(write_config(tmp_path), max_connections_per_client=3,
+                      header_timeout=1.0, idle_timeout=1.0)
+    yield running
+    running.close()
+
+
+def exchange(port: int, data: bytes, *, bound: float = 10.0) -> bytes:
+    """Send `data`, read until the server closes (every request here says close)."""
+    with socket.create_connection((HOST, port), timeout=bound) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def reqmod(http: bytes, *, body: bytes | None = None, extra: str = "Allow: 204\r\n") -> bytes:
+    section = "null-body" if body is None else "req-body"
+    head = (f"REQMOD icap://{HOST}/reqmod ICAP/1.0\r\nHost: {HOST}\r\n{extra}"
+            f"Connection: close\r\nEncapsulated: req-hdr=0, {section}={len(http)}\r\n\r\n")
+    data = head.encode() + http
+    if body is not None:
+        data += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    return data
+
+
+def fields(reply: bytes) -> dict[str, str]:
+    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+
+
+def test_options_advertises_reqmod_preview_204_and_limits(icap: Running) -> None:
+    reply = exchange(icap.port, f"OPTIONS icap://{HOST}/reqmod ICAP/1.0\r\nHost: {HOST}\r\n"
+                                "Connection: close\r\nEncapsulated: null-body=0\r\n\r\n".encode())
+    assert reply.startswith(b"ICAP/1.0 200 OK\r\n")
+    f = fields(reply)
+    assert f["methods"] == "REQMOD"
+    assert f["preview"] == "0" and f["allow"] == "204"
+    assert f["max-connections"] == "256"
+    assert f["istag"].startswith('"') and f["istag"].endswith('"') and len(f["istag"]) <= 34
+
+
+def test_istag_changes_with_the_lists_in_force(tmp_path: Path) -> None:
+    local = tmp_path / "local-block.yaml"
+    local.write_text(yaml.safe_dump(["one.example"]))
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["local"]["block"] = str(local)
+    config.write_text(yaml.safe_dump(settings))
+    running = Running(config)
+    try:
+        before = running.server.istag()
+        assert running.server.istag() == before  # stable while the lists stay
+        local.write_text(yaml.safe_dump(["one.example", "two.example"]))
+        assert running.engine.reload()
+        assert running.server.istag() != before
+    finally:
+        running.close()
+
+
+def test_blocked_request_gets_the_451_stop_page_encapsulated(icap: Running,
+                                                             tmp_path: Path) -> None:
+    reply = exchange(icap.port, reqmod(BLOCKED))
+    assert reply.startswith(b"ICAP/1.0 200 OK\r\n")
+    assert fields(reply)["encapsulated"].startswith("res-hdr=0, res-body=")
+    http = reply.split(b"\r\n\r\n", 1)[1]
+    assert http.startswith(b"HTTP/1.1 451 Unavailable For Legal Reasons\r\n")
+    assert b"DEMO-0003" in http and b"Test School IT" in http
+    assert http.endswith(b"\r\n0\r\n\r\n")
+    icap.engine.close()
+    blocks = [e for e in read_events(tmp_path / "audit.sqlite") if e["type"] == "block"]
+    assert [(e["frontend"], e["ref"]) for e in blocks] == [("icap", "DEMO-0003")]
+
+
+def test_clean_request_gets_204_or_is_echoed(icap: Running) -> None:
+    assert exchange(icap.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 204 No Content\r\n")
+    # in a preview (Preview: 0, the body to come), 204 too
+    preview = exchange(icap.port, reqmod(CLEAN, body=b"", extra="Preview: 0\r\n"))
+    assert preview.startswith(b"ICAP/1.0 204 No Content\r\n")
+    # without Allow: 204, the request comes back unchanged, body included
+    echoed = exchange(icap.port, reqmod(CLEAN, body=b"hello", extra=""))
+    assert echoed.startswith(b"ICAP/1.0 200 OK\r\n")
+    assert echoed.split(b"\r\n\r\n", 1)[1] == CLEAN + b"5\r\nhello\r\n0\r\n\r\n"
+
+
+def test_blocked_connect_gets_451(icap: Running) -> None:
+    http = b"CONNECT blocked.example:443 HTTP/1.1\r\nHost: blocked.example:443\r\n\r\n"
+    reply = exchange(icap.port, reqmod(http))
+    assert b"\r\n\r\nHTTP/1.1 451 " in reply
+    assert b"text/plain" in reply  # a tunnel cannot show a page
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"REQMOD icap://h/reqmod ICAP/2.0\r\n\r\n", b"505"),
+    (b"REQMOD icap://h/other ICAP/1.0\r\nEncapsulated: null-body=0\r\n\r\n", b"404"),
+    (b"RESPMOD icap://h/reqmod ICAP/1.0\r\nEncapsulated: null-body=0\r\n\r\n", b"405"),
+    (b"REQMOD icap://h/reqmod ICAP/1.0\r\nEncapsulated: res-hdr=0\r\n\r\n", b"400"),
+    (b"REQMOD icap://h/reqmod ICAP/1.0\r\n\r\n", b"400"),
+    (b"REQMOD icap://h/reqmod ICAP/1.0\r\nEncapsulated: req-hdr=0, null-body=9\r\n\r\n"
+     b"GET / X\r\n\r\n", b"400"),
+    (b"REQMOD icap://h/reqmod ICAP/1.0\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"400"),
+])
+def test_bad_requests_get_their_status_and_a_closed_connection(
+        icap: Running, data: bytes, status: bytes) -> None:
+    reply = exchange(icap.port, data)
+    assert reply.startswith(b"ICAP/1.0 " + status), reply[:200]
+    # the server still serves others
+    assert exchange(icap.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 204")
+
+
+def test_connections_per_client_are_capped(icap: Running) -> None:
+    held = [socket.create_connection((HOST, icap.port), timeout=10) for _ in range(3)]
+    try:
+        assert wait_for(lambda: sum(icap.server._clients.values()) == 3, bound=5.0)
+        assert exchange(icap.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 503")
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_for(lambda: not icap.server._clients, bound=5.0)
+    assert exchange(icap.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 204")
+
+
+def test_a_silent_client_is_closed_after_the_header_timeout(icap: Running) -> None:
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.sendall(b"REQMOD icap://h/reqmod ICAP/1.0\r\n")  # and never the rest
+        assert sock.recv(100) == b""  # closed by the server, not by our 10 s timeout
+    assert icap.server.stats["timeouts"] == 1
+
+
+# ---------------------------------------------------------------- Squid through ICAP
+
+
+class Node(ChildProcess):
+    """`netfilter serve icap`."""
+
+    name = "netfilter serve icap"
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config, self.port, self.log_path, self.proc = config, port, log, None
+
+    def start(self) -> Node:
+        netfilter = Path(sys.executable).parent / "netfilter"
+        self.popen([str(netfilter), "serve", "icap", "--config", str(self.config)])
+        self.wait_until(lambda: listening(self.port))
+        return self
+
+
+@dataclass
+class Rig:
+    squid: Squid
+    origin: Origin
+    curl: Curl
+    audit: Path
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    require_squid()
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    work = tmp_path_factory.mktemp("icap-node")
+    config = write_config(work)
+    icap_port = free_port()
+    settings = yaml.safe_load(config.read_text())
+    settings["icap"] = {"listen": f"{HOST}:{icap_port}"}
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    squid = Squid(squid_directory(), [
+        "icap_enable on",
+        "icap_send_client_ip on",
+        "icap_preview_enable on",
+        f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod bypass=0",
+        "adaptation_access netfilter_req allow all",
+        "http_access allow localhost",
+        "http_access deny all",
+    ])
+    origin = Origin()
+    node = Node(config, icap_port, work / "node.log")
+    try:
+        node.start()
+        squid.start()
+        yield Rig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")),
+                  work / "audit.sqlite")
+    finally:
+        squid.close()
+        origin.close()
+        node.stop()
+
+
+def _explain(rig: Rig) -> str:
+    return f"cache.log:\n{rig.squid.cache_log()[-3000:]}\naccess.log:\n{rig.squid.access_log()}"
+
+
+def test_squid_icap_blocked_url_gets_451_and_the_stop_page(rig: Rig) -> None:
+    before = rig.origin.snapshot()
+    result = rig.curl(f"http://partly.example:{rig.origin.port}/dir/secret.html",
+                      "-H", "Accept: text/html")
+    assert result.status == 451, _explain(rig)
+    assert "DEMO-0003" in result.text and "Test School IT" in result.text
+    assert result.header("link") is not None
+    assert rig.origin.snapshot() == before
+
+    def recorded() -> bool:
+        return any(e["type"] == "block" and e["frontend"] == "icap"
+                   for e in read_events(rig.audit))
+
+    assert wait_for(recorded, bound=10.0)
+
+
+def test_squid_icap_clean_url_is_served_by_the_origin(rig: Rig) -> None:
+    result = rig.curl(f"http://partly.example:{rig.origin.port}/public/page.html?x=1")
+    assert result.status == 200, _explain(rig)
+    assert result.text == "hello from the origin: /public/page.html?x=1\n"
+    upload = rig.curl(f"http://clean.test:{rig.origin.port}/public/up", "--data-binary", "abc")
+    assert upload.status == 200, _explain(rig)
+    assert rig.origin.requests[-1].body == b"abc"
+
+
+def test_squid_icap_refuses_https_connect_to_a_blocked_domain(rig: Rig) -> None:
+    before = rig.origin.snapshot()
+    result = rig.curl(f"https://blocked.example:{rig.origin.port}/")
+    assert result.connect_status == 451, (result.stderr, _explain(rig))
+    assert rig.origin.snapshot() == before

@@ -1,4 +1,5 @@
-"""The tiles' read-only HTTP server: what it serves and refuses, keep-alive, and that
+"""The tiles' read-only HTTP server (and the same tests on the web stack, as `netfilter
+serve` serves them): what it serves and refuses, keep-alive, and that
 idle connections hold no thread and are closed after the timeout; and `netfilter
 audit tiles --listen` serving a real log.
 
@@ -8,10 +9,12 @@ http.client, some from 127.0.0.2 and others of 127/8 (Linux loopback is all of i
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +29,10 @@ from netfilter.audit.log import AuditLog, load_node_key
 from netfilter.audit.store import AuditStore
 from netfilter.audit.tileserver import TileServer
 from netfilter.events import Event
+from netfilter.slots import Slots
+from netfilter.web.app import build_app
+from netfilter.web.server import Limits, Listener, WebServer
+from netfilter.web.tiles import TilesApp
 from tests.support import connect_from, free_port, wait_for
 
 CHECKPOINT = b"tiles-test.example\n3\nAAAA\n\n\xe2\x80\x94 tiles-test.example xyz\n"
@@ -58,10 +65,44 @@ def _start(server: TileServer) -> Iterator[TileServer]:
         assert not thread.is_alive()
 
 
-@pytest.fixture
-def served(tiles: Path) -> Iterator[TileServer]:
-    yield from _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_connections=64,
-                                 max_per_client=8))
+class WebTiles:
+    """The tiles on the web stack, as `netfilter serve` runs them (tile_routes behind
+    the guard), in a thread of its own with its own loop."""
+
+    def __init__(self, directory: Path) -> None:
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.server_address = sock.getsockname()[:2]
+        self.server = WebServer([Listener("audit tiles", sock,
+                                          build_app([], fallback=TilesApp(directory)),
+                                          Limits(64, 8, 1.0, 1.0))])
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+
+    @property
+    def slots(self) -> Slots:
+        return self.server.slots[0]
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(params=["httpd", "web"])
+def served(tiles: Path, request: pytest.FixtureRequest) -> Iterator[TileServer | WebTiles]:
+    """The tiles served by `netfilter audit tiles --listen` (httpd) and by serve (web)."""
+    if request.param == "httpd":
+        yield from _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_connections=64,
+                                     max_per_client=8))
+        return
+    web = WebTiles(tiles)
+    try:
+        yield web
+    finally:
+        web.close()
 
 
 def _get(port: int, path: str, method: str = "GET",
@@ -91,7 +132,7 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def test_serves_files_with_their_types(served: TileServer) -> None:
+def test_serves_files_with_their_types(served: TileServer | WebTiles) -> None:
     port = served.server_address[1]
     status, headers, body = _get(port, "/checkpoint")
     assert (status, body) == (200, CHECKPOINT)
@@ -110,12 +151,13 @@ def test_serves_files_with_their_types(served: TileServer) -> None:
     "/", "/tile/", "/tile", "/tile/0/", "/../secret", "/tile/../../secret",
     "/%2e%2e/secret", "/tile/..%2f..%2fsecret", "/tile/link", "/tile/.tmp-abc",
     "/tile//0/000.p/3", "/tile/0/000.p/3%00", "/tile\\0", "/missing"])
-def test_refuses_listings_traversal_and_other_files(served: TileServer, path: str) -> None:
+def test_refuses_listings_traversal_and_other_files(served: TileServer | WebTiles,
+                                                   path: str) -> None:
     status, _, body = _get(served.server_address[1], path)
     assert status == 404 and b"outside" not in body and b"half" not in body
 
 
-def test_read_only_and_malformed(served: TileServer) -> None:
+def test_read_only_and_malformed(served: TileServer | WebTiles) -> None:
     port = served.server_address[1]
     status, headers, _ = _get(port, "/checkpoint", "POST")
     assert status == 405 and headers["allow"] == "GET, HEAD"
@@ -148,7 +190,7 @@ def test_keep_alive_bounded(tiles: Path) -> None:
             conn.close()
 
 
-def test_logs_nothing_per_request(served: TileServer, caplog: pytest.LogCaptureFixture,
+def test_logs_nothing_per_request(served: TileServer | WebTiles, caplog: pytest.LogCaptureFixture,
                                   capfd: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG)
     port = served.server_address[1]
@@ -161,7 +203,7 @@ def test_logs_nothing_per_request(served: TileServer, caplog: pytest.LogCaptureF
     assert "127.0.0" not in out + err
 
 
-def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer) -> None:
+def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer | WebTiles) -> None:
     port = served.server_address[1]
     before = (threading.active_count(), _threads())
     idle = []
@@ -191,7 +233,7 @@ def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer) -> N
             sock.close()
 
 
-def test_idle_connection_lives_for_the_timeout(served: TileServer) -> None:
+def test_idle_connection_lives_for_the_timeout(served: TileServer | WebTiles) -> None:
     with connect_from(served.server_address[1], "127.0.0.2") as sock:
         start = time.monotonic()
         assert sock.recv(1) == b""

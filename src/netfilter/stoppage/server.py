@@ -51,7 +51,7 @@ class StopPageServer:
         self.limits = Limits(max_clients or settings.max_clients,
                              settings.max_clients_per_address,
                              read_timeout or settings.header_timeout,
-                             settings.busy_header_timeout)
+                             settings.busy_header_timeout, answer_silent=True)
         renderer = renderer or Renderer(settings, base=engine.settings.base,
                                         blocked_by=blocked_by_url(engine.settings))
         self.route = StopPageRoute(engine, renderer, self.stats, self.latency)

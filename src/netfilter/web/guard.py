@@ -114,13 +114,15 @@ class Guard(asyncio.Protocol):
 
     def __init__(self, inner: Callable[[], asyncio.Protocol], slots: Slots,
                  stats: Counter[str], *, keeps_body: Callable[[Request], bool],
-                 registry: set[Guard], max_body: int = MAX_BODY) -> None:
+                 registry: set[Guard], max_body: int = MAX_BODY,
+                 answer_silent: bool = False) -> None:
         self._make_inner = inner
         self._slots = slots
         self._stats = stats
         self._keeps_body = keeps_body
         self._registry = registry
         self._max_body = max_body
+        self._answer_silent = answer_silent  # a 408 also to one that sent nothing
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._slot: Slot | None = None
@@ -130,6 +132,7 @@ class Guard(asyncio.Protocol):
         self._forward_body = False
         self._discard_all = False  # a body without a length: dropped until the end
         self._handed = 0  # requests handed to the stack on this connection
+        self._awaiting = False  # the last one handed has no answer yet
         self._drained = 0  # bytes dropped while lingering
         self.closing = False
         # slots.Watch
@@ -182,10 +185,10 @@ class Guard(asyncio.Protocol):
         if self._handed == 0 and self._buffer.strip(b"\r\n") and not self.closing:
             self._refuse(Refused(400, "incomplete request"))
             return True
-        if self._inner is not None and not self.closing:
+        if self._inner is not None and self._awaiting and not self.closing:
             self._inner.eof_received()
-            return True  # the stack answers what it has, then closes
-        return None
+            return True  # a request in hand: the stack answers it (then the client closes)
+        return None  # nothing asked, or answered: end the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -274,11 +277,11 @@ class Guard(asyncio.Protocol):
             self._inner = self._make_inner()
             self._inner.connection_made(_InnerTransport(self._transport, self))  # type: ignore[arg-type]
         self._handed += 1
+        self._awaiting = True
         self._inner.data_received(head)
 
     def _refuse(self, e: Refused) -> None:
-        self._stats[f"status_{e.status}"] += 1
-        log.debug("web: %s: %s", e.status, e)
+        self._stats[f"status_{e.status}"] += 1  # counted; never logged per request
         if self._handed:  # a later head on a kept-alive connection: just end it
             self._abort()
             return
@@ -292,6 +295,7 @@ class Guard(asyncio.Protocol):
         """The stack writes an answer: the connection waits for its next head, idle
         (evictable) again. That head's deadline runs from its first byte; until then
         uvicorn's keep-alive time-out ends a silent connection."""
+        self._awaiting = False
         slot = self._slot
         if slot is not None and not slot.reading:
             slot.reading = True
@@ -309,12 +313,12 @@ class Guard(asyncio.Protocol):
     def _timeout(self) -> None:
         if self.closing:
             return
-        if self._handed == 0:  # no request yet (silent or slow): 408, as nginx does
+        if self._handed == 0 and (self.heard or self._answer_silent):  # slow: 408
             self._stats["timeout"] += 1
             assert self._transport is not None
             self._transport.write(error_answer(408))
             self.linger()
-        else:  # idle after an answer, or a later head too slow: just close
+        else:  # silent, idle after an answer, or a later head too slow: just close
             self._abort()
 
     def _evicted(self) -> None:

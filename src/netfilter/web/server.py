@@ -44,6 +44,7 @@ class Limits:
     header_timeout: float = 10.0
     busy_header_timeout: float = 2.0
     max_body: int = MAX_BODY
+    answer_silent: bool = False  # a 408 also to a connection that sent nothing in time
 
 
 def _no_body(_request: Request) -> bool:
@@ -89,6 +90,9 @@ class WebServer:
                             timeout_keep_alive=int(KEEP_ALIVE), log_config=None,
                             h11_max_incomplete_event_size=None)
             config.load()
+            # uvicorn's access log would name every client: off, whatever logging is set
+            access = logging.getLogger("uvicorn.access")
+            access.handlers, access.propagate, access.disabled = [], False, True
             state = ServerState()
             self._states.append(state)
             limits = listener.limits
@@ -103,7 +107,8 @@ class WebServer:
             def factory(listener: Listener = listener, slots: Slots = slots,
                         inner: Callable[[], asyncio.Protocol] = inner) -> Guard:
                 return Guard(inner, slots, listener.stats, keeps_body=listener.keeps_body,
-                             registry=self._guards, max_body=listener.limits.max_body)
+                             registry=self._guards, max_body=listener.limits.max_body,
+                             answer_silent=listener.limits.answer_silent)
 
             if self._clock is None:
                 self._tick()

@@ -95,6 +95,9 @@ def _from_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 def verify_proof_command(args: argparse.Namespace) -> int:
     given = [name for name in _GIVEN if getattr(args, name) is not None]
+    if (args.checkpoint or args.old_checkpoint) and not args.key:
+        raise InputError("--key", "required to verify --checkpoint or --old-checkpoint")
+    key = load_public_key(args.key) if args.key else None
     if args.file is not None:
         if given:
             raise InputError(f"--{given[0].replace('_', '-')}",
@@ -104,9 +107,6 @@ def verify_proof_command(args: argparse.Namespace) -> int:
     else:
         where = "verify-proof"
         record = _from_arguments(args)
-    if (args.checkpoint or args.old_checkpoint) and not args.key:
-        raise InputError("--key", "required to verify --checkpoint or --old-checkpoint")
-    key = load_public_key(args.key) if args.key else None
     checkpoint = _read(args.checkpoint, "checkpoint") if args.checkpoint else None
     old = _read(args.old_checkpoint, "checkpoint") if args.old_checkpoint else None
     if old is not None and "consistency" not in record:

@@ -185,6 +185,10 @@ def _root_for(record: dict[str, Any], key: str, note_key: str, size: int, where:
         if key in record and parse_hash(record[key], f'{where}: "{key}"') != cp.root:
             raise VerificationError(where, f'"{key}" is not the signed checkpoint\'s root')
         return cp.root, f"signed by {pub.source} ({cp.origin})"
+    if pub is not None:
+        raise InputError(where, f'no signed checkpoint of size {size} (no "{note_key}"): '
+                                "give one, or leave out --key to check against the file's "
+                                f'"{key}"')
     if key not in record:
         raise InputError(where, f'no "{key}": give it, or --checkpoint and --key')
     return parse_hash(record[key], f'{where}: "{key}"'), "given in the file (unsigned)"

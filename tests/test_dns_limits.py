@@ -252,10 +252,12 @@ def test_oldest_idle_connection_makes_room(unbound: Unbound, tmp_path: Path) -> 
 def test_queries_per_connection_are_capped(unbound: Unbound, tmp_path: Path) -> None:
     with serving(tmp_path, unbound.address, tcp_max_queries=5) as server:
         with connect(server.port) as sock:
-            for number in range(8):  # all at once
-                message = dns.message.make_query("clean.example", "A")
-                message.id = 100 + number
-                dns.query.send_tcp(sock, message)
+            wires = []
+            for number in range(8):  # all at once, in one write: the server may close
+                message = dns.message.make_query("clean.example", "A")  # after the 5th
+                message.id = 100 + number  # before a later write (a broken pipe)
+                wires.append(message.to_wire())
+            sock.sendall(b"".join(struct.pack("!H", len(w)) + w for w in wires))
             ids = []
             with suppress(EOFError, ConnectionError):
                 while True:

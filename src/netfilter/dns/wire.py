@@ -48,7 +48,9 @@ class FormError(ValueError):
 
 
 class Query(NamedTuple):
-    """What the filter needs from a query (a tuple: built in C, cheap per packet)."""
+    """What the filter needs from a query, parsed once by `parse_query` when a packet
+    reaches the server; canaries, the engine check, block answers, forwarding and
+    truncation all read this one value (a tuple: cheap per packet)."""
 
     id: int
     flags: int

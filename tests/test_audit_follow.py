@@ -11,15 +11,19 @@ mistake is one line with exit 2. Traffic only to loopback.
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from netfilter.audit.checkpoint import Checkpoint, CosignatureSigner, sign_checkpoint
 from netfilter.audit.follow import State
@@ -29,7 +33,7 @@ from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
 from netfilter.audit.tiles import tile_path, write_tiles
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
-from tests.support import ChildProcess, free_port, listening
+from tests.support import DEMO_LIST, DEMO_PUB, ChildProcess, free_port, listening
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = "gw-follow.example"
@@ -335,3 +339,63 @@ def test_only_the_tiles_a_proof_needs(log: Log, node: TileNode, tmp_path: Path) 
     assert (second.old_size, second.new_size, second.requests) == (300, 600, 4)
     checked = run_follow(node.url, load_public_key(log.pub), state, entries=True)
     assert checked.entries_checked == 0 and checked.requests == 3
+
+
+# ---------------------------------------------------------------- a real netfilter serve
+def _served_size(port: int) -> int:
+    """The size in the node's served checkpoint; -1 while there is none."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/checkpoint", timeout=5) as r:
+            return int(r.read().split(b"\n")[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _size_above(port: int, size: int) -> int:
+    for _ in range(200):  # bounded: checkpoints come every 0.3 s
+        served = _served_size(port)
+        if served > size:
+            return served
+        time.sleep(0.1)
+    raise AssertionError(f"the served checkpoint stayed at {size}")
+
+
+def test_follow_a_running_serve(tmp_path: Path) -> None:
+    stop_port, tiles_port = free_port(), free_port()
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": {"id": "serve-follow.example", "key": str(tmp_path / "node.key")},
+        "lists": [{"path": str(DEMO_LIST), "trust": [str(DEMO_PUB)]}],
+        "stoppage": {"listen": f"127.0.0.1:{stop_port}"},
+        "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "none",
+                  "checkpoint_interval": 0.3, "tiles": str(tmp_path / "tiles"),
+                  "tiles_listen": f"127.0.0.1:{tiles_port}"},
+    }), encoding="utf-8")
+
+    class Serve(ChildProcess):
+        name = "netfilter serve"
+        log_path = tmp_path / "serve.log"
+        proc = None
+
+    serve = Serve()
+    serve.popen([sys.executable, "-m", "netfilter.cli", "serve", "--config", str(config)],
+                cwd=ROOT)
+    try:
+        serve.wait_until(lambda: _served_size(tiles_port) > 0)
+        url, pub, state = f"http://127.0.0.1:{tiles_port}/", tmp_path / "node.pub", \
+            tmp_path / "auditor"
+        first = follow(url, "--key", pub, "--state", state, "--entries")
+        assert first.returncode == 0, (first, serve.log())
+        old = int(first.stdout.split(": 0 -> ")[1].split(",")[0])
+        for i in range(3):  # blocks: events the node records and signs
+            connection = http.client.HTTPConnection("127.0.0.1", stop_port, timeout=5)
+            connection.request("GET", f"/page-{i}", headers={"Host": f"h{i}.blocked.example"})
+            assert connection.getresponse().status == 451
+            connection.close()
+        new = _size_above(tiles_port, old)
+        second = follow(url, "--key", pub, "--state", state, "--entries")
+        assert second.returncode == 0, (second, serve.log())
+        assert f": {old} -> " in second.stdout and ", consistent; cosigners:" in second.stdout
+        assert int(second.stdout.split(f": {old} -> ")[1].split(",")[0]) >= new
+    finally:
+        assert serve.stop() == 0, serve.log()

@@ -234,6 +234,8 @@ def _check_listen(settings: Settings, parts: Sequence[str]) -> None:
         wanted.append(("proxy.listen", settings.proxy.listen, (tcp,)))
     if "stoppage" in parts and settings.stoppage is not None:
         wanted.append(("stoppage.listen", settings.stoppage.listen, (tcp,)))
+    if settings.web is not None and settings.web.listen is not None:
+        wanted.append(("web.listen", settings.web.listen, (tcp,)))
     if "icap" in parts and settings.icap is not None:
         wanted.append(("icap.listen", settings.icap.listen, (tcp,)))
     if settings.audit is not None and settings.audit.tiles_listen is not None:

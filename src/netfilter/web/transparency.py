@@ -187,6 +187,6 @@ class TransparencySource:
             "tiles": self.tiles_url,
             "commands": [
                 f"netfilter audit follow {url} --key {node}.pub --state DIR",
-                "netfilter audit verify --log FILE",
+                f"netfilter audit verify --log FILE --trust {node}.pub",
             ],
         }

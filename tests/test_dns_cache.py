@@ -347,6 +347,20 @@ def test_per_exchange_edns_options_are_not_cached(rig: Rig) -> None:
     assert [o.otype for o in cached.options] == [dns.edns.OptionType.EDE]
 
 
+def test_client_subnet_queries_bypass_the_cache(rig: Rig) -> None:
+    """An answer to a query with an EDNS client subnet may be that subnet's own: such
+    queries are neither answered from the cache nor stored in it."""
+    rig.state["clean.example"] = None
+    wire = query("clean.example", use_edns=0,
+                 options=[dns.edns.ECSOption("192.0.2.0", 24)])
+    for _ in range(2):
+        message = dns.message.make_response(dns.message.from_wire(wire))
+        message.answer.append(dns.rrset.from_text("clean.example.", 300, "IN", "A",
+                                                  "192.0.2.1"))
+        assert rig.forward(wire, message.to_wire())
+    assert rig.relay.counts()["cache_inserted"] == 0
+
+
 def test_bounded_under_unique_names_and_the_hot_set_stays() -> None:
     """20,000 names asked once each (random subdomains) through a cache of 256: it
     never holds more than 256, and names asked twice before the flood (promoted out of

@@ -79,7 +79,9 @@ typedef struct {
 #define FORM_RD 0x08
 #define FORM_CD 0x10
 #define FORM_AD 0x20
+#define FORM_UNCACHED 0x40 /* a client subnet option: its answer may be the subnet's own */
 #define EDE_OPTION 15
+#define ECS_OPTION 8
 
 /* 1 when `d` is a common, well-formed query (see above), its fields in `q`; else 0. */
 static int scan_question(const unsigned char *d, Py_ssize_t size, Question *q) {
@@ -125,6 +127,7 @@ static int scan_question(const unsigned char *d, Py_ssize_t size, Question *q) {
         while (start < end) {
             if (start + 4 > end) return 0;
             if (u16(d + start) == EDE_OPTION) form |= FORM_EDE;
+            if (u16(d + start) == ECS_OPTION) form |= FORM_UNCACHED;
             start += 4 + u16(d + start + 2);
         }
         if (start != end) return 0;
@@ -821,7 +824,7 @@ static PyObject *relay_from_clients(Relay *r, PyObject *cache) {
                         }
                     }
                 }
-                if (hit == NULL && r->answers.buckets) {
+                if (hit == NULL && r->answers.buckets && !(q.form & FORM_UNCACHED)) {
                     key_length = answer_key(data, q.question_end, q.form & ~FORM_EDE, key);
                     hash = _Py_HashBytes(key, (Py_ssize_t)key_length);
                     CacheEntry *e = cache_find(&r->answers, key, key_length, hash);
@@ -937,7 +940,9 @@ error:
    cache_template), unless the caches were flushed since `e` was sent. */
 static void cache_answer(Relay *r, const Entry *e, const unsigned char *data,
                          Py_ssize_t size, double now) {
-    if (r->answers.buckets == NULL || e->generation != r->generation) return;
+    if (r->answers.buckets == NULL || e->generation != r->generation ||
+        (e->form & FORM_UNCACHED))
+        return;
     unsigned char out[CACHE_MAX_ANSWER], key[KEY_MAX];
     uint16_t ttl_at[CACHE_MAX_TTLS], ttls = 0;
     uint32_t ttl = 0;

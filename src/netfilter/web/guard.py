@@ -128,6 +128,7 @@ class Guard(asyncio.Protocol):
         self._slot: Slot | None = None
         self._timer: _Timer | None = None
         self._buffer = b""
+        self._line_checked = False  # the request line of the head being read
         self._body = 0  # body bytes still to come of the request handed over
         self._forward_body = False
         self._discard_all = False  # a body without a length: dropped until the end
@@ -214,18 +215,21 @@ class Guard(asyncio.Protocol):
         """Take bytes of a head; hand a whole one over. Returns what follows it."""
         if self._timer is None:  # a later head on a kept-alive connection begins
             self._arm()
+        seen = len(self._buffer)  # scanned already: a head trickled in is scanned once
         self._buffer += data
-        end = head_end(self._buffer)
+        end = head_end(self._buffer, seen)
         try:
             if end == -2:
                 raise Refused(400, "malformed request")
             if end < 0:
                 if len(self._buffer) > MAX_HEAD:
                     raise Refused(431, "request head too large")
-                check_first_line(self._buffer.lstrip(b"\r\n"))
+                if not self._line_checked and b"\n" in data:
+                    self._line_checked = True
+                    check_first_line(self._buffer.lstrip(b"\r\n"))
                 return b""
             head, rest = self._buffer[:end], self._buffer[end:]
-            self._buffer = b""
+            self._buffer, self._line_checked = b"", False
             request = parse_head(head)
             length = self._body_length(request)
         except Refused as e:

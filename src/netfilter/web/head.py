@@ -63,13 +63,14 @@ def decode(value: bytes) -> str:
         return value.decode("latin-1")
 
 
-def head_end(data: bytes) -> int:
+def head_end(data: bytes, seen: int = 0) -> int:
     """Where the head in `data` ends (after its blank line), or -1 while it is not
-    whole. Up to 4 empty lines before the request line are skipped (RFC 9112 2.2)."""
+    whole; -2 for more blank lines before it than a client sends (RFC 9112 2.2 allows
+    some). `seen`: bytes already looked at in an earlier call (not scanned again)."""
     start = len(data) - len(data.lstrip(b"\r\n"))
     if start > 8:
-        return -2  # more blank lines than a client sends: garbage
-    match = _HEAD_END.search(data, start)
+        return -2
+    match = _HEAD_END.search(data, max(start, seen - 3))
     return -1 if match is None else match.end()
 
 

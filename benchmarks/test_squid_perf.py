@@ -1,0 +1,223 @@
+"""Squid with netfilter against bare Squid: wrk through each, in the same run.
+
+Three (four) Debian Squids on loopback, one loopback origin (the proxy benchmark's), the
+same URL cycle through each, rounds alternating between them so that a noisy
+neighbour hits all alike; each figure is the median of the per-round ratios to bare
+Squid (pairwise), as the proxy benchmark does:
+
+- bare Squid (baseline);
+- Squid + the external ACL helper (addons/netfilter_squid.py), as the helper's
+  docstring configures it: `ttl=0` (every block asked, so recorded), `negative_ttl=30`
+  (clean answers cached by Squid per client, method and URL);
+- the same helper with `negative_ttl=0`: every request asks the helper (the cost of
+  the helper itself, for a cycle longer than Squid's cache or URLs never repeated);
+- Squid + `netfilter serve icap` (REQMOD, every request asked; 204 for clean ones).
+
+Targets (issue 17): helper >= 0.9 and ICAP >= 0.8 of bare Squid's requests/s.
+
+    .venv/bin/pytest benchmarks/test_squid_perf.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.proxy_support import write_config
+from tests.squid_support import Squid, helper_command, require_squid, squid_directory
+from tests.support import HOST, ChildProcess, free_port, listening
+
+from support import Figures
+from test_proxy_perf import Origin
+
+WRK = shutil.which("wrk")
+ROUNDS = 5
+SECONDS = 3
+CONNECTIONS = 8
+TABLE = "Squid: requests/s through Squid, with netfilter and bare (wrk, same run)"
+HELPER_TARGET = 0.9
+ICAP_TARGET = 0.8
+
+# the cycle: mostly clean pages, some on a host-index host, one blocked URL in 50
+CLEAN_HOSTS = ("clean.test", "clean.example")
+
+
+def urls(port: int) -> list[str]:
+    out = []
+    for i in range(50):
+        if i == 25:
+            out.append(f"http://partly.example:{port}/dir/secret.html")
+        elif i % 5 == 0:
+            out.append(f"http://partly.example:{port}/public/{i}.html?x={i}")
+        else:
+            out.append(f"http://{CLEAN_HOSTS[i % 2]}:{port}/page/{i}.html")
+    return out
+
+
+def lua(cycle: list[str], path: Path) -> Path:
+    """Absolute-form GETs of the cycle; status codes counted, one JSON line at the end."""
+    items = ",\n".join(f'  {{"{u}", "{u.split("/", 3)[2]}"}}' for u in cycle)
+    path.write_text(f"""local urls = {{
+{items}
+}}
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  reqs = {{}}
+  for i, pair in ipairs(urls) do reqs[i] = wrk.format("GET", pair[1], {{["Host"] = pair[2]}}) end
+  n = 0
+  statuses = {{}}
+end
+function request()
+  n = n + 1
+  if n > #reqs then n = 1 end
+  return reqs[n]
+end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local codes = {{}}
+  for _, t in ipairs(threads) do
+    for code, count in pairs(t:get("statuses")) do
+      codes[#codes + 1] = string.format('"%d": %d', code, count)
+    end
+  end
+  local e = summary.errors
+  io.write(string.format('NFBENCH {{"requests": %d, "duration_us": %d, "errors": %d, ' ..
+    '"codes": {{%s}}}}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, table.concat(codes, ", ")))
+end
+""", encoding="utf-8")
+    return path
+
+
+def run_wrk(squid: Squid, script: Path) -> tuple[float, dict[str, int], int]:
+    assert WRK is not None
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    done = subprocess.run([WRK, "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "5s",
+                           "-s", str(script), squid.url], capture_output=True, text=True,
+                          check=False, env=env, timeout=SECONDS + 30)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("NFBENCH ")), None)
+    assert done.returncode == 0 and line is not None, done.stdout + done.stderr
+    raw = json.loads(line.removeprefix("NFBENCH "))
+    return raw["requests"] / (raw["duration_us"] / 1e6), raw["codes"], raw["errors"]
+
+
+class IcapNode(ChildProcess):
+    """`netfilter serve icap` (its own process, as an operator runs it)."""
+
+    name = "netfilter serve icap"
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config, self.port, self.log_path, self.proc = config, port, log, None
+
+    def start(self) -> IcapNode:
+        netfilter = Path(sys.executable).parent / "netfilter"
+        self.popen([str(netfilter), "serve", "icap", "--config", str(self.config)])
+        self.wait_until(lambda: listening(self.port))
+        return self
+
+
+def _helper_squid(negative_ttl: int) -> Squid:
+    directory = squid_directory()
+    config = write_config(directory, name="netfilter.yaml")
+    return Squid(directory, [
+        "external_acl_type netfilter concurrency=100 children-max=2 children-startup=2 "
+        f"ttl=0 negative_ttl={negative_ttl} %>a %>rm %>ru {helper_command(config)}",
+        "acl netfilter_blocked external netfilter",
+        "http_access deny netfilter_blocked",
+        f"deny_info 307:http://{HOST}:8081/ netfilter_blocked",
+        "http_access allow localhost",
+        "http_access deny all",
+    ])
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Squid]]:
+    require_squid()
+    if WRK is None:
+        pytest.skip("wrk not installed (Debian: apt-get install wrk)")
+    work = tmp_path_factory.mktemp("squid-perf")
+    icap_config = write_config(work)
+    icap_port = free_port()
+    settings = yaml.safe_load(icap_config.read_text())
+    settings["icap"] = {"listen": f"{HOST}:{icap_port}"}
+    icap_config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    node = IcapNode(icap_config, icap_port, work / "icap.log")
+    squids = {
+        "bare Squid": Squid(squid_directory(), ["http_access allow localhost",
+                                                "http_access deny all"]),
+        "Squid + helper (negative_ttl=30)": _helper_squid(30),
+        "Squid + helper (negative_ttl=0)": _helper_squid(0),
+        "Squid + ICAP": Squid(squid_directory(), [
+            "icap_enable on", "icap_send_client_ip on", "icap_preview_enable on",
+            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod "
+            "bypass=0",
+            "adaptation_access netfilter_req allow all",
+            "http_access allow localhost", "http_access deny all"]),
+    }
+    try:
+        node.start()
+        for squid in squids.values():
+            squid.start()
+        yield squids
+    finally:
+        for squid in squids.values():
+            squid.close()
+        node.stop()
+
+
+def test_squid_throughput_with_netfilter_vs_bare(fleet: dict[str, Squid], figures: Figures,
+                                                 tmp_path: Path) -> None:
+    origin = Origin().start()
+    try:
+        cycle = urls(origin.port)
+        script = lua(cycle, tmp_path / "cycle.lua")
+        for squid in fleet.values():  # warm: helpers started, connections open
+            run_wrk(squid, script)
+        rps: dict[str, list[float]] = {name: [] for name in fleet}
+        codes: dict[str, dict[str, int]] = {}
+        for _ in range(ROUNDS):
+            for name, squid in fleet.items():
+                rate, seen, errors = run_wrk(squid, script)
+                # Squid closes the client connection after an adapted (ICAP) answer:
+                # wrk counts each as a read error, and reconnects
+                blocked = seen.get("451", 0) + seen.get("307", 0)
+                assert errors <= blocked, (name, seen, errors)
+                rps[name].append(rate)
+                codes[name] = seen
+                time.sleep(0.2)
+    finally:
+        origin.close()
+    # bare Squid forwards the blocked URL; netfilter's Squids never do
+    assert set(codes["bare Squid"]) == {"200"}, codes
+    assert set(codes["Squid + helper (negative_ttl=30)"]) == {"200", "307"}, codes
+    assert set(codes["Squid + ICAP"]) == {"200", "451"}, codes
+    base = rps["bare Squid"]
+    note = f"median of {ROUNDS} rounds x {SECONDS} s, wrk -c{CONNECTIONS}"
+    figures.time(TABLE, "bare Squid", 1 / statistics.median(base), baseline=True,
+                 unit="request", note=note)
+    print()
+    for name, rates in rps.items():
+        if name != "bare Squid":
+            figures.time(TABLE, name, 1 / statistics.median(rates), unit="request", note=note)
+        ratios = [r / b for r, b in zip(rates, base, strict=True)]
+        ratio = statistics.median(ratios)
+        print(f"{name:36} {statistics.median(rates):8.0f} req/s; pairwise ratios "
+              f"{', '.join(f'{x:.2f}' for x in ratios)}; median {ratio:.2f}")
+        if name != "bare Squid":
+            figures.row(TABLE, f"{name} / bare, median pairwise ratio", f"{ratio:.1%}",
+                        value=ratio)
+    figures.target(f"helper >= {HELPER_TARGET:.0%} of bare Squid", TABLE,
+                   "Squid + helper (negative_ttl=30) / bare, median pairwise ratio", "min",
+                   HELPER_TARGET)
+    figures.target(f"ICAP >= {ICAP_TARGET:.0%} of bare Squid", TABLE,
+                   "Squid + ICAP / bare, median pairwise ratio", "min", ICAP_TARGET)

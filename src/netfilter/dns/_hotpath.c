@@ -22,6 +22,12 @@
  *   Everything else is handed to Python with the packet and the client's address
  *   (server.py), which decides, records and answers. Queries past their deadline
  *   are handed back too, for Python to retry on the next upstream or SERVFAIL.
+ *
+ * - The relay also answers from two bounded caches (see "answer caches" below): the
+ *   block answers Python built (their blocks counted per client for Python to record)
+ *   and upstream answers, both emptied whenever the engine's host cache is replaced
+ *   (a list swap). Every byte read from a packet is bounds-checked; what the caches
+ *   cannot take whole is simply not cached.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN

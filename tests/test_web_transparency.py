@@ -22,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from netfilter.audit.store import AuditStore
 from netfilter.config import Settings
 from netfilter.stoppage.render import blocked_by_url
 from netfilter.updates.state import Held, VersionState, state_path
@@ -30,6 +31,7 @@ from tests.support import DEMO_LIST, DEMO_PUB, free_port, wait_for
 CLIENT = "127.0.0.7"  # the blocked browser's address, as the audit log records it
 BLOCKED = "blocked.example"
 HELD_REASON = "held-because-of-secret.example"
+WITNESS = "witness.example"
 
 
 class Node:
@@ -43,6 +45,7 @@ class Node:
             "stoppage": {"listen": f"127.0.0.1:{self.ports['stoppage']}"},
             "audit": {"path": str(tmp_path / "audit.sqlite"), "client": "full",
                       "record_targets": True, "checkpoint_interval": 0.2,
+                      "aggregate_window": 0,  # every block an event: none come later
                       "tiles": str(tmp_path / "tiles"),
                       "tiles_listen": f"127.0.0.1:{self.ports['tiles']}"},
         }
@@ -56,7 +59,7 @@ class Node:
                                       "--config", str(self.config)],
                                      stderr=subprocess.PIPE, text=True)
         self.web = self.ports["web" if web and "listen" in web else "stoppage"]
-        assert wait_for(self._up, 20), "serve did not start"
+        assert wait_for(self._up, 60), "serve did not start"
 
     def _up(self) -> bool:
         assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
@@ -115,6 +118,11 @@ def test_public_page_shows_lists_counts_checkpoint_and_nothing_personal(node: No
     # the log does hold the client and the name (the premise of the privacy check)
     assert wait_for(lambda: node.logged(CLIENT) and node.logged(BLOCKED), 10)
     assert wait_for(node.checkpointed, 10)
+    store = AuditStore(node.audit, create=False)  # a witness cosigned the latest
+    latest = store.latest_checkpoint()
+    assert latest is not None
+    store.add_cosignature(latest.size, WITNESS, f"\u2014 {WITNESS} AAAA")
+    store.close()
 
     base = f"http://127.0.0.1:{node.web}"
     twin = httpx.get(f"{base}/transparency.json", timeout=10)
@@ -134,7 +142,8 @@ def test_public_page_shows_lists_counts_checkpoint_and_nothing_personal(node: No
     assert set(blocks[0]) == {"day", "list", "category", "count"}
     checkpoint = data["checkpoint"]
     assert checkpoint["note"].startswith("transparency-test.example\n")
-    assert checkpoint["size"] >= 1 and checkpoint["cosignatures"] == []
+    assert checkpoint["size"] == latest.size
+    assert checkpoint["cosignatures"] == [{"witness": WITNESS, "line": f"\u2014 {WITNESS} AAAA"}]
     tiles = f"http://127.0.0.1:{node.ports['tiles']}/"
     assert data["verify"]["commands"][0] == (
         f"netfilter audit follow {tiles} --key transparency-test.example.pub --state DIR")
@@ -155,6 +164,7 @@ def test_public_page_shows_lists_counts_checkpoint_and_nothing_personal(node: No
         text = page.text
         assert f'<html lang="{lang}">' in text and words[lang] in text
         assert "netfilter audit follow" in text and demo["signing_key_id"] in text
+        assert f"\u2014 {WITNESS} AAAA" in text
         assert "<script" not in text and " src=" not in text
     for body in (twin.text, *(p.text for p in pages.values())):
         assert CLIENT not in body and BLOCKED not in body and HELD_REASON not in body

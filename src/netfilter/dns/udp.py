@@ -177,6 +177,7 @@ class RelayListener:
         loop.add_reader(upstream.fileno(), self._from_upstream)
         self._loop = loop
         self._record_at = loop.time() + RECORD_INTERVAL
+        self._tokens: dict[tuple[object, ...], tuple[Verdict, str, str]] = {}
 
     @classmethod
     def open(cls, server: Handler, sock: socket.socket) -> RelayListener:
@@ -212,9 +213,20 @@ class RelayListener:
         answers the same question from now on, while the lists stay the same. The token
         carries what the audit log needs per block (`_record_blocks`)."""
         question = scan_question(query)
-        if question is not None:
-            self.relay.remember_block(query, answer, self.engine.host_cache,
-                                      (verdict, question[0], detail))
+        if question is None:
+            return
+        # One token per audit key and detail: the relay counts per (token, client), and
+        # each pair costs an engine call per recording; forms of one question, and a
+        # domain's subdomains blocked by the same entry, share one (unless targets are
+        # recorded: then each name is its own).
+        key = (verdict.match, verdict.answer, detail,
+               question[0] if self.engine.record_targets else None)
+        token = self._tokens.get(key)
+        if token is None:
+            if len(self._tokens) >= 2 * BLOCK_CACHE_SIZE:
+                self._tokens.clear()  # bounded; a token only has to live in the relay
+            token = self._tokens[key] = (verdict, question[0], detail)
+        self.relay.remember_block(query, answer, self.engine.host_cache, token)
 
     def _record_blocks(self) -> None:
         """Record the blocks the relay answered from its cache since the last call: one

@@ -6,6 +6,7 @@ answer (400, 404, 405, 505), never a traceback.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -143,9 +144,21 @@ def parse_http_request(head: bytes) -> HttpHead:
     return HttpHead(parts[0].decode("ascii"), target, _fields(lines[1:], "HTTP"))
 
 
+_date: tuple[int, str] = (0, "")
+
+
+def _now() -> str:
+    """The Date field's value, formatted once a second."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, formatdate(second, usegmt=True))
+    return _date[1]
+
+
 def format_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
     """An ICAP response head, blank line included."""
     lines = [f"ICAP/1.0 {status} {ICAP_REASONS.get(status, 'Error')}",
-             f"Date: {formatdate(usegmt=True)}", "Service: netfilter"]
+             f"Date: {_now()}", "Service: netfilter"]
     lines.extend(f"{name}: {value}" for name, value in fields)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -25,6 +25,8 @@ import hashlib
 import logging
 import socket
 from collections import Counter
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from netfilter.config import IcapSettings, parse_hostport
 from netfilter.engine import Engine, Verdict
@@ -55,6 +57,8 @@ __all__ = ["MAX_HEAD", "SERVICE", "IcapServer"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SERVICE = "/reqmod"
 FRONTEND = "icap"
 MAX_HEAD = 64 * 1024  # bytes of an ICAP head, and of the encapsulated HTTP head
@@ -63,6 +67,13 @@ READ_PIECE = 64 * 1024  # bytes read at once from a body chunk
 OPTIONS_TTL = 60  # seconds a client may keep our OPTIONS answer
 LINGER_SECONDS = 1.0  # per read of what a client sends after its answer, before closing
 LINGER_READS = 16  # reads of READ_PIECE at most
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable` under a deadline; asyncio.timeout, not wait_for: no task per read
+    (this is every request's path)."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 class IcapServer:
@@ -77,7 +88,7 @@ class IcapServer:
         self._sock = sock
         self._server: asyncio.base_events.Server | None = None
         self._clients: Counter[str] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._targets = TargetCache()
         self._istag: tuple[object, str] | None = None
         self.address: tuple[str, int] | None = None
@@ -99,11 +110,11 @@ class IcapServer:
             self._sock.close()
         if self._server is not None:
             self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._server.wait_closed()
+            for writer in list(self._writers):  # each handler then ends as on a reset
+                writer.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.header_timeout):
+                    await self._server.wait_closed()
 
     @property
     def port(self) -> int:
@@ -134,9 +145,7 @@ class IcapServer:
                                            ("Connection", "close")]))
             await self._close(reader, writer)
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        self._writers.add(writer)
         self._clients[client] += 1
         try:
             await self._serve(reader, writer)
@@ -156,26 +165,25 @@ class IcapServer:
             if self._clients[client] <= 0:
                 del self._clients[client]
             await self._close(reader, writer)
-            if task is not None:
-                self._tasks.discard(task)
+            self._writers.discard(writer)
 
     async def _close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Send what is written, then read (a bounded while) what the client still
         sends before closing: closed with unread input, the kernel would reset the
         connection and the client might never see our answer."""
         with contextlib.suppress(OSError, ConnectionError, TimeoutError, RuntimeError):
-            await asyncio.wait_for(writer.drain(), self.settings.header_timeout)
+            await _within(writer.drain(), self.settings.header_timeout)
             if writer.can_write_eof():
                 writer.write_eof()
             for _ in range(LINGER_READS):
-                if not await asyncio.wait_for(reader.read(READ_PIECE), LINGER_SECONDS):
+                if not await _within(reader.read(READ_PIECE), LINGER_SECONDS):
                     break
         with contextlib.suppress(OSError):
             writer.close()
 
     async def _head(self, reader: asyncio.StreamReader, timeout: float) -> bytes | None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            head = await _within(reader.readuntil(b"\r\n\r\n"), timeout)
         except asyncio.LimitOverrunError:
             raise IcapError(400, "ICAP head too long") from None
         except asyncio.IncompleteReadError as e:
@@ -205,7 +213,8 @@ class IcapServer:
                 await self._reqmod(request, reader, writer)
             else:
                 raise IcapError(405, f"{request.method[:20]} is not served here")
-            await asyncio.wait_for(writer.drain(), s.header_timeout)
+            if writer.transport.get_write_buffer_size():
+                await _within(writer.drain(), s.header_timeout)
             served += 1
             if (request.field("connection") or "").lower() == "close":
                 return
@@ -218,7 +227,7 @@ class IcapServer:
             raise IcapError(400, "REQMOD without an encapsulated request head")
         if enc.body_offset > MAX_HEAD or enc.body_offset < 4:
             raise IcapError(400, "encapsulated HTTP head too long or empty")
-        raw = await asyncio.wait_for(reader.readexactly(enc.body_offset), s.header_timeout)
+        raw = await _within(reader.readexactly(enc.body_offset), s.header_timeout)
         if not raw.endswith(b"\r\n\r\n"):
             raise IcapError(400, "the encapsulated HTTP head does not end where it says")
         http = parse_http_request(raw[:-4])
@@ -257,7 +266,7 @@ class IcapServer:
         True if it ended with `ieof` (a preview that holds the whole body)."""
         timeout = self.settings.header_timeout
         while True:
-            line = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+            line = await _within(reader.readuntil(b"\r\n"), timeout)
             if len(line) > MAX_CHUNK_LINE:
                 raise IcapError(400, "chunk-size line too long")
             size_text, _, ext = line[:-2].partition(b";")
@@ -265,7 +274,7 @@ class IcapServer:
             if size < 0:
                 raise IcapError(400, "negative chunk size")
             if size == 0:
-                await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)  # trailer end
+                await _within(reader.readuntil(b"\r\n"), timeout)  # trailer end
                 if echo is not None:
                     echo.write(b"0\r\n\r\n")
                 return ext.strip() == b"ieof"
@@ -273,14 +282,14 @@ class IcapServer:
                 echo.write(b"%x\r\n" % size)
             left = size
             while left:
-                piece = await asyncio.wait_for(reader.read(min(left, READ_PIECE)), timeout)
+                piece = await _within(reader.read(min(left, READ_PIECE)), timeout)
                 if not piece:
                     raise asyncio.IncompleteReadError(piece, left)
                 left -= len(piece)
                 if echo is not None:
                     echo.write(piece)
-                    await asyncio.wait_for(echo.drain(), timeout)
-            if await asyncio.wait_for(reader.readexactly(2), timeout) != b"\r\n":
+                    await _within(echo.drain(), timeout)
+            if await _within(reader.readexactly(2), timeout) != b"\r\n":
                 raise IcapError(400, "chunk not followed by CRLF")
             if echo is not None:
                 echo.write(b"\r\n")

@@ -83,6 +83,10 @@ class Fetcher:
             with self._client.stream("GET", url) as response:
                 if response.status_code == 404:
                     return None
+                if response.is_redirect:
+                    raise FetchError(url, f"HTTP {response.status_code} to "
+                                          f"{response.headers.get('location', '?')[:200]!r}: "
+                                          "redirects are not followed (give the log's URL)")
                 if response.status_code != 200:
                     raise FetchError(url, f"HTTP {response.status_code} "
                                           f"{response.reason_phrase}".rstrip())

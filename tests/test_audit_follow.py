@@ -25,13 +25,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from netfilter.audit import fetch as fetch_module
+from netfilter.audit import follow as follow_module
+from netfilter.audit import tilereader as tilereader_module
 from netfilter.audit.checkpoint import Checkpoint, CosignatureSigner, sign_checkpoint
+from netfilter.audit.fetch import base_url
 from netfilter.audit.follow import State
 from netfilter.audit.follow import follow as run_follow
 from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.tilereader import TileError, parse_bundle
 from netfilter.audit.tiles import tile_path, write_tiles
+from netfilter.errors import NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
 from tests.support import DEMO_LIST, DEMO_PUB, ChildProcess, free_port, listening
 
@@ -399,3 +405,40 @@ def test_follow_a_running_serve(tmp_path: Path) -> None:
         assert int(second.stdout.split(f": {old} -> ")[1].split(",")[0]) >= new
     finally:
         assert serve.stop() == 0, serve.log()
+
+
+# ---------------------------------------------------------------- pieces
+@pytest.mark.parametrize(("url", "allow_http", "base"), [
+    ("https://gw.example/tiles", False, "https://gw.example/tiles/"),
+    ("https://gw.example:8443/", False, "https://gw.example:8443/"),
+    ("http://127.0.0.1:8090", False, "http://127.0.0.1:8090/"),
+    ("http://127.3.2.1/", False, "http://127.3.2.1/"),
+    ("http://[::1]:8090/", False, "http://[::1]:8090/"),
+    ("http://localhost/", False, "http://localhost/"),
+    ("http://gw.example/", True, "http://gw.example/"),
+])
+def test_base_url_accepted(url: str, allow_http: bool, base: str) -> None:
+    assert base_url(url, allow_http=allow_http) == base
+
+
+@pytest.mark.parametrize("url", ["http://gw.example/", "http://10.0.0.1/", "http://[::2]/",
+                                 "http://127.0.0.1.example/", "file:///etc/passwd",
+                                 "gw.example", "https://", "https://u:p@gw.example/",
+                                 "https://gw.example/#x", "https://gw.example:0x/"])
+def test_base_url_refused(url: str) -> None:
+    with pytest.raises(NetfilterError):
+        base_url(url)
+
+
+def test_entry_bundles_parsed_strictly() -> None:
+    assert parse_bundle(b"\x00\x01a\x00\x00\x00\x02bc", 3, "b") == [b"a", b"", b"bc"]
+    assert parse_bundle(b"\x00\x01a\x00\x01b", 1, "b") == [b"a"]  # a full tile's prefix
+    for bad, count in ((b"\x00", 1), (b"\x00\x05abc", 1), (b"\x00\x01a", 2)):
+        with pytest.raises(TileError):
+            parse_bundle(bad, count, "b")
+
+
+def test_exported_names_exist() -> None:
+    for module in (follow_module, fetch_module, tilereader_module):
+        for name in module.__all__:
+            assert hasattr(module, name), (module.__name__, name)

@@ -207,6 +207,24 @@ def test_shrunk_log_is_caught(log: Log, node: TileNode, tmp_path: Path) -> None:
     assert (state / "checkpoint").read_bytes() == kept
 
 
+def test_an_older_checkpoint_of_the_same_log_is_not_a_fork(log: Log, node: TileNode,
+                                                            tmp_path: Path) -> None:
+    """A cache or mirror that lags serves an older checkpoint: the kept one stays, exit 0;
+    the node's tiles of the kept size prove the older one is part of it."""
+    state = tmp_path / "state"
+    log.grow(290)
+    older = (log.tiles / "checkpoint").read_bytes()
+    log.grow(300)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 600)
+    kept = (state / "checkpoint").read_bytes()
+    (log.tiles / "checkpoint").write_bytes(older)
+    line = ok(follow(node.url, "--key", log.pub, "--state", state), 600, 300)
+    assert line.endswith("the node serves an older checkpoint than the one kept (600), "
+                         "which stays")
+    assert (state / "checkpoint").read_bytes() == kept
+    assert not (state / "conflicting-checkpoint").exists()
+
+
 def test_same_size_other_root_is_caught(log: Log, node: TileNode, tmp_path: Path) -> None:
     state = tmp_path / "state"
     ok(follow(node.url, "--key", log.pub, "--state", state), 0, 10)

@@ -34,7 +34,7 @@ from netfilter.audit.note import (
     open_note,
 )
 from netfilter.audit.proofs import VerificationError
-from netfilter.audit.tilereader import TileReader
+from netfilter.audit.tilereader import Get, TileError, TileReader
 from netfilter.audit.tiles import WIDTH, tile_path
 from netfilter.audit.verify import checkpoint_origin
 from netfilter.errors import NetfilterError
@@ -110,11 +110,15 @@ class FollowResult:
     entries_checked: int | None = None
     entries_removed: int = 0
     requests: int = 0
+    stale: bool = False  # an older checkpoint of the same history: the kept one stays
 
     def line(self) -> str:
         cosigned = ", ".join(self.cosigners) or "none"
         text = (f"{self.origin} at {self.url}: {self.old_size} -> {self.new_size}, "
                 f"consistent; cosigners: {cosigned}")
+        if self.stale:
+            text += (f"; the node serves an older checkpoint than the one kept "
+                     f"({self.old_size}), which stays")
         if self.entries_checked is not None:
             text += (f"; {self.entries_checked} entries match their leaf hashes "
                      f"({self.entries_removed} removed by retention)")
@@ -205,35 +209,49 @@ def follow(url: str, key: PublicKey, state: State, *, allow_http: bool = False,
                               _cosigners(note, (origin, Verifier.from_public_key(
                                   origin, key).key_hash), witnesses))
         reader = TileReader(fetcher.get, new.size, new.root)  # the edge tiles, checked
-        if kept is not None:
-            _consistent(state, kept, new, note, reader, where)
-        if entries:
+        newer = kept is None or _consistent(state, kept, new, note, reader, fetcher.get,
+                                            where)
+        if entries and newer:
             _check_entries(reader, result.old_size, new.size, result)
         result.requests = fetcher.requests
-    if kept is None or new.size != kept.size or note != kept_note:
+    if not newer:
+        result.stale = True
+    elif kept is None or new.size != kept.size or note != kept_note:
         state.write(KEPT, note)
     return result
 
 
+def _extends(old: Checkpoint, new: Checkpoint, reader: TileReader) -> bool:
+    """Does the tree `new` (whose tiles `reader` reads) extend the tree `old`?"""
+    try:
+        if old.size == 0:
+            return old.root == merkle.EMPTY_ROOT
+        proof = merkle.consistency_proof(old.size, new.size, reader)
+        merkle.verify_consistency(old.size, new.size, old.root, new.root, proof)
+    except merkle.ProofError:
+        return False
+    return True
+
+
 def _consistent(state: State, kept: Checkpoint, new: Checkpoint, note: bytes,
-                reader: TileReader, where: str) -> None:
-    """Prove `new` extends `kept` from the tiles; on a fork keep the evidence, raise."""
-    why = ""
-    if new.size < kept.size:
-        why = f"it is smaller than the kept one of size {kept.size} (events were removed)"
+                reader: TileReader, get: Get, where: str) -> bool:
+    """Prove `new` extends `kept` from the tiles (True), or that it is an older
+    checkpoint of the same history (False: a cache or mirror that lags, the kept one
+    stays); on a fork keep the evidence and raise."""
+    if new.size >= kept.size:
+        if _extends(kept, new, reader):
+            return True
+        why = (f"it does not extend the kept one of size {kept.size} "
+               "(the log was rewritten or forked)")
     else:
-        try:
-            if kept.size == 0:
-                if kept.root != merkle.EMPTY_ROOT:
-                    raise merkle.ProofError
-            else:
-                proof = merkle.consistency_proof(kept.size, new.size, reader)
-                merkle.verify_consistency(kept.size, new.size, kept.root, new.root, proof)
-        except merkle.ProofError:
-            why = (f"it does not extend the kept one of size {kept.size} "
-                   "(the log was rewritten or forked)")
-    if why:
-        saved = state.write(CONFLICT, note)
-        raise FollowError(where, f"NOT CONSISTENT: the checkpoint of size {new.size} is "
-                                 f"signed by the node's key, but {why}; kept "
-                                 f"{state.dir / KEPT}, the other saved as {saved}")
+        try:  # the kept tree's tiles, if the node still serves them, hold the new one
+            if _extends(new, kept, TileReader(get, kept.size, kept.root)):
+                return False
+        except TileError:
+            pass
+        why = (f"it is smaller than the kept one of size {kept.size} and not part of it "
+               "(events were removed, or the log was rewritten)")
+    saved = state.write(CONFLICT, note)
+    raise FollowError(where, f"NOT CONSISTENT: the checkpoint of size {new.size} is "
+                             f"signed by the node's key, but {why}; kept "
+                             f"{state.dir / KEPT}, the other saved as {saved}")

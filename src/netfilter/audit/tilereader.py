@@ -17,7 +17,7 @@ from netfilter.audit import merkle
 from netfilter.audit.tiles import WIDTH, tile_path
 from netfilter.errors import NetfilterError
 
-__all__ = ["TileError", "TileReader", "parse_bundle"]
+__all__ = ["Get", "TileError", "TileReader", "parse_bundle"]
 
 Get = Callable[[str, int], "bytes | None"]
 """(path below the log's URL, byte limit) -> body, None when the file is absent."""

@@ -42,8 +42,10 @@ def _follow(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Fetch URL/checkpoint, verify it with the node's key, prove from "
                     "URL/tile/... that it extends the checkpoint kept in DIR, and keep "
                     "it. One line per run: old size -> new size, consistent, cosigners.",
-        epilog="A rewritten or forked log: one line, exit 1; the kept checkpoint stays, "
-               "the other is saved beside it as DIR/conflicting-checkpoint.\n" + EXIT)
+        epilog="A rewritten or forked log: one line, exit 1; the kept checkpoint stays,\n"
+               "the other is saved beside it as DIR/conflicting-checkpoint. An older\n"
+               "checkpoint of the same history (a cache that lags): exit 0, the kept one\n"
+               "stays.\n\n" + EXIT)
     cmd.add_argument("url", metavar="URL", help="the log's tlog-tiles base URL (https://; "
                      "http:// only on loopback)")
     cmd.add_argument("--key", required=True, metavar="NODE.pub",

@@ -11,12 +11,17 @@ mistake is one line with exit 2. Traffic only to loopback.
 
 from __future__ import annotations
 
+import functools
 import http.client
+import http.server
+import os
 import shutil
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,6 +44,7 @@ from netfilter.audit.tilereader import TileError, parse_bundle
 from netfilter.audit.tiles import tile_path, write_tiles
 from netfilter.errors import NetfilterError
 from netfilter.keys import generate_keypair, load_private_key, load_public_key
+from tests.dns_tls_support import certificate
 from tests.support import DEMO_LIST, DEMO_PUB, ChildProcess, free_port, listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,3 +466,41 @@ def test_exported_names_exist() -> None:
     for module in (follow_module, fetch_module, tilereader_module):
         for name in module.__all__:
             assert hasattr(module, name), (module.__name__, name)
+
+
+# ---------------------------------------------------------------- https
+@pytest.fixture
+def https_node(log: Log, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The tiles over HTTPS (a self-signed certificate for 127.0.0.1) from a thread."""
+    cert, key = certificate(tmp_path / "tls")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(log.tiles)))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/", cert
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_https_certificates_are_verified(log: Log, https_node: tuple[str, Path],
+                                         tmp_path: Path) -> None:
+    url, cert = https_node
+    one_line(follow(url, "--key", log.pub, "--state", tmp_path / "s"), 1,
+             "cannot fetch", "CERTIFICATE_VERIFY_FAILED")
+    assert not (tmp_path / "s" / "checkpoint").exists()
+    trusted = subprocess.run(
+        [sys.executable, "-m", "netfilter.cli", "audit", "follow", url, "--key", str(log.pub),
+         "--state", str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT,
+        timeout=120, env={**os.environ, "SSL_CERT_FILE": str(cert)})
+    ok(trusted, 0, 10)

@@ -106,7 +106,9 @@ def run_wrk(squid: Squid, script: Path) -> tuple[float, dict[str, int], int]:
                            "-s", str(script), squid.url], capture_output=True, text=True,
                           check=False, env=env, timeout=SECONDS + 30)
     line = next((x for x in done.stdout.splitlines() if x.startswith("NFBENCH ")), None)
-    assert done.returncode == 0 and line is not None, done.stdout + done.stderr
+    assert done.returncode == 0 and line is not None, (
+        f"{done.stdout}{done.stderr}\nsquid alive: {squid.alive()}; cache.log:\n"
+        f"{squid.cache_log()[-2000:]}")
     raw = json.loads(line.removeprefix("NFBENCH "))
     return raw["requests"] / (raw["duration_us"] / 1e6), raw["codes"], raw["errors"]
 

@@ -219,11 +219,7 @@ class ListMatcher:
     # ------------------------------------------------------------ matching
 
     def _match(self, position: int, expression: str) -> Match:
-        ref_at, ref_length, category, kind = _RECORD.unpack(
-            self._read(self._records + position * _RECORD.size, _RECORD.size))
-        ref = self._read(self._refs + ref_at, ref_length).decode("utf-8", "replace")
-        return Match(self.list_id, self.version, ref, self._categories[category],
-                     "url" if kind else "domain", self.source, expression)
+        return _match_function(self)(position, expression)
 
     def _make_checks(self) -> None:
         """Build the hot-path checks as closures over locals.
@@ -239,7 +235,7 @@ class ListMatcher:
         find = self._entries.find
         in_index = _remembered(self._hosts.find) if self._hosts is not None else None
         expand_all = in_index is None and self._has_url_entries
-        match = self._match
+        match = _match_function(self)  # not self._match: see _match_function
         slash = ["/"]
         pairs = _fast_pairs(words, key) or _python_pairs(words, nwords, key)
 
@@ -323,6 +319,27 @@ class ListMatcher:
 
 
 Pairs = Callable[[list[str], list[str]], Iterable[tuple[int, int, bytes]]]
+
+
+def _match_function(m: ListMatcher) -> Callable[[int, str], Match]:
+    """The Match of entry `position`, over the matcher's parts rather than the matcher.
+
+    The checks the matcher keeps as attributes hold this function; had it been the
+    bound `m._match`, matcher and checks would form a reference cycle, freed only by
+    the cyclic GC, and never once the objects are frozen (`gc.freeze()`, which the proxy
+    addon calls after each reload): each replaced list, with its open bundle copy,
+    would then stay in memory for good."""
+    read, records, refs, categories = m._read, m._records, m._refs, m._categories
+    list_id, version, source = m.list_id, m.version, m.source
+
+    def match(position: int, expression: str) -> Match:
+        ref_at, ref_length, category, kind = _RECORD.unpack(
+            read(records + position * _RECORD.size, _RECORD.size))
+        ref = read(refs + ref_at, ref_length).decode("utf-8", "replace")
+        return Match(list_id, version, ref, categories[category],
+                     "url" if kind else "domain", source, expression)
+
+    return match
 
 
 INDEX_MEMO_SIZE = 1 << 15  # host-index answers kept per list; cleared wholesale when full

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from typing import Any
 from netfilter.audit.store import AuditStore
 from netfilter.config import Settings
 from netfilter.engine import Engine
+from netfilter.errors import NetfilterError
 from netfilter.listfile import Bundle
 from netfilter.web.blockstats import BlockStats
 
@@ -68,7 +68,6 @@ class TransparencySource:
         self._pending: asyncio.Future[dict[str, Any]] | None = None
         self._categories: dict[tuple[str, int], dict[str, int]] = {}
         self._stats: BlockStats | None = None
-        self._lock = threading.Lock()
 
     async def snapshot(self) -> dict[str, Any]:
         """The current snapshot (made now when older than the TTL; one at a time)."""
@@ -131,6 +130,9 @@ class TransparencySource:
                 "published": _iso(m.issued), "expires": _iso(m.expires),
                 "expired": bundle.expired, "signing_key_id": bundle.signer.id,
             })
+        in_force = {(item["id"], item["version"]) for item in out}
+        for key in [k for k in self._categories if k not in in_force]:
+            del self._categories[key]  # versions replaced since: not kept forever
         return out
 
     def _held(self) -> list[dict[str, Any]]:
@@ -139,7 +141,11 @@ class TransparencySource:
         path = state_path(self.settings)
         if not path.exists():
             return []
-        state = VersionState(path)
+        try:
+            state = VersionState(path)
+        except NetfilterError as e:  # the page goes on without them, and says so once
+            log.warning("transparency: the list state could not be read: %s", e)
+            return []
         try:
             return [{"list": h.list_id, "version": h.version, "held_since": _iso(h.held_at)}
                     for h in state.all_held()]

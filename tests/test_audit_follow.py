@@ -440,6 +440,8 @@ def test_follow_a_running_serve(tmp_path: Path) -> None:
     ("http://[::1]:8090/", False, "http://[::1]:8090/"),
     ("http://localhost/", False, "http://localhost/"),
     ("http://gw.example/", True, "http://gw.example/"),
+    ("https://bücher.example/", False, "https://bücher.example/"),
+    ("https://gw.example./", False, "https://gw.example./"),
 ])
 def test_base_url_accepted(url: str, allow_http: bool, base: str) -> None:
     assert base_url(url, allow_http=allow_http) == base
@@ -448,7 +450,10 @@ def test_base_url_accepted(url: str, allow_http: bool, base: str) -> None:
 @pytest.mark.parametrize("url", ["http://gw.example/", "http://10.0.0.1/", "http://[::2]/",
                                  "http://127.0.0.1.example/", "file:///etc/passwd",
                                  "gw.example", "https://", "https://u:p@gw.example/",
-                                 "https://gw.example/#x", "https://gw.example:0x/"])
+                                 "https://gw.example/#x", "https://gw.example:0x/",
+                                 "https://gw node.example/", "https://a..b.example/",
+                                 "https://-.example/", "https://xn--a.example/",
+                                 "https://gw%41.example/"])
 def test_base_url_refused(url: str) -> None:
     with pytest.raises(NetfilterError):
         base_url(url)

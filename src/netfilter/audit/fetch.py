@@ -9,6 +9,7 @@ within the time-out, so a node can neither exhaust the auditor's memory nor hold
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -35,6 +36,26 @@ def _loopback(host: str) -> bool:
         return False
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name whose labels (after IDNA) are 1-63 letters, digits
+    and inner hyphens."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+        _ = httpx.URL(f"https://{ascii_host}/").host  # decodes xn-- labels: strict IDNA
+    except (UnicodeError, httpx.InvalidURL):
+        return False
+    labels = ascii_host.removesuffix(".").split(".")
+    return len(ascii_host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+
+
 def base_url(url: str, *, allow_http: bool = False) -> str:
     """The log's base URL, ending in "/"; NetfilterError (a user mistake) names why not."""
     try:
@@ -46,6 +67,8 @@ def base_url(url: str, *, allow_http: bool = False) -> str:
     if parts.scheme not in ("https", "http") or not host:
         raise NetfilterError(url, "want an https:// URL of the log (the directory that "
                                   "holds checkpoint and tile/)")
+    if not _valid_host(host):
+        raise NetfilterError(url, f"{host!r} is not a host name or IP address")
     if parts.scheme == "http" and not allow_http and not _loopback(host):
         raise NetfilterError(url, "http:// only for a loopback address; use https:// "
                                   "or --allow-http")
@@ -105,5 +128,5 @@ class Fetcher:
                 return bytes(body)
         except httpx.TimeoutException:
             raise FetchError(url, f"no answer within {self.timeout:g}s") from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:
             raise FetchError(url, f"cannot fetch ({e or type(e).__name__})") from None

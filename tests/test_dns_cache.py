@@ -446,6 +446,34 @@ def test_mutated_upstream_answers_never_break_the_cache() -> None:
         rig.close()
 
 
+def test_mutated_block_answers_and_queries_never_break_it() -> None:
+    """remember_block with mutated queries and answers keeps or refuses them; a kept
+    one is served with the asking query's id and question, never past its length."""
+    rig = Rig()
+    rng = random.Random(8914)
+    try:
+        seed = query("blocked.example", use_edns=0)
+        built = answer_to(seed, ("blocked.example.", 300, "A", "127.0.0.1"))
+        rig.state["blocked.example"] = "a match"
+        for _ in range(1500):
+            edits = [(rng.randrange(256), rng.randrange(256), rng.choice("xsdi."))
+                     for _ in range(rng.randint(1, 3))]
+            wire = mutate(seed, edits) if rng.random() < 0.5 else seed
+            answer = mutate(built, edits) if rng.random() < 0.7 else built
+            kept = rig.relay.remember_block(wire, answer, rig.state, "token")
+            if kept:
+                asking = query("BLOCKED.example", use_edns=0)
+                if _hotpath.question(wire) is not None and wire[12:] == seed[12:]:
+                    assert rig.ask(asking) == []
+                    served = rig.client_gets()
+                    assert served[:2] == asking[:2] and len(served) == len(answer)
+            rig.relay.flush()
+            rig.relay.from_clients(rig.state)
+        rig.relay.block_counts()
+    finally:
+        rig.close()
+
+
 # ---------------------------------------------------------------- a real server
 
 

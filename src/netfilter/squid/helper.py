@@ -28,7 +28,7 @@ import signal
 import sys
 from typing import BinaryIO
 
-from netfilter.canonical import InvalidURL
+from netfilter import InvalidURL
 from netfilter.config import load_config
 from netfilter.engine import Engine, Verdict
 from netfilter.errors import NetfilterError

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.routing import BaseRoute
 
@@ -23,11 +23,15 @@ from netfilter.latency import LatencyHistogram
 from netfilter.slots import Slots
 from netfilter.stoppage.render import Renderer, blocked_by_url
 from netfilter.web.app import build_app
-from netfilter.web.head import MAX_HEAD, split_host
+from netfilter.web.head import MAX_HEAD, Request, split_host
 from netfilter.web.server import Limits, Listener, WebServer
 from netfilter.web.stoppage import StopPageRoute
 
 __all__ = ["MAX_HEAD", "StopPageServer", "split_host"]
+
+
+def _no_body(_request: Request) -> bool:
+    return False
 
 
 class StopPageServer:
@@ -36,13 +40,16 @@ class StopPageServer:
     def __init__(self, engine: Engine, settings: StoppageSettings, *,
                  renderer: Renderer | None = None, read_timeout: float | None = None,
                  max_clients: int | None = None, sock: socket.socket | None = None,
-                 routes: Sequence[BaseRoute] = ()) -> None:
+                 routes: Sequence[BaseRoute] = (),
+                 keeps_body: Callable[[Request], bool] | None = None) -> None:
         """`renderer` defaults to one built from `settings` (a relative template
         directory taken against the config file's directory); `read_timeout` and
         `max_clients` override the settings' `header_timeout` and `max_clients`;
         `sock`: a TCP socket already bound to `settings.listen` (`netfilter serve` binds
         every part's before it starts any), served from `start` on and closed at `stop`;
-        without it, `start` binds one."""
+        without it, `start` binds one. `routes` come before the stop page (the public
+        pages; a dashboard's under /admin/), and `keeps_body` says which of their
+        requests get their bodies (forms); the stop page never reads one."""
         self.engine = engine
         self.settings = settings
         self._sock = sock
@@ -57,6 +64,7 @@ class StopPageServer:
         self.route = StopPageRoute(engine, renderer, self.stats, self.latency)
         self.app = build_app(routes, fallback=self.route)
         self.address: tuple[str, int] | None = None
+        self._keeps_body = keeps_body
         self._web: WebServer | None = None
 
     @property
@@ -87,6 +95,7 @@ class StopPageServer:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.create_server((host, port), family=family, backlog=128)
         self._web = WebServer([Listener("stoppage", sock, self.app, self.limits,
+                                        keeps_body=self._keeps_body or _no_body,
                                         stats=self.stats)])
         await self._web.start()
         self.address = (host, int(sock.getsockname()[1]))

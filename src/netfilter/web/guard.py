@@ -286,7 +286,7 @@ class Guard(asyncio.Protocol):
 
     def _refuse(self, e: Refused) -> None:
         self._stats[f"status_{e.status}"] += 1  # counted; never logged per request
-        if self._handed:  # a later head on a kept-alive connection: just end it
+        if self._awaiting:  # the stack is answering an earlier request: just end it
             self._abort()
             return
         assert self._transport is not None

@@ -78,6 +78,7 @@ class TileReader:
         return data
 
     def _hashes(self, level: int, index: int) -> list[bytes]:
+        """A hash tile's hashes, unchecked: exactly its width (or a full tile's)."""
         width = self._width(level, index)
         data = self._fetch(level, index, width, width * merkle.HASH_SIZE)
         if len(data) < width * merkle.HASH_SIZE or (
@@ -88,6 +89,8 @@ class TileReader:
         return [data[i : i + size] for i in range(0, width * size, size)]
 
     def _check_edge(self, root: bytes) -> None:
+        """Fetch the right-edge tile of each level and fold them to the root: every
+        other tile is then checked against a parent that is checked."""
         h: bytes | None = None
         for level, count in enumerate(self._counts):
             width = count % WIDTH

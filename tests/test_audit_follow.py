@@ -35,7 +35,7 @@ from netfilter.audit import follow as follow_module
 from netfilter.audit import tilereader as tilereader_module
 from netfilter.audit.checkpoint import Checkpoint, CosignatureSigner, sign_checkpoint
 from netfilter.audit.fetch import base_url
-from netfilter.audit.follow import State
+from netfilter.audit.follow import FollowError, State
 from netfilter.audit.follow import follow as run_follow
 from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
@@ -509,3 +509,24 @@ def test_https_certificates_are_verified(log: Log, https_node: tuple[str, Path],
          "--state", str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT,
         timeout=120, env={**os.environ, "SSL_CERT_FILE": str(cert)})
     ok(trusted, 0, 10)
+
+
+def test_follow_across_tile_levels(log: Log, node: TileNode, tmp_path: Path) -> None:
+    """Past 65,536 leaves a level-2 tile exists: the proof from 300 reads hashes from
+    tiles of three levels, each checked up to the edge, in a handful of requests."""
+    state = State(tmp_path / "state")
+    key = load_public_key(log.pub)
+    log.grow(290)
+    assert run_follow(node.url, key, state).new_size == 300
+    log.grow(70_000 - 300)
+    grown = run_follow(node.url, key, state)
+    assert (grown.old_size, grown.new_size) == (300, 70_000)
+    assert grown.requests <= 8, grown.requests  # checkpoint, 3 edge tiles, a few more
+    log.grow(1)
+    again = run_follow(node.url, key, state, entries=True)
+    assert (again.old_size, again.new_size, again.entries_checked) == (70_000, 70_001, 1)
+    kept = (state.dir / "checkpoint").read_bytes()
+    log.rewrite(keep=1000, count=69_100)  # 70,100: the same size range, another history
+    with pytest.raises(FollowError, match="NOT CONSISTENT"):
+        run_follow(node.url, key, state)
+    assert (state.dir / "checkpoint").read_bytes() == kept

@@ -6,7 +6,7 @@ Request parts in (target.py), the host stage and URL check through the engine
 only translate into their protocol. No mitmproxy here.
 """
 
-from netfilter.http.decide import check_request, request_url_free
+from netfilter.http.decide import check_request, check_target_urls, request_url_free
 from netfilter.http.hosts import (
     HostDecision,
     InterceptMode,
@@ -36,6 +36,7 @@ __all__ = [
     "TargetCache",
     "TlsAction",
     "check_request",
+    "check_target_urls",
     "combine",
     "decide_host",
     "intercept_mode",

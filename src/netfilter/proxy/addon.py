@@ -72,9 +72,8 @@ from netfilter.http import (
     HostDecision,
     InterceptMode,
     Target,
-    TargetCache,
     TlsAction,
-    check_request,
+    check_target_urls,
     combine,
     decide_host,
     intercept_mode,
@@ -203,6 +202,7 @@ def _client_ip(client: connection.Client) -> str | None:
 # What a Target is computed from, as mitmproxy holds it: scheme, HTTP version, the
 # :authority (HTTP/2 and 3 take it before Host), the Host field, dialled host and port.
 TargetKey = tuple[bytes, bytes, bytes, bytes | None, str, int]
+TARGET_CACHE_SIZE = 4096  # entries; cleared wholesale when full
 
 
 # mitmproxy tags each connection's records with the client's (address, port), printed
@@ -284,7 +284,8 @@ class NetfilterAddon:
         # mitmproxy's `request` hook: None (no hook) until netfilter_resolve has routes
         self.request: Callable[[http.HTTPFlow], None] | None = None
         self.conns: dict[str, ConnState] = {}
-        self._targets = TargetCache()  # by TargetKey
+        # a plain dict (not TargetCache): this look-up is every request's first step
+        self._targets: dict[TargetKey, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading: asyncio.Future[Runtime | None] | None = None
         self._reload_again = False  # a reload was asked for while one was running
@@ -596,7 +597,10 @@ class NetfilterAddon:
                data.host, data.port)
         target = self._targets.get(key)
         if target is None:
-            target = self._targets.put(key, self._target(rt, request, request.host_header))
+            target = self._target(rt, request, request.host_header)
+            if len(self._targets) >= TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[key] = target
         if self.conns:
             state = self.conns.get(flow.client_conn.id)
             if state is not None and self._misdirected(flow, rt, state, target.authority,
@@ -606,9 +610,10 @@ class NetfilterAddon:
             # Only hosts some entry covers get here (most traffic does not): the URL
             # itself is checked, the one way every HTTP front-end checks it.
             try:
-                verdict = check_request(rt.engine, target, request.path, frontend="proxy",
-                                        client=_client_ip(flow.client_conn),
-                                        method=request.method)
+                verdict = check_target_urls(rt.engine, target, request.path,
+                                            frontend="proxy",
+                                            client=_client_ip(flow.client_conn),
+                                            method=request.method)
             except InvalidURL as e:
                 _answer(flow, self.counters,
                         refusal(400, f"netfilter: cannot check this request's URL ({e})"))

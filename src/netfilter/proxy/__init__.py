@@ -1,7 +1,9 @@
 """The proxy front-end: mitmproxy addon logic over the engine.
 
-`addons/netfilter_proxy.py` only wires `NetfilterAddon` into mitmdump; the decisions
-(decisions.py), destination rules (destinations.py) and answers (replies.py) live here.
+`addons/netfilter_proxy.py` only wires `NetfilterAddon` into mitmdump. The decisions are
+netfilter.http's (shared with the Squid helper and ICAP; decisions.py re-exports the
+host ones); here: the hooks (addon.py), what a config yields (runtime.py), destination
+rules (destinations.py) and answers (replies.py).
 
 mitmproxy is the optional `proxy` extra: the addon's names are imported on first use
 (module `__getattr__`), so `netfilter serve dns` in an install without it can import

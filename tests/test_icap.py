@@ -280,3 +280,25 @@ def test_squid_icap_refuses_https_connect_to_a_blocked_domain(rig: Rig) -> None:
     result = rig.curl(f"https://blocked.example:{rig.origin.port}/")
     assert result.connect_status == 451, (result.stderr, _explain(rig))
     assert rig.origin.snapshot() == before
+
+
+def test_serve_binds_icap_listen_first_and_names_it(tmp_path: Path) -> None:
+    """open_listeners binds icap.listen with the other parts; a taken address is one
+    error naming the key, before anything starts."""
+    from netfilter.errors import ListenError
+    from netfilter.serve import open_listeners
+
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    with socket.create_server((HOST, 0)) as taken:
+        settings["icap"] = {"listen": f"{HOST}:{taken.getsockname()[1]}"}
+        config.write_text(yaml.safe_dump(settings))
+        with pytest.raises(ListenError, match="icap.listen"):
+            open_listeners(load_config(config), ["icap"])
+    settings["icap"] = {"listen": f"{HOST}:0"}
+    config.write_text(yaml.safe_dump(settings))
+    bound = open_listeners(load_config(config), ["icap"])
+    try:
+        assert bound.icap is not None and bound.icap.getsockname()[1] > 0
+    finally:
+        bound.close()

@@ -183,9 +183,10 @@ def _parser() -> argparse.ArgumentParser:
                              "files, key permissions, lists, free listen addresses")
     ccheck.add_argument("file", metavar="FILE")
 
-    srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage)")
+    srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage, "
+                                       "icap)")
     srv.add_argument("parts", nargs="*", metavar="PART",
-                     help="dns, proxy, stoppage: limit the start to these parts "
+                     help="dns, proxy, stoppage, icap: limit the start to these parts "
                           "(default: every configured one)")
     srv.add_argument("--config", help="without it: the embedded demo on loopback "
                      "(DNS :5353, DoT :8853, DoH :8443, proxy :8080, stop page :8081, "
@@ -222,7 +223,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         check_config(settings)
     except NetfilterError as e:
         return _fail(e, 2)
-    parts = [p for p in ("dns", "proxy", "stoppage", "audit", "metrics")
+    parts = [p for p in ("dns", "proxy", "stoppage", "icap", "audit", "metrics")
              if getattr(settings, p) is not None]
     print(f"OK {args.file}: {len(settings.lists)} list(s); "
           f"sections: {', '.join(parts) or 'none'}")

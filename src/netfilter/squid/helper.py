@@ -1,6 +1,6 @@
 """The Squid external ACL helper: each lookup decided by the one HTTP decision.
 
-squid.conf (examples/squid/netfilter-helper.conf has the whole picture):
+squid.conf (examples/squid/netfilter-helper.conf, annotated):
 
     external_acl_type netfilter concurrency=100 children-max=2 ttl=0 negative_ttl=30 \\
         %>a %>rm %>ru /usr/bin/python3 addons/netfilter_squid.py --config FILE

@@ -116,6 +116,10 @@ def uncached(workloads: dict[str, Workload], bench_dir: Path,
     with server:
         yield server
     assert not dnsbench.stderr_problems(server), server.log()
+    assert server.audit is not None
+    events, blocks = block_event_rows(server.audit), block_events(server.audit)
+    print(f"\n{server.name}: {blocks:,} blocks in the audit log, in {events:,} block events "
+          f"(1 s windows, client none)", *server.log().splitlines()[-3:], sep="\n  ")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,20 @@ def block_events(audit: Path) -> int:
         return total
     except sqlite3.OperationalError:
         return 0
+    finally:
+        db.close()
+
+
+def block_event_rows(audit: Path) -> int:
+    """Block events (rows) in the audit log, each standing for one or more blocks."""
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{audit}?mode=ro", uri=True, timeout=10)
+    try:
+        return sum(1 for (event,) in db.execute("SELECT event FROM leaves WHERE event "
+                                                "IS NOT NULL")
+                   if json.loads(event).get("type") == "block")
     finally:
         db.close()
 

@@ -4,10 +4,12 @@ the real engine and the demo bundle (config and audit log in tmp_path)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
 import ssl
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -848,6 +850,39 @@ def test_a_reload_asked_for_during_a_reload_is_not_dropped(tmp_path: Path) -> No
         assert loads(proxy) == 1
         asyncio.run(twice(proxy))
         assert loads(proxy) == 3  # the start, then both reloads
+
+
+def test_what_a_reload_froze_is_collected_at_the_next(tmp_path: Path) -> None:
+    """A reload freezes what is alive (gc.freeze); a flow in flight then, in a
+    reference cycle, must still be collected once it is dead: the next reload
+    collects what earlier freezes kept (the soak saw memory grow per update)."""
+    config = write_config(tmp_path, allowed=[])
+
+    class InFlight:
+        """Stands for a flow: cyclic, as mitmproxy's flows and connections are."""
+
+        def __init__(self) -> None:
+            self.me = self
+
+    async def reload_once(proxy: NetfilterAddon) -> None:
+        proxy._loop = asyncio.get_running_loop()
+        proxy.reload_lists()
+        for _ in range(200):  # bounded: 10 s
+            await asyncio.sleep(0.05)
+            if proxy._reloading is not None and proxy._reloading.done():
+                await asyncio.sleep(0.05)  # its done callback (the freeze) has run
+                return
+
+    try:
+        with addon_for(config) as (proxy, _):
+            flow = InFlight()
+            alive = weakref.ref(flow)
+            asyncio.run(reload_once(proxy))  # frozen while in flight
+            del flow  # the flow ends; only its own cycle holds it
+            asyncio.run(reload_once(proxy))
+            assert alive() is None, "a dead cycle frozen at a reload is never collected"
+    finally:
+        gc.unfreeze()  # leave the test process's collector as it was
 
 
 def test_unset_config_refuses_everything(config: Path) -> None:

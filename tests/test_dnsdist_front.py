@@ -16,14 +16,18 @@ rejoining node then shows it kept the version it installed):
    the skew each node's `netfilter_list_version` says 2 and 1, and queries through dnsdist
    pinned to each backend (two extra dnsdist listeners whose rules send to a one-server
    pool) get NXDOMAIN from A and an address from B; unpinned queries reach both.
-2. Node A killed (SIGKILL to its process group) while a bounded client loop asks dnsdist
-   for a clean name: dnspython over UDP, each query sent once with a 250 ms timeout and
-   counted once (no retry: a stub's retry would hide exactly the loss measured). A query
-   is lost when it times out or is not NOERROR. No query sent later than the bound below
-   may be lost; the figures (lost, dnsdist's time to mark A down, the last loss) are
-   printed.
-3. Node A started again: dnsdist marks it up and unpinned queries reach it again (its
-   query count in dnsdist grows), at list version 2.
+2. Node A fails while a bounded client loop asks dnsdist for a clean name, in one of two
+   ways (the test runs both): `kill`, SIGKILL to its process group, as when the process
+   dies (the host still answers with ICMP port unreachable, so dnsdist's checks fail at
+   once); `hang`, SIGSTOP to the group, as when a node or its host stops answering (no
+   ICMP: every check waits its timeout). The client: dnspython over UDP, each query
+   sent once with a 250 ms timeout and counted once (no retry: a stub's retry would hide
+   exactly the loss measured). A query is lost when it times out or is not NOERROR. No
+   query sent later than the bound below may be lost; the figures (lost, dnsdist's time
+   to mark A down, the last loss) are printed.
+3. Node A back (started again after `kill`, SIGCONT after `hang`): dnsdist marks it up
+   and unpinned queries reach it again (its query count in dnsdist grows), at list
+   version 2.
 
 The bound is derived from the configuration, not tuned: dnsdist checks each backend
 every `checkInterval` and marks it down after `maxCheckFailures` consecutive failures,
@@ -126,11 +130,32 @@ class Node(ChildProcess):
         self.wait_until(lambda: "netfilter: serving" in self.log()
                         and _answers(self.address, self.port))
 
-    def kill(self) -> None:
-        """SIGKILL to the whole process group: no goodbye, as when a machine dies."""
+    def fail(self, how: str) -> None:
+        """`kill`: SIGKILL to the whole process group, no goodbye; `hang`: SIGSTOP to it,
+        every packet to it unanswered (a frozen node, or a host gone from the net)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        if how == "kill":
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        else:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def recover(self, how: str) -> None:
+        """Back after `fail(how)`: started again after a kill, continued after a hang;
+        returns once it answers."""
+        assert self.proc is not None
+        if how == "kill":
+            self.spawn()
+        else:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        self.wait_ready()
+
+    def stop(self) -> int | None:
+        """SIGTERM as usual, after a SIGCONT in case it was left stopped by a hang."""
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        return super().stop()
 
     def publish(self, bundle: Path) -> None:
         """As a mirror does: the file appears whole (a new inode)."""
@@ -280,10 +305,11 @@ def _watch(dnsdist: Dnsdist, name: str, state: str, since: float, bound: float,
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("how", ["kill", "hang"])
 def test_dnsdist_fails_over_sees_the_skew_and_takes_the_node_back(
-        front: tuple[Dnsdist, Node, Node, Path]) -> None:
+        front: tuple[Dnsdist, Node, Node, Path], how: str) -> None:
     dnsdist, node_a, node_b, second = front
-    figures: dict[str, object] = {"loss_bound_s": LOSS_BOUND}
+    figures: dict[str, object] = {"how": how, "loss_bound_s": LOSS_BOUND}
 
     # 1. Roll-out, one node after the other: the skew on each side.
     assert node_a.list_version() == node_b.list_version() == 1
@@ -305,13 +331,13 @@ def test_dnsdist_fails_over_sees_the_skew_and_takes_the_node_back(
     assert {_query(HOST, dnsdist.port, NEW_NAME).rcode() for _ in range(4)} == {
         dns.rcode.NXDOMAIN}
 
-    # 2. Node A killed under a steady client.
+    # 2. Node A fails under a steady client.
     for _ in range(20):  # warm: every answer in the loop below comes from a node's cache
         assert _query(HOST, dnsdist.port, CHECK_NAME).rcode() == dns.rcode.NOERROR
     start = time.monotonic()
     killed = start + 1.0
     detected: dict[str, float] = {}
-    timer = threading.Timer(killed - start, node_a.kill)
+    timer = threading.Timer(killed - start, node_a.fail, args=(how,))
     watcher = threading.Thread(target=lambda: (
         time.sleep(max(0.0, killed - time.monotonic())),
         _watch(dnsdist, node_a.name, "down", time.monotonic(), KILL_LOOP, detected)))
@@ -320,7 +346,7 @@ def test_dnsdist_fails_over_sees_the_skew_and_takes_the_node_back(
     results = _loop(dnsdist, killed + KILL_LOOP)
     timer.join()
     watcher.join()
-    assert not node_a.alive()
+    assert node_a.alive() == (how == "hang")
     lost = [t - killed for t, ok in results if not ok]
     figures.update(queries=len(results), lost=len(lost),
                    lost_before_kill=sum(1 for t in lost if t < 0),
@@ -332,8 +358,7 @@ def test_dnsdist_fails_over_sees_the_skew_and_takes_the_node_back(
 
     # 3. Node A back: dnsdist marks it up, queries reach it again, at version 2.
     restarted = time.monotonic()
-    node_a.spawn()
-    node_a.wait_ready()
+    node_a.recover(how)
     ready = time.monotonic()
     risen: dict[str, float] = {}
     _watch(dnsdist, node_a.name, "up", ready, 10.0, risen)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["FORMAT", "add_auditor_commands"]
+__all__ = ["FORMAT", "add_auditor_commands", "add_witness_arguments"]
 
 EXIT = """exit status: 0 verified; 1 it does not verify (or the node cannot be read);
 2 a mistake in the command (an argument, a file), said in one line."""
@@ -45,17 +45,58 @@ def _follow(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog="A rewritten or forked log: one line, exit 1; the kept checkpoint stays,\n"
                "the other is saved beside it as DIR/conflicting-checkpoint. An older\n"
                "checkpoint of the same history (a cache that lags): exit 0, the kept one\n"
-               "stays.\n\n" + EXIT)
-    cmd.add_argument("url", metavar="URL", help="the log's tlog-tiles base URL (https://; "
-                     "http:// only on loopback)")
-    cmd.add_argument("--key", required=True, metavar="NODE.pub",
-                     help="the node's public key (PEM)")
+               "stays.\n\n" + MANY + EXIT)
+    cmd.add_argument("url", nargs="?", metavar="URL", help="the log's tlog-tiles base URL "
+                     "(https://; http:// only on loopback)")
+    cmd.add_argument("--key", metavar="NODE.pub", help="the node's public key (PEM)")
     cmd.add_argument("--state", required=True, metavar="DIR",
-                     help="where the last verified checkpoint is kept (created 0700)")
+                     help="where the last verified checkpoint is kept (created 0700); "
+                          "with --nodes, DIR/NAME per node")
+    _many(cmd)
     cmd.add_argument("--entries", action="store_true",
                      help="also check the new entry bundles against the level-0 tiles")
     cmd.add_argument("--witness", action="append", default=[], metavar="VKEY",
                      help="a witness's cosigner key: its cosignature is verified")
+    cmd.add_argument("--allow-http", action="store_true",
+                     help="allow http:// to a host that is not a loopback address")
+    cmd.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="for each whole response (default 10)")
+
+
+MANY = """With --nodes NODES.yaml (instead of URL and --key), every node listed
+  nodes:
+    - {name: gw-01, url: "https://gw-01.example/log/", key: keys/gw-01.pub}
+is followed (a few at once), one line each and a summary; exit 1 if a node's log
+does not verify (named), 3 if the others verified but a node could not be read.
+
+"""
+
+
+def _many(cmd: argparse.ArgumentParser) -> None:
+    """The options of one run over several nodes (follow, and the witness's cosign)."""
+    cmd.add_argument("--nodes", metavar="NODES.yaml",
+                     help="follow every node listed (name, url, key): one line each")
+    cmd.add_argument("--jobs", type=int, default=4, metavar="N",
+                     help="with --nodes: nodes followed at once (1-16, default 4)")
+    cmd.add_argument("--max-nodes", type=int, default=64, metavar="N",
+                     help="with --nodes: refuse a file listing more (default 64)")
+
+
+def add_witness_arguments(cmd: argparse.ArgumentParser,
+                          where: argparse._MutuallyExclusiveGroup) -> None:
+    """`audit cosign --nodes`: the witness's side of cosign (no --log/--config)."""
+    where.add_argument("--nodes", metavar="NODES.yaml",
+                       help="as a witness: follow every node listed, cosign what verifies")
+    cmd.add_argument("--state", metavar="DIR", help="with --nodes: DIR/NAME per node, "
+                     "its kept checkpoint and the witness's cosignature of it")
+    cmd.add_argument("--witness-key", metavar="FILE.key",
+                     help="with --nodes: the witness's Ed25519 key (created 0600 if missing)")
+    cmd.add_argument("--name", metavar="NAME",
+                     help="with --nodes: the witness's name in its cosignatures")
+    cmd.add_argument("--jobs", type=int, default=4, metavar="N",
+                     help="with --nodes: nodes followed at once (1-16, default 4)")
+    cmd.add_argument("--max-nodes", type=int, default=64, metavar="N",
+                     help="with --nodes: refuse a file listing more (default 64)")
     cmd.add_argument("--allow-http", action="store_true",
                      help="allow http:// to a host that is not a loopback address")
     cmd.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",

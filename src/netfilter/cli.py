@@ -159,8 +159,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "cosign":
             cmd.add_argument("--witness", action="append", default=[], metavar="VKEY",
                              help="a trusted witness key (default: audit.witnesses)")
-            cmd.add_argument("signatures", metavar="FILE",
+            cmd.add_argument("signatures", nargs="?", metavar="FILE",
                              help="the witness's signature line(s), - for stdin")
+            from netfilter.audit_args import add_witness_arguments
+
+            add_witness_arguments(cmd, where)  # the witness: --nodes instead of --log
         if name == "tiles":
             cmd.add_argument("--out", required=True, metavar="DIR")
             cmd.add_argument("--listen", metavar="HOST:PORT",

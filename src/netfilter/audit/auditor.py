@@ -35,6 +35,8 @@ def _witnesses(keys: list[str]) -> list[CosignatureVerifier]:
 
 
 def follow_command(args: argparse.Namespace) -> int:
+    if args.url is None or args.key is None:
+        raise NetfilterError("follow", "give URL and --key NODE.pub, or --nodes NODES.yaml")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
         raise NetfilterError("--timeout", "must be more than 0 and at most 600 seconds")
     result = follow(args.url, load_public_key(args.key), State(args.state),

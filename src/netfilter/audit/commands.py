@@ -31,7 +31,7 @@ AUDITOR_COMMANDS = ("follow", "verify-proof")
 def exit_status(args: argparse.Namespace, error: NetfilterError) -> int:
     """1 when what was checked does not verify (or the node cannot be read); 2 for a
     mistake in the command of follow or verify-proof; 1 for the other commands."""
-    if args.audit_cmd not in AUDITOR_COMMANDS:
+    if args.audit_cmd not in AUDITOR_COMMANDS and not getattr(args, "nodes", None):
         return 1
     from netfilter.audit.fetch import FetchError
     from netfilter.audit.proofs import VerificationError
@@ -99,6 +99,11 @@ def _read_checkpoint_file(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "nodes", None):  # one auditor or witness over many nodes
+        from netfilter.audit.manycommands import cosign_nodes_command, follow_nodes_command
+
+        return (follow_nodes_command if args.audit_cmd == "follow"
+                else cosign_nodes_command)(args)
     if args.audit_cmd == "follow":
         from netfilter.audit.auditor import follow_command
 
@@ -121,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         latest = store.latest_checkpoint()
         if latest is None:
             raise NetfilterError(store.path, "no signed checkpoint yet")
+        if args.signatures is None:
+            raise NetfilterError("cosign", "give the witness's signature FILE (- for stdin)")
         keys = list(args.witness)
         if not keys and args.config:
             settings = load_config(args.config)

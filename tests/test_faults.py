@@ -221,8 +221,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory,
     config: dict[str, Any] = {
         "node": {"id": "faults.test", "key": str(directory / "node.key")},
         "lists": [{"path": str(bundle), "trust": [str(authority[1])], "action": "nxdomain"}],
+        # the answer cache off: these tests watch each query meet the faulty upstream
         "dns": {"listen": [f"{HOST}:{free_port()}"], "upstreams": [upstream.address],
-                "timeout": TIMEOUT},
+                "timeout": TIMEOUT, "cache_size": 0},
         "stoppage": {"listen": f"{HOST}:{free_port()}"},
         "audit": {"path": str(directory / "audit.sqlite"), "client": "truncated",
                   "checkpoint_interval": 3600, "aggregate_window": 0, "queue_size": 64},

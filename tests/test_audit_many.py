@@ -140,6 +140,7 @@ def test_follow_many_as_they_grow_and_a_fork_named(
     logs["gw-b"].rewrite(keep=100, count=250)  # 350 events, signed with gw-b's own key
     report = lines(audit("follow", "--nodes", listing, "--state", state), 1)
     assert report["gw-b"].startswith("gw-b: NOT CONSISTENT: ")
+    assert report["gw-b"].count("NOT CONSISTENT") == 1
     assert "rewritten or forked" in report["gw-b"]
     assert ": 310 -> 310, consistent" in report["gw-a"]
     assert report["summary"] == "3 nodes; 2 consistent; 1 NOT CONSISTENT (gw-b)"
@@ -256,3 +257,19 @@ def test_user_mistakes_one_line_exit_2(
                    "--name", "witness.example")
     assert result.returncode == 2 and "0644" in result.stderr, result
     assert nodes  # the nodes ran: no mistake above reached them
+
+
+def test_state_of_another_node_is_an_error_not_a_fork(
+        fleet: tuple[dict[str, Log], dict[str, TileNode], Path], tmp_path: Path) -> None:
+    """A kept checkpoint that the node's key does not verify (state directories swapped,
+    or altered) is for the operator to fix: exit 2, named, nothing kept over it."""
+    _, _, listing = fleet
+    state = tmp_path / "auditor"
+    lines(audit("follow", "--nodes", listing, "--state", state), 0)
+    a, b = state / "gw-a" / "checkpoint", state / "gw-b" / "checkpoint"
+    other = b.read_bytes()
+    a.write_bytes(other)
+    report = lines(audit("follow", "--nodes", listing, "--state", state), 2)
+    assert report["gw-a"].startswith("gw-a: ERROR: ") and "does not verify" in report["gw-a"]
+    assert report["summary"] == "3 nodes; 2 consistent; 1 ERROR (gw-a)"
+    assert a.read_bytes() == other

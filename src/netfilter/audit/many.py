@@ -80,7 +80,8 @@ class NodeResult:
     def line(self) -> str:
         if self.result is not None:
             return f"{self.node.name}: {self.result.line()}"
-        return f"{self.node.name}: {self.status.value}: {self.reason}"
+        reason = self.reason.replace(f"{Status.NOT_CONSISTENT.value}: ", "")  # said once
+        return f"{self.node.name}: {self.status.value}: {reason}"
 
 
 def load_nodes(path: str | Path, *, allow_http: bool = False,

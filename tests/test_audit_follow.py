@@ -52,13 +52,15 @@ ORIGIN = "gw-follow.example"
 
 
 class Log:
-    """A node's store grown by direct appends and signed with its key."""
+    """A node's store grown by direct appends and signed with its key and origin."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, origin: str = ORIGIN) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.origin = origin
         self.path = directory / "audit.sqlite"
         self.store = AuditStore(self.path)
         key, self.pub = generate_keypair(directory / "node")
-        self.signer = Signer.from_private_key(ORIGIN, load_private_key(key))
+        self.signer = Signer.from_private_key(origin, load_private_key(key))
         self.compact = CompactRange()
         self.tiles = directory / "tiles"
 
@@ -66,7 +68,8 @@ class Log:
         first = self.store.size()
         rows = []
         for i in range(first, first + count):
-            event = b'{"i":%d,"origin":"%s","tag":"%s"}' % (i, ORIGIN.encode(), tag.encode())
+            event = b'{"i":%d,"origin":"%s","tag":"%s"}' % (i, self.origin.encode(),
+                                                           tag.encode())
             rows.append((leaf_hash(event), event, "2026-11-05"))
         self.store.append(rows)
         self.compact.extend(h for h, _, _ in rows)
@@ -74,7 +77,7 @@ class Log:
 
     def sign(self) -> None:
         size, root = self.compact.size, self.compact.root()
-        note = sign_checkpoint(Checkpoint(ORIGIN, size, root), self.signer)
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), self.signer)
         self.store.add_checkpoint(StoredCheckpoint(size, root, note, "2026-11-05T00:00:00",
                                                    b"".join(self.compact.hashes)))
         write_tiles(self.store, self.tiles)
@@ -98,8 +101,8 @@ class TileNode(ChildProcess):
 
     name = "audit tiles"
 
-    def __init__(self, log: Log, log_path: Path) -> None:
-        self.log_path = log_path
+    def __init__(self, log: Log, log_path: Path | None = None) -> None:
+        self.log_path = log_path or log.path.with_name("tiles.log")
         self.proc = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"

@@ -11,7 +11,6 @@ Traffic only to loopback.
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -21,73 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netfilter.audit.checkpoint import Checkpoint, new_cosignature_verifier, sign_checkpoint
-from netfilter.audit.merkle import CompactRange, leaf_hash
-from netfilter.audit.note import Signer, open_note
-from netfilter.audit.store import AuditStore, StoredCheckpoint
-from netfilter.audit.tiles import write_tiles
-from netfilter.keys import generate_keypair, load_private_key
-from tests.support import ChildProcess, free_port, listening
+from netfilter.audit.checkpoint import Checkpoint, new_cosignature_verifier
+from netfilter.audit.note import open_note
+from netfilter.keys import generate_keypair
+from tests.test_audit_follow import Log, TileNode
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("gw-a", "gw-b", "gw-c")
-
-
-class Log:
-    """A node's store grown by direct appends and signed with its own key and origin."""
-
-    def __init__(self, directory: Path, origin: str) -> None:
-        directory.mkdir(parents=True)
-        self.origin = origin
-        self.path = directory / "audit.sqlite"
-        self.store = AuditStore(self.path)
-        key, self.pub = generate_keypair(directory / "node")
-        self.signer = Signer.from_private_key(origin, load_private_key(key))
-        self.compact = CompactRange()
-        self.tiles = directory / "tiles"
-
-    def grow(self, count: int, tag: str = "e") -> None:
-        first = self.store.size()
-        rows = []
-        for i in range(first, first + count):
-            event = b'{"i":%d,"origin":"%s","tag":"%s"}' % (i, self.origin.encode(),
-                                                           tag.encode())
-            rows.append((leaf_hash(event), event, "2026-11-05"))
-        self.store.append(rows)
-        self.compact.extend(h for h, _, _ in rows)
-        size, root = self.compact.size, self.compact.root()
-        note = sign_checkpoint(Checkpoint(self.origin, size, root), self.signer)
-        self.store.add_checkpoint(StoredCheckpoint(size, root, note, "2026-11-05T00:00:00",
-                                                   b"".join(self.compact.hashes)))
-        write_tiles(self.store, self.tiles)
-
-    def rewrite(self, keep: int, count: int) -> None:
-        """Events from `keep` on replaced by `count` others, re-signed by the node."""
-        self.store.close()
-        with sqlite3.connect(self.path) as db:
-            db.execute("DELETE FROM leaves WHERE idx >= ?", (keep,))
-            db.execute("DELETE FROM checkpoints")
-        db.close()
-        self.store = AuditStore(self.path, create=False)
-        self.compact = CompactRange()
-        self.compact.extend(self.store.leaf_hashes(0, keep))
-        self.grow(count, tag="rewritten")
-
-
-class TileNode(ChildProcess):
-    """`netfilter audit tiles --log --out --listen`: one node's tiles over HTTP."""
-
-    name = "audit tiles"
-
-    def __init__(self, log: Log) -> None:
-        self.log_path = log.path.with_name("tiles.log")
-        self.proc = None
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.popen([sys.executable, "-m", "netfilter.cli", "audit", "tiles", "--log",
-                    str(log.path), "--out", str(log.tiles), "--listen",
-                    f"127.0.0.1:{self.port}"], cwd=ROOT)
-        self.wait_until(lambda: listening(self.port))
 
 
 @pytest.fixture

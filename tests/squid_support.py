@@ -54,6 +54,14 @@ def require_squid() -> None:
         if version != str(sys.version_info[:2]):
             pytest.skip(f"{SYSTEM_PYTHON} is {version or 'missing'}, the venv is "
                         f"{sys.version_info[:2]}: Squid's helper could not load the venv")
+        # Squid runs its helper as `proxy`, which must reach this checkout and the
+        # venv (a checkout below a 0700 directory, as `mktemp -d` makes, it cannot)
+        reach = subprocess.run(["runuser", "-u", "proxy", "--", SYSTEM_PYTHON, "-c",
+                                "import netfilter.engine"], env=helper_environment(),
+                               capture_output=True, text=True, check=False, timeout=60)
+        if reach.returncode != 0:
+            pytest.skip("the `proxy` user Squid runs its helper as cannot import netfilter "
+                        f"from {REPO} (a parent directory closed to others?)")
 
 
 def helper_environment() -> dict[str, str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -296,6 +297,11 @@ class AuditLog:
     def _safely(step: object) -> None:
         try:
             step()  # type: ignore[operator]
+        except (sqlite3.OperationalError, OSError) as e:
+            # the store not taking writes (locked, disk full): an operator's fault, said
+            # in one line; the next interval tries again
+            log.error("audit: background step failed (%s), tried again at the next "
+                      "interval: %s", getattr(step, "__name__", "?").lstrip("_"), e)
         except Exception:
             log.exception("audit: background step failed")
 

@@ -158,3 +158,35 @@ def test_witness_cosignatures(filled: tuple[AuditStore, AuditLog], tmp_path: Pat
                               load_private_key(generate_keypair(tmp_path / "x")[0]))
     with pytest.raises(NetfilterError, match="does not verify"):
         add_cosignatures(store, latest, line, [other.verifier().vkey])
+
+
+def test_tiles_checkpoint_carries_stored_cosignatures(tmp_path: Path) -> None:
+    """A witness's lines stored after the tiles were written (`audit cosign` in another
+    process) reach the tiles' checkpoint file at the keeper's next interval, so an
+    auditor fetching the tiles sees them; the tiles themselves are unchanged."""
+    store = AuditStore(tmp_path / "audit.sqlite")
+    tiles = tmp_path / "tiles"
+    log = AuditLog(store, origin=ORIGIN, key=load_node_key(tmp_path / "node.key"),
+                   checkpoint_interval=3600, tiles=tiles)
+    try:
+        log.record(_event("list-loaded", "2026-11-01", list="demo", version=3))
+        log.flush()
+        latest = log.checkpoint()
+        assert latest is not None
+        assert (tiles / "checkpoint").read_bytes() == latest.note
+        witness = CosignatureSigner("witness.example",
+                                    load_private_key(generate_keypair(tmp_path / "w")[0]))
+        text = latest.note.split(b"\n\n")[0].decode() + "\n"
+        line = sign(Note(text), witness).decode().split("\n\n")[1]
+        add_cosignatures(store, latest, line, [witness.verifier().vkey])
+        assert (tiles / "checkpoint").read_bytes() == latest.note  # not before the interval
+        tile_files = {p: p.read_bytes() for p in tiles.rglob("*") if p.is_file()
+                      and p.name != "checkpoint"}
+        assert log.checkpoint() == latest  # the interval: nothing new to sign
+        published = (tiles / "checkpoint").read_bytes()
+        assert published == with_cosignatures(store, latest) and published.endswith(
+            line.encode())
+        open_note(published, [witness.verifier()])  # the witness's line verifies
+        assert {p: p.read_bytes() for p in tile_files} == tile_files
+    finally:
+        log.close()

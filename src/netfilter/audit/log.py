@@ -123,6 +123,8 @@ class AuditLog:
         self._closed = False
         self.tiles = tiles
         self._refresh_tiles: Refresh = False
+        # the witness lines the tiles' checkpoint file carries, by checkpoint size
+        self._published_cosignatures: dict[int, list[tuple[str, str]]] = {}
         self._retained_day = ""  # the UTC day retention last ran
         self._lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
@@ -318,6 +320,7 @@ class AuditLog:
         latest = self.store.latest_checkpoint()
         if latest is not None and latest.size == size:
             self.last_checkpoint_time = time.time()
+            self._publish_cosignatures(latest)
             return latest
         if latest is not None and latest.size < size:
             compact = frontier_range(latest.size, latest.frontier)
@@ -336,7 +339,20 @@ class AuditLog:
         if self.tiles is not None:
             write_tiles(self.store, self.tiles, refresh=self._refresh_tiles)
             self._refresh_tiles = False
+            self._published_cosignatures = {size: self.store.cosignatures(size)}
         return stored
+
+    def _publish_cosignatures(self, latest: StoredCheckpoint) -> None:
+        """Witness lines stored since the tiles were written (`audit cosign` runs in
+        another process) go out with the checkpoint file at the next interval; only this
+        keeper writes the tiles, so a cosigning command never races it."""
+        if self.tiles is None:
+            return
+        lines = self.store.cosignatures(latest.size)
+        if lines != self._published_cosignatures.get(latest.size):
+            write_tiles(self.store, self.tiles, refresh=self._refresh_tiles)
+            self._refresh_tiles = False
+            self._published_cosignatures = {latest.size: lines}
 
     def _apply_retention(self) -> None:
         """Remove the bodies of events older than the retention period.

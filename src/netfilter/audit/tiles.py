@@ -32,6 +32,7 @@ from pathlib import Path
 from netfilter.audit.checkpoint import Checkpoint
 from netfilter.audit.merkle import EMPTY_ROOT, HASH_SIZE, root
 from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.witness import with_cosignatures
 from netfilter.errors import NetfilterError
 
 __all__ = ["tile_path", "write_tiles"]
@@ -221,7 +222,7 @@ def _write(store: AuditStore, directory: _Directory, latest: StoredCheckpoint,
     if held is not None and held.size == new:
         if held.root != latest.root:
             raise _Stale
-        directory.put("checkpoint", latest.note)
+        directory.put("checkpoint", with_cosignatures(store, latest))
         return
     before = [(i, len(hashes)) for i, hashes in zip(index, levels, strict=True)]
     levels[0] = []  # read again below, with the events
@@ -257,7 +258,8 @@ def _write(store: AuditStore, directory: _Directory, latest: StoredCheckpoint,
         was = before[level] if level < len(before) else None
         if hashes and (full or was != (index[level], len(hashes))):
             directory.tile(level, index[level], hashes, prefixes=full)
-    directory.put("checkpoint", latest.note)  # last: readers never see tiles missing
+    # last: readers never see tiles missing
+    directory.put("checkpoint", with_cosignatures(store, latest))
 
 
 def write_tiles(store: AuditStore, out: str | Path, *, refresh: Refresh = False) -> int:

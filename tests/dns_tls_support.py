@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,10 @@ import dns.edns
 import dns.message
 
 from netfilter.dns.tlsconfig import generate_self_signed
-from tests.dns_support import HOST, Netfilter, free_port
+from tests.dns_support import HOST, Netfilter, Unbound, free_port, require_tools
 
 __all__ = ["EncryptedNetfilter", "certificate", "client_context", "closed_by_server",
-           "ede_of", "kdig", "tls_connect"]
+           "ede_of", "kdig", "running_unbound", "serving", "tls_connect"]
 
 
 def certificate(directory: Path) -> tuple[Path, Path]:
@@ -51,6 +53,33 @@ class EncryptedNetfilter(Netfilter):
         return f"https://{HOST}:{self.doh_port}/dns-query"
 
 
+@contextmanager
+def running_unbound(directory: Path) -> Iterator[Unbound]:
+    """The upstream of the encrypted listeners' tests (skips without unbound or kdig)."""
+    require_tools("unbound", "kdig")
+    server = Unbound(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def serving(directory: Path, unbound: Unbound, pair: tuple[Path, Path],
+            **settings: Any) -> Iterator[EncryptedNetfilter]:
+    """A running EncryptedNetfilter in front of `unbound`; its stderr shown on failure."""
+    server = EncryptedNetfilter(directory, *pair, upstreams=[unbound.address], **settings)
+    server.start()
+    try:
+        yield server
+    except BaseException:
+        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+
+
 def client_context(cert: Path, alpn: Sequence[str] = ()) -> ssl.SSLContext:
     """A client context that trusts only `cert` (and checks the name 127.0.0.1)."""
     context = ssl.create_default_context(cafile=str(cert))
@@ -71,7 +100,7 @@ def tls_connect(port: int, cert: Path, *, source: str = HOST,
 
 def closed_by_server(sock: socket.socket, bound: float = 5.0) -> bool:
     """Does the server end the connection (EOF, reset, TLS close) within `bound`
-    seconds? What it sends before is read and discarded."""
+    seconds? What it sends before is read and discarded. For plain TCP too."""
     deadline = time.monotonic() + bound
     while (left := deadline - time.monotonic()) > 0:
         sock.settimeout(left)

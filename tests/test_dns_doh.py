@@ -16,12 +16,9 @@ import http.client
 import random
 import re
 import socket
-import sys
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import dns.flags
 import dns.message
@@ -35,7 +32,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.dns_support import HOST, Unbound, free_port, require_tools, udp
+from tests.dns_support import HOST, Unbound, free_port, udp
 from tests.dns_tls_support import (
     EncryptedNetfilter,
     certificate,
@@ -43,6 +40,8 @@ from tests.dns_tls_support import (
     closed_by_server,
     ede_of,
     kdig,
+    running_unbound,
+    serving,
     tls_connect,
 )
 
@@ -53,32 +52,13 @@ DNS_MESSAGE = "application/dns-message"
 
 @pytest.fixture(scope="module")
 def unbound(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unbound]:
-    require_tools("unbound", "kdig")
-    server = Unbound(tmp_path_factory.mktemp("doh-unbound"))
-    server.start()
-    try:
+    with running_unbound(tmp_path_factory.mktemp("doh-unbound")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return certificate(tmp_path_factory.mktemp("doh-cert"))
-
-
-@contextmanager
-def serving(directory: Path, unbound: Unbound, pair: tuple[Path, Path],
-            **settings: Any) -> Iterator[EncryptedNetfilter]:
-    server = EncryptedNetfilter(directory, *pair, upstreams=[unbound.address], **settings)
-    server.start()
-    try:
-        yield server
-    except BaseException:
-        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
-        raise
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

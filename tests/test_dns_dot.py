@@ -15,11 +15,8 @@ import signal
 import socket
 import ssl
 import struct
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import dns.edns
 import dns.message
@@ -28,7 +25,7 @@ import dns.rcode
 import pytest
 
 from netfilter.dns.tlsconfig import generate_self_signed
-from tests.dns_support import HOST, Unbound, require_tools, udp, wait_for
+from tests.dns_support import HOST, Unbound, udp, wait_for
 from tests.dns_tls_support import (
     EncryptedNetfilter,
     certificate,
@@ -36,6 +33,8 @@ from tests.dns_tls_support import (
     closed_by_server,
     ede_of,
     kdig,
+    running_unbound,
+    serving,
     tls_connect,
 )
 
@@ -45,32 +44,13 @@ PADDING = 12
 
 @pytest.fixture(scope="module")
 def unbound(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unbound]:
-    require_tools("unbound", "kdig")
-    server = Unbound(tmp_path_factory.mktemp("dot-unbound"))
-    server.start()
-    try:
+    with running_unbound(tmp_path_factory.mktemp("dot-unbound")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return certificate(tmp_path_factory.mktemp("dot-cert"))
-
-
-@contextmanager
-def serving(directory: Path, unbound: Unbound, pair: tuple[Path, Path],
-            **settings: Any) -> Iterator[EncryptedNetfilter]:
-    server = EncryptedNetfilter(directory, *pair, upstreams=[unbound.address], **settings)
-    server.start()
-    try:
-        yield server
-    except BaseException:
-        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
-        raise
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pytest
 from netfilter.dns.udp import relay_built
 from netfilter.slots import client_key as _client_key
 from tests.dns_support import HOST, Netfilter, Unbound, dig, require_tools, tcp, udp
+from tests.dns_tls_support import closed_by_server
 
 OTHER = "127.0.0.2"  # a second client address
 
@@ -89,22 +90,6 @@ def ask(sock: socket.socket, message: dns.message.Message | None = None
     response, _ = dns.query.receive_tcp(sock, expiration=time.time() + 3)
     assert message.is_response(response)
     return response
-
-
-def closed_by_server(sock: socket.socket, bound: float = 3.0) -> bool:
-    """Does the server end the connection (EOF or reset) within `bound` seconds? What
-    it still sends before is read and discarded."""
-    deadline = time.monotonic() + bound
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            if not sock.recv(65536):
-                return True
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-    return False
 
 
 def address_of(response: dns.message.Message) -> str:

@@ -95,6 +95,30 @@ def copy_log(src: Path, dst: Path) -> Path:
     return dst
 
 
+def rewritten_log(node: Node, directory: Path) -> tuple[Path, Path]:
+    """(the auditor's kept checkpoint of size 16, a copy of the log whose event 2 the
+    holder of the node key rewrote and whose checkpoints it all signed again)."""
+    kept = directory / "kept.checkpoint"
+    kept.write_bytes(next(cp.note for cp in AuditStore(node.log).checkpoints()
+                          if cp.size == 16))
+    path = copy_log(node.log, directory / "rewritten.sqlite")
+    db = sqlite3.connect(path, isolation_level=None)
+    (event,) = db.execute("SELECT event FROM leaves WHERE idx = 2").fetchone()
+    event = bytes(event).replace(b"R-2", b"R-two")
+    db.execute("UPDATE leaves SET event = ?, hash = ? WHERE idx = 2", (event, leaf_hash(event)))
+    db.execute("DELETE FROM checkpoints")
+    db.close()
+    store = AuditStore(path, create=False)
+    for size in SIZES:
+        compact = merkle.CompactRange()
+        compact.extend(store.leaf_hashes(0, size))
+        note = sign_checkpoint(Checkpoint(ORIGIN, size, compact.root()), Signer(ORIGIN, node.key))
+        store.add_checkpoint(StoredCheckpoint(size, compact.root(), note, "2026-01-01T00:00:00",
+                                              b"".join(compact.hashes)))
+    store.close()
+    return kept, path
+
+
 def signed_roots(node: Node) -> dict[int, bytes]:
     """Each checkpoint's root, taken from its signed note (not from the root column)."""
     out = {}
@@ -378,24 +402,7 @@ def test_verify_with_the_wrong_node_key(node: Node, tmp_path: Path) -> None:
 def test_since_catches_a_rewritten_log(node: Node, tmp_path: Path) -> None:
     """The holder of the node key rewrites an event and re-signs every checkpoint: the
     log is consistent with itself; only the auditor's older checkpoint shows it."""
-    kept = tmp_path / "kept.checkpoint"
-    kept.write_bytes(next(cp.note for cp in AuditStore(node.log).checkpoints()
-                          if cp.size == 16))
-    path = copy_log(node.log, tmp_path / "rewritten.sqlite")
-    db = sqlite3.connect(path, isolation_level=None)
-    (event,) = db.execute("SELECT event FROM leaves WHERE idx = 2").fetchone()
-    event = bytes(event).replace(b"R-2", b"R-two")
-    db.execute("UPDATE leaves SET event = ?, hash = ? WHERE idx = 2", (event, leaf_hash(event)))
-    db.execute("DELETE FROM checkpoints")
-    db.close()
-    store = AuditStore(path, create=False)
-    for size in SIZES:
-        compact = merkle.CompactRange()
-        compact.extend(store.leaf_hashes(0, size))
-        note = sign_checkpoint(Checkpoint(ORIGIN, size, compact.root()), Signer(ORIGIN, node.key))
-        store.add_checkpoint(StoredCheckpoint(size, compact.root(), note, "2026-01-01T00:00:00",
-                                              b"".join(compact.hashes)))
-    store.close()
+    kept, path = rewritten_log(node, tmp_path)
     alone, result, proved, printed = run_all([
         ("verify", "--log", path, "--trust", node.pub),
         ("verify", "--log", path, "--trust", node.pub, "--since", kept),

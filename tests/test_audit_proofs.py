@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,13 +22,10 @@ from typing import Any
 import pytest
 
 from netfilter.audit import merkle
-from netfilter.audit.checkpoint import Checkpoint, sign_checkpoint
-from netfilter.audit.merkle import leaf_hash
-from netfilter.audit.note import Signer
 from netfilter.audit.proofs import InputError, check_proof, parse_hash, proof_record
-from netfilter.audit.store import AuditStore, StoredCheckpoint
+from netfilter.audit.store import AuditStore
 from netfilter.keys import load_public_key
-from tests.test_audit_cli import ORIGIN, SIZES, Node, build_log, copy_log
+from tests.test_audit_cli import SIZES, Node, build_log, rewritten_log
 from tests.test_audit_merkle import (
     CONSISTENCY_VECTORS,
     INCLUSION_VECTORS,
@@ -238,24 +234,7 @@ def test_a_rewritten_log_cannot_prove_the_kept_checkpoint(node: Node, tmp_path: 
     """The auditor kept the node's checkpoint of size 16; the node then rewrote event 2
     and re-signed everything with its key: its consistency proof does not verify against
     the kept checkpoint (exit 1), though it does against its own new one."""
-    kept = tmp_path / "kept.checkpoint"
-    kept.write_bytes(next(cp.note for cp in AuditStore(node.log).checkpoints()
-                          if cp.size == 16))
-    path = copy_log(node.log, tmp_path / "rewritten.sqlite")
-    db = sqlite3.connect(path, isolation_level=None)
-    (event,) = db.execute("SELECT event FROM leaves WHERE idx = 2").fetchone()
-    event = bytes(event).replace(b"R-2", b"R-two")
-    db.execute("UPDATE leaves SET event = ?, hash = ? WHERE idx = 2", (event, leaf_hash(event)))
-    db.execute("DELETE FROM checkpoints")
-    db.close()
-    store = AuditStore(path, create=False)
-    for size in SIZES:
-        compact = merkle.CompactRange()
-        compact.extend(store.leaf_hashes(0, size))
-        note = sign_checkpoint(Checkpoint(ORIGIN, size, compact.root()), Signer(ORIGIN, node.key))
-        store.add_checkpoint(StoredCheckpoint(size, compact.root(), note, "2026-01-01T00:00:00",
-                                              b"".join(compact.hashes)))
-    store.close()
+    kept, path = rewritten_log(node, tmp_path)
     made = run("prove", "--log", path, "--old", "16", "--json")
     assert made.returncode == 0, made
     proof = tmp_path / "c.json"

@@ -88,6 +88,16 @@ import test_proxy_perf as proxybench
 from netfilter.keys import generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
 from support import Figures
+from swapload import (
+    VERSION_LINES,
+    Queries,
+    only,
+    shared_urls,
+    upstream,
+    url_cycle,
+    version_urls,
+    write_queries,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +111,6 @@ PADDING = 2000  # filler entries per version
 DNS_QPS = int(os.environ.get("BENCH_RELOAD_QPS", "20000"))  # dnsperf -Q
 DNS_CLIENTS = 4
 WRK_CONNECTIONS = 4
-CLEAN_NAMES = 400  # c<i>.clean.example, A and AAAA each
-SHARED_LINES = 40  # of the query file, per pass
-VERSION_LINES = 4  # per version (A, AAAA of v<N>-only.example and www.v<N>-only.example)
-CLEAN_URLS = 160
 LEAD = 2.0  # seconds of load before the first swap
 PAUSE = 0.5  # seconds of load between a swap settled and the next SIGHUP
 TAIL = 1.0  # seconds of load after the last swap
@@ -120,14 +126,6 @@ _MISSING = [*dnsbench.missing_tools(),
             *([] if shutil.which("dig") else ["dig (dnsutils)"]),
             *([] if (VENV_BIN / "mitmdump").exists() else ["mitmdump (the proxy extra)"])]
 needs_tools = pytest.mark.skipif(bool(_MISSING), reason=f"{', '.join(_MISSING)} missing")
-
-
-def only(n: int) -> str:
-    """The domain only version `n` blocks."""
-    return f"v{n}-only.example"
-
-
-# ---------------------------------------------------------------- the lists
 
 
 def write_versions(directory: Path) -> tuple[list[Path], Path]:
@@ -171,64 +169,6 @@ def install(bundle: Path, target: Path) -> None:
 # ---------------------------------------------------------------- the DNS workload
 
 
-@dataclass
-class Queries:
-    path: Path
-    lines: list[str]
-    local_data: list[str]
-
-    def sent(self, count: int) -> tuple[int, int]:
-        """(shared lines, version lines) among the first `count` lines dnsperf sends
-        (it reads the file in order, over and over)."""
-        passes, rest = divmod(count, len(self.lines))
-        shared = sum(1 for line in self.lines if line.split()[0].endswith("shared.example"))
-        version = sum(1 for line in self.lines if "-only.example" in line)
-        head = self.lines[:rest]
-        return (passes * shared + sum(1 for x in head if x.split()[0].endswith("shared.example")),
-                passes * version + sum(1 for x in head if "-only.example" in x))
-
-
-def write_queries(directory: Path) -> Queries:
-    """dnsperf's file: clean, shared and per-version names, interleaved evenly."""
-    clean: list[str] = []
-    local: list[str] = []
-    for i in range(CLEAN_NAMES):
-        name = f"c{i}.clean.example"
-        v4, v6 = f"198.18.{i >> 8 & 255}.{i & 255}", f"2001:db8::{i:x}"
-        clean += [f"{name} A", f"{name} AAAA"]
-        local += [f"{name}. 3600 IN A {v4}", f"{name}. 3600 IN AAAA {v6}"]
-    blocked: list[str] = []
-    names = ["shared.example", "www.shared.example"]
-    for k in range(SHARED_LINES):
-        blocked.append(f"{names[k % 2]} {'A' if k % 4 < 2 else 'AAAA'}")
-    for n in range(1, VERSIONS + 1):
-        names += [only(n), f"www.{only(n)}"]
-        blocked += [f"{only(n)} A", f"{only(n)} AAAA", f"www.{only(n)} A",
-                    f"www.{only(n)} AAAA"][:VERSION_LINES]
-    for name in names:  # the upstream knows them all: it does not filter
-        local += [f"{name}. 3600 IN A 192.0.2.66", f"{name}. 3600 IN AAAA 2001:db8::66"]
-    stride = len(clean) // len(blocked)
-    lines: list[str] = []
-    rest = iter(blocked)
-    for i, line in enumerate(clean):
-        lines.append(line)
-        if i % stride == stride - 1:
-            lines.extend(x for x in [next(rest, "")] if x)
-    lines.extend(rest)
-    path = directory / "queries.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="ascii")
-    return Queries(path, lines, local)
-
-
-def upstream(directory: Path, queries: Queries) -> dnsbench.Server:
-    port = free_port()
-    conf = [*dnsbench._server_lines(directory, port), '  module-config: "iterator"',
-            '  local-zone: "example." static',
-            *(f'  local-data: "{d}"' for d in queries.local_data),
-            *dnsbench._tail(free_port())]
-    return dnsbench._unbound("upstream", directory, port, "\n".join(conf) + "\n")
-
-
 # ---------------------------------------------------------------- the proxy workload
 
 
@@ -237,34 +177,8 @@ class Urls:
     urls: list[str]  # what proxybench.lua_script reads
 
 
-def clean_url(port: int, i: int) -> str:
-    return f"http://www.site{i % 20}.example:{port}/articles/{i}/index.html?x={i}"
-
-
-def version_urls(port: int, n: int) -> list[str]:
-    """A domain URL and a URL entry's URL that only version `n` blocks."""
-    return [f"http://www.{only(n)}:{port}/page.html", f"http://urls.example:{port}/v{n}/p.html"]
-
-
-def shared_urls(port: int) -> list[str]:
-    return [f"http://www.shared.example:{port}/page.html",
-            f"http://urls.example:{port}/shared/p.html"]
-
-
 def cycle(port: int) -> Urls:
-    """wrk's cycle: clean URLs, with the shared and every version's URLs spread in."""
-    special = shared_urls(port) * 2
-    for n in range(1, VERSIONS + 1):
-        special += version_urls(port, n)
-    urls: list[str] = []
-    stride = max(1, CLEAN_URLS // len(special))
-    pending = iter(special)
-    for i in range(CLEAN_URLS):
-        urls.append(clean_url(port, i))
-        if i % stride == stride - 1:
-            urls.extend(x for x in [next(pending, "")] if x)
-    urls.extend(pending)
-    return Urls(urls)
+    return Urls(url_cycle(port, VERSIONS))
 
 
 # ---------------------------------------------------------------- the node
@@ -533,7 +447,7 @@ def origin() -> Iterator[proxybench.Origin]:
 def test_swaps_under_load(tmp_path: Path, origin: proxybench.Origin,
                           figures: Figures) -> None:
     bundles, trust = write_versions(tmp_path / "lists")
-    queries = write_queries(tmp_path)
+    queries = write_queries(tmp_path, VERSIONS)
     urls = cycle(origin.port)
     origin.blocked = frozenset(u.split("/", 2)[2].replace(f":{origin.port}", "").encode()
                                for u in shared_urls(origin.port))

@@ -86,6 +86,16 @@ import dnsbench
 import test_proxy_perf as proxybench
 from netfilter.keys import generate_keypair
 from support import Figures
+from swapload import (
+    VERSION_LINES,
+    Queries,
+    only,
+    shared_urls,
+    upstream,
+    url_cycle,
+    version_urls,
+    write_queries,
+)
 from test_reload_under_load import metric, proxy_status
 
 pytestmark = pytest.mark.slow
@@ -113,10 +123,6 @@ HELD_EXTRA = 700  # filler entries added by the held version (and kept after it)
 MEMORY_GROWTH = 0.05  # bound of the RSS growth from the 2nd period to the last
 DNS_CLIENTS = 4
 WRK_CONNECTIONS = 16  # enough that the paced rate is never bound by latency
-CLEAN_NAMES = 400  # c<i>.clean.example, A and AAAA each
-SHARED_LINES = 40  # of the query file, per pass
-VERSION_LINES = 4  # per version
-CLEAN_URLS = 160
 SETTLE_BOUND = 30.0  # seconds an update may take to be in force (after publication)
 PICKUP_BOUND = 4 * UPDATE_INTERVAL + 5.0  # for serve to enforce a confirmed version
 STOP_BOUND = 30.0
@@ -129,11 +135,6 @@ _MISSING = [*dnsbench.missing_tools(),
 needs_tools = pytest.mark.skipif(bool(_MISSING), reason=f"{', '.join(_MISSING)} missing")
 opted_in = pytest.mark.skipif(not ENABLED, reason="a 10-minute soak: set NETFILTER_SOAK=1 "
                                                   "(or NETFILTER_SOAK_SECONDS) to run it")
-
-
-def only(n: int) -> str:
-    """The domain only version `n` blocks."""
-    return f"v{n}-only.example"
 
 
 def kind_of(update: int) -> str:
@@ -204,89 +205,6 @@ def publish(path: Path, directory: Path) -> None:
 
 
 # ---------------------------------------------------------------- the workloads
-
-
-@dataclass
-class Queries:
-    path: Path
-    lines: list[str]
-    local_data: list[str]
-
-    def shared_sent(self, count: int) -> int:
-        """Shared-name lines among the first `count` lines dnsperf sends (it reads the
-        file in order, over and over)."""
-        def shared(lines: list[str]) -> int:
-            return sum(1 for x in lines if x.split()[0].endswith("shared.example"))
-
-        passes, rest = divmod(count, len(self.lines))
-        return passes * shared(self.lines) + shared(self.lines[:rest])
-
-
-def write_queries(directory: Path) -> Queries:
-    """dnsperf's file: clean, shared and per-version names, interleaved evenly."""
-    clean: list[str] = []
-    local: list[str] = []
-    for i in range(CLEAN_NAMES):
-        name = f"c{i}.clean.example"
-        clean += [f"{name} A", f"{name} AAAA"]
-        local += [f"{name}. 3600 IN A 198.18.{i >> 8 & 255}.{i & 255}",
-                  f"{name}. 3600 IN AAAA 2001:db8::{i:x}"]
-    names = ["shared.example", "www.shared.example"]
-    blocked = [f"{names[k % 2]} {'A' if k % 4 < 2 else 'AAAA'}" for k in range(SHARED_LINES)]
-    for n in range(1, VERSIONS + 1):
-        names += [only(n), f"www.{only(n)}"]
-        blocked += [f"{only(n)} A", f"{only(n)} AAAA", f"www.{only(n)} A",
-                    f"www.{only(n)} AAAA"][:VERSION_LINES]
-    for name in names:  # the upstream knows them all: it does not filter
-        local += [f"{name}. 3600 IN A 192.0.2.66", f"{name}. 3600 IN AAAA 2001:db8::66"]
-    stride = len(clean) // len(blocked)
-    lines: list[str] = []
-    rest = iter(blocked)
-    for i, line in enumerate(clean):
-        lines.append(line)
-        if i % stride == stride - 1:
-            lines.extend(x for x in [next(rest, "")] if x)
-    lines.extend(rest)
-    path = directory / "queries.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="ascii")
-    return Queries(path, lines, local)
-
-
-def upstream(directory: Path, queries: Queries) -> dnsbench.Server:
-    """unbound answering every name of the query file from local data."""
-    port = free_port()
-    conf = [*dnsbench._server_lines(directory, port), '  module-config: "iterator"',
-            '  local-zone: "example." static',
-            *(f'  local-data: "{d}"' for d in queries.local_data),
-            *dnsbench._tail(free_port())]
-    return dnsbench._unbound("upstream", directory, port, "\n".join(conf) + "\n")
-
-
-def version_urls(port: int, n: int) -> list[str]:
-    """A domain URL and a URL entry's URL that only version `n` blocks."""
-    return [f"http://www.{only(n)}:{port}/page.html", f"http://urls.example:{port}/v{n}/p.html"]
-
-
-def shared_urls(port: int) -> list[str]:
-    return [f"http://www.shared.example:{port}/page.html",
-            f"http://urls.example:{port}/shared/p.html"]
-
-
-def url_cycle(port: int) -> list[str]:
-    """wrk's cycle: clean URLs, with the shared and every version's URLs spread in
-    (6 blocked per cycle while one version is in force: 4 shared, 2 of that version)."""
-    special = shared_urls(port) * 2
-    for n in range(1, VERSIONS + 1):
-        special += version_urls(port, n)
-    urls: list[str] = []
-    stride = max(1, CLEAN_URLS // len(special))
-    pending = iter(special)
-    for i in range(CLEAN_URLS):
-        urls.append(f"http://www.site{i % 20}.example:{port}/articles/{i}/index.html?x={i}")
-        if i % stride == stride - 1:
-            urls.extend(x for x in [next(pending, "")] if x)
-    urls.extend(pending)
-    return urls
 
 
 _PACING = '''
@@ -632,8 +550,8 @@ def origin() -> Iterator[proxybench.Origin]:
 @needs_tools
 def test_soak(tmp_path: Path, origin: proxybench.Origin, figures: Figures) -> None:
     versions, trust = write_versions(tmp_path / "lists")
-    queries = write_queries(tmp_path)
-    urls = url_cycle(origin.port)
+    queries = write_queries(tmp_path, VERSIONS)
+    urls = url_cycle(origin.port, VERSIONS)
     origin.blocked = frozenset(u.split("/", 2)[2].replace(f":{origin.port}", "").encode()
                                for u in shared_urls(origin.port))
     source = tmp_path / "published"
@@ -760,7 +678,7 @@ def test_soak(tmp_path: Path, origin: proxybench.Origin, figures: Figures) -> No
     nx = perf.rcodes.get("NXDOMAIN", 0)
     # One version in force at a time: VERSION_LINES blocked version lines per pass of
     # the file, but for the passes an update falls into.
-    expected_nx = queries.shared_sent(perf.sent) + VERSION_LINES * perf.sent / len(queries.lines)
+    expected_nx = queries.sent(perf.sent)[0] + VERSION_LINES * perf.sent / len(queries.lines)
     nx_slack = VERSION_LINES * (UPDATES + 2)
     assert abs(nx - expected_nx) <= nx_slack, (nx, expected_nx, nx_slack, perf.rcodes)
 

@@ -214,6 +214,12 @@ class Engine:
             self.reloads["ok"] += 1
             return True
 
+    def off_fast_path(self, name: str) -> None:
+        """Forget that `name` matches nothing, so a resolver's fast path (which forwards
+        unasked only the names `host_cache` maps to None) hands its next query to the
+        full path: for names a front-end answers itself, such as the canaries."""
+        self.host_cache.pop(name, None)
+
     # ------------------------------------------------------------ checks
 
     def _verdict(self, match: Match | None, state: _State, frontend: str,

@@ -435,7 +435,7 @@ class DnsServer:
                     return self._fit(block_answer(data, query, verdict, self.settings), query,
                                      over_tcp)
                 if target in self.canaries.names:  # cached clean, the fast path would
-                    self.engine.host_cache.pop(target, None)  # forward the canary itself
+                    self.engine.off_fast_path(target)  # forward the canary itself
         return self._fit(answer, query, over_tcp)
 
     @staticmethod

@@ -78,5 +78,7 @@ class BlockKeeper(Protocol):
 
     def __call__(self, answer: bytes) -> None: ...
 
-    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
-        """`detail`: the query type's name, as the block's audit event carries it."""
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str,
+                   name: str) -> None:
+        """`detail`: the query type's name, as the block's audit event carries it;
+        `name`: the question's name as the server parsed it (never scanned again)."""

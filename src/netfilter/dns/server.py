@@ -309,7 +309,7 @@ class DnsServer:
                 respond(self._fit(block, query, over_tcp))
                 keep = getattr(respond, "keep_block", None)  # a listener.BlockKeeper
                 if keep is not None:
-                    keep(data, block, verdict, type_name(query.qtype))
+                    keep(data, block, verdict, type_name(query.qtype), query.name)
                 self.latency.observe(time.monotonic() - started)
                 return
             if self.settings.route_url_hosts_to_proxy and self._routed(query):

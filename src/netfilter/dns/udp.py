@@ -208,24 +208,23 @@ class RelayListener:
     def _responder(self, addr: Address) -> _RelayResponder:
         return _RelayResponder(self, addr)
 
-    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
-        """The full path answered `query` with the block `answer` (server.py): the relay
-        answers the same question from now on, while the lists stay the same. The token
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str,
+                   name: str) -> None:
+        """The full path answered `query` (whose name is `name`) with the block `answer`
+        (server.py): the relay answers the same question from now on, while the lists
+        stay the same (it refuses a question it would not take itself). The token
         carries what the audit log needs per block (`_record_blocks`)."""
-        question = scan_question(query)
-        if question is None:
-            return
         # One token per audit key and detail: the relay counts per (token, client), and
         # each pair costs an engine call per recording; forms of one question, and a
         # domain's subdomains blocked by the same entry, share one (unless targets are
         # recorded: then each name is its own).
         key = (verdict.match, verdict.answer, detail,
-               question[0] if self.engine.record_targets else None)
+               name if self.engine.record_targets else None)
         token = self._tokens.get(key)
         if token is None:
             if len(self._tokens) >= 2 * BLOCK_CACHE_SIZE:
                 self._tokens.clear()  # bounded; a token only has to live in the relay
-            token = self._tokens[key] = (verdict, question[0], detail)
+            token = self._tokens[key] = (verdict, name, detail)
         self.relay.remember_block(query, answer, self.engine.host_cache, token)
 
     def _record_blocks(self) -> None:
@@ -328,5 +327,6 @@ class _RelayResponder:
         except OSError:  # a full buffer or a closed socket: a lost UDP answer
             self.listener.stats["send_failed"] += 1
 
-    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str) -> None:
-        self.listener.keep_block(query, answer, verdict, detail)
+    def keep_block(self, query: bytes, answer: bytes, verdict: Verdict, detail: str,
+                   name: str) -> None:
+        self.listener.keep_block(query, answer, verdict, detail, name)

@@ -410,6 +410,7 @@ class PerfResult:
     output: str
     server_cpu: float = 0.0  # the server's CPU time over the run, in cores (1.0 = one core)
     client_cpu: float = 0.0  # dnsperf's, likewise
+    server_system: float = 0.0  # the part of server_cpu spent in the kernel
     max_qps: int = 0  # the -Q of the run
 
 
@@ -438,10 +439,16 @@ def parse_dnsperf(server: str, output: str) -> PerfResult:
                       int(values["lost"]), rcodes, values["seconds"], output)
 
 
+def process_cpu_parts(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a running process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of a running process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(process_cpu_parts(pid))
 
 
 def run_dnsperf(server: Server, queries: Path, *, seconds: float = 5, clients: int = 4,
@@ -459,7 +466,7 @@ def run_dnsperf(server: Server, queries: Path, *, seconds: float = 5, clients: i
     if runs is not None:
         command += ["-n", str(runs)]
     command += ["-l", f"{seconds:g}"]
-    server_before = process_cpu(server.proc.pid)
+    user_before, system_before = process_cpu_parts(server.proc.pid)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -470,7 +477,9 @@ def run_dnsperf(server: Server, queries: Path, *, seconds: float = 5, clients: i
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n"
                            f"{done.stdout}{done.stderr}")
     result = parse_dnsperf(server.name, done.stdout)
-    result.server_cpu = (process_cpu(server.proc.pid) - server_before) / wall
+    user_after, system_after = process_cpu_parts(server.proc.pid)
+    result.server_cpu = (user_after + system_after - user_before - system_before) / wall
+    result.server_system = (system_after - system_before) / wall
     result.client_cpu = (after.ru_utime + after.ru_stime
                          - children.ru_utime - children.ru_stime) / wall
     result.max_qps = max_qps

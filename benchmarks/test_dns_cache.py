@@ -190,7 +190,8 @@ def perf(server: Server, workload: Workload) -> PerfResult:
     before = block_events(server.audit) if server.audit else 0
     result = dnsbench.run_dnsperf(server, workload.queries, seconds=SECONDS)
     print(f"  {server.name:22} {workload.directory.name:6} {result.qps:>9,.0f} q/s  "
-          f"lost {result.lost}  cpu {result.server_cpu:.2f} ({_us(result):.1f} us/query)  "
+          f"lost {result.lost}  cpu {result.server_cpu:.2f} ({_us(result):.1f} us/query, "
+          f"{result.server_system / max(result.server_cpu, 1e-9):.0%} in the kernel)  "
           f"{result.rcodes}", flush=True)
     assert server.alive(), server.log()
     if server.audit is not None:

@@ -18,7 +18,7 @@ from collections import Counter
 from netfilter.config import DnsSettings
 from netfilter.dns.asking import Handler, Respond, ask
 from netfilter.dns.padding import pad, wants_padding
-from netfilter.dns.streamslots import Held, StreamSlots
+from netfilter.dns.streamslots import Flight, Held, StreamSlots
 from netfilter.dns.tlsaccept import TlsAcceptor
 
 __all__ = ["DotListener"]
@@ -32,35 +32,18 @@ class _Pipeline:
     def __init__(self, writer: asyncio.StreamWriter, held: Held, settings: DnsSettings,
                  stats: Counter[str]) -> None:
         self.writer = writer
-        self.held = held
-        self.limit = settings.tcp_pipeline
+        self.flight = Flight(held, settings.tcp_pipeline)
         self.max_buffer = settings.tcp_max_buffer
         self.stats = stats
-        self.room = asyncio.Event()  # fewer than `limit` in flight
-        self.room.set()
-        self.settled = asyncio.Event()  # none in flight
-        self.settled.set()
         self.unsent: list[bytes] = []  # answers ready, written together (one TLS record)
 
     def responder(self, padded: bool) -> Respond:
         """A new query's respond: effective once; pads when the query asked for it."""
-        held = self.held
-        held.busy += 1
-        self.settled.clear()
-        if held.busy >= self.limit:
-            self.room.clear()
-        done = False
+        end = self.flight.begin()
 
         def respond(answer: bytes) -> None:
-            nonlocal done
-            if done:
+            if not end():
                 return
-            done = True
-            held.busy -= 1
-            held.touch()
-            self.room.set()
-            if not held.busy:
-                self.settled.set()
             if answer and not self.writer.is_closing():
                 if padded:
                     answer = pad(answer)
@@ -108,9 +91,9 @@ class DotListener:
 
         try:
             for _ in range(settings.tcp_max_queries):
-                if not pipeline.room.is_set():  # answers come within the timeout
+                if not pipeline.flight.room.is_set():  # answers come within the timeout
                     async with limit(settings.timeout + 1.0):
-                        await pipeline.room.wait()
+                        await pipeline.flight.room.wait()
                 async with limit(settings.tcp_idle_timeout):
                     length = _LENGTH.unpack(await reader.readexactly(2))[0]
                     data = await reader.readexactly(length)
@@ -132,7 +115,7 @@ class DotListener:
             try:
                 if not writer.is_closing():
                     async with asyncio.timeout(settings.timeout + 0.5):
-                        await pipeline.settled.wait()
+                        await pipeline.flight.settled.wait()
                         pipeline.flush()
                         await writer.drain()
             except (TimeoutError, ConnectionError):

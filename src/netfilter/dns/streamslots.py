@@ -1,5 +1,6 @@
-"""Connection slots of one encrypted DNS listener kind (DoT, DoH): the TCP listener's
-limits (`dns.tcp_max_connections`, `dns.tcp_per_client`) kept the same way.
+"""Connection slots of one stream DNS listener kind (TCP, DoT, DoH), within
+`dns.tcp_max_connections` and `dns.tcp_per_client`, and the queries in flight on one
+connection (`Flight`, for TCP's and DoT's pipelining limit).
 
 A connection takes its slot when it is accepted, before its TLS handshake, so that
 clients that open connections and never finish a handshake hold slots too, and lose
@@ -10,13 +11,14 @@ flight; a connection still in its handshake has none.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from netfilter.slots import client_key
 
-__all__ = ["Held", "StreamSlots"]
+__all__ = ["Flight", "Held", "StreamSlots"]
 
 
 class Held:
@@ -82,3 +84,42 @@ class StreamSlots:
         for held in list(self.held):
             self.release(held)
             held.close()
+
+
+class Flight:
+    """The queries in flight on one connection (its slot's `busy`), under its pipelining
+    limit (`dns.tcp_pipeline`): `room` is set while fewer than `limit` are in flight, so
+    the reader waits before taking another; `settled` while none is, so a closing
+    connection can answer what it was asked first."""
+
+    def __init__(self, held: Held, limit: int) -> None:
+        self.held = held
+        self.limit = limit
+        self.room = asyncio.Event()
+        self.room.set()
+        self.settled = asyncio.Event()
+        self.settled.set()
+
+    def begin(self) -> Callable[[], bool]:
+        """Count a new query in; the returned `end` counts its answer out, once (True
+        the first time: a failure after the answer must not settle it twice)."""
+        held = self.held
+        held.busy += 1
+        self.settled.clear()
+        if held.busy >= self.limit:
+            self.room.clear()
+        done = False
+
+        def end() -> bool:
+            nonlocal done
+            if done:
+                return False
+            done = True
+            held.busy -= 1
+            held.touch()
+            self.room.set()
+            if not held.busy:
+                self.settled.set()
+            return True
+
+        return end

@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 import socket
 import struct
-import time
 from collections import Counter
 
 from netfilter.config import DnsSettings
 from netfilter.dns.listener import Handler, Respond
-from netfilter.slots import client_key
+from netfilter.dns.streamslots import Flight, Held, StreamSlots
 
 __all__ = ["TCP_BACKLOG", "TcpListener"]
 
@@ -29,68 +28,50 @@ TCP_BACKLOG = 100  # asyncio's default
 
 
 class _TcpConnection:
-    """What the TCP limits need to know about one connection."""
+    """One connection: its slot, its queries in flight, the writer of their answers."""
 
-    def __init__(self, writer: asyncio.StreamWriter, client: str, key: str,
-                 settings: DnsSettings, stats: Counter[str]) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, held: Held, settings: DnsSettings,
+                 stats: Counter[str]) -> None:
         self.writer = writer
-        self.client = client
-        self.key = key
-        self.pipeline = settings.tcp_pipeline
+        self.held = held
+        self.flight = Flight(held, settings.tcp_pipeline)
         self.max_buffer = settings.tcp_max_buffer
         self.stats = stats
-        self.in_flight = 0
-        self.last_active = time.monotonic()
-        self.room = asyncio.Event()  # fewer than `pipeline` queries in flight
-        self.room.set()
-        self.settled = asyncio.Event()  # none in flight
-        self.settled.set()
 
     def responder(self) -> Respond:
-        """A new query's respond: effective once (a failure after the answer must not
-        settle it twice); drops the connection when the answers the client has not
-        read pass `tcp_max_buffer`."""
-        self.in_flight += 1
-        self.settled.clear()
-        if self.in_flight >= self.pipeline:
-            self.room.clear()
-        done = False
+        """A new query's respond: effective once; drops the connection when the answers
+        the client has not read pass `tcp_max_buffer`."""
+        end = self.flight.begin()
 
         def respond(answer: bytes) -> None:
-            nonlocal done
-            if done:
+            if not end():
                 return
-            done = True
-            self.in_flight -= 1
-            self.last_active = time.monotonic()
-            self.room.set()
-            if not self.in_flight:
-                self.settled.set()
             writer = self.writer
             if answer and not writer.is_closing():
                 writer.write(struct.pack("!H", len(answer)) + answer)
                 if writer.transport.get_write_buffer_size() > self.max_buffer:
                     self.stats["tcp_dropped_unread"] += 1
-                    self.reset()
+                    _reset(writer)
 
         return respond
 
-    def reset(self) -> None:
-        """Drop the connection with a reset: what is unsent is discarded, ours and the
-        kernel's (a plain close would leave it queued for a client that never reads)."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
-        self.writer.transport.abort()
 
-    def close(self) -> None:
-        """Close; with a reset when answers are still unsent."""
-        if self.writer.transport.get_write_buffer_size():
-            self.reset()
-        else:
-            self.writer.close()
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection with a reset: what is unsent is discarded, ours and the
+    kernel's (a plain close would leave it queued for a client that never reads)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+    writer.transport.abort()
 
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    """Close; with a reset when answers are still unsent."""
+    if writer.transport.get_write_buffer_size():
+        _reset(writer)
+    else:
+        writer.close()
 
 
 class TcpListener:
@@ -102,8 +83,8 @@ class TcpListener:
         self.stats = handler.stats
         self._servers: list[asyncio.base_events.Server] = []
         self._clients: set[asyncio.Task[None]] = set()
-        self._connections: set[_TcpConnection] = set()
-        self._per_client: Counter[str] = Counter()
+        # the caps are read from the handler's settings at each new connection
+        self._slots = StreamSlots(0, 0, self.stats, "tcp")
 
     async def serve(self, sock: socket.socket) -> None:
         """Accept on `sock` (bound and listening; closed at stop)."""
@@ -114,8 +95,8 @@ class TcpListener:
         """Stop accepting, close every connection, let their handlers end (bounded)."""
         for server in self._servers:
             server.close()
-        for connection in list(self._connections):
-            connection.close()  # the handlers see EOF and end (cancelling logs on 3.11)
+        for held in list(self._slots.held):
+            held.close()  # the handlers see EOF and end (cancelling logs on 3.11)
         if self._clients:
             await asyncio.wait(list(self._clients), timeout=1.0)
 
@@ -130,40 +111,12 @@ class TcpListener:
         cap, or a server with every slot taken, closes its (or anybody's) connection
         idle longest for the new one: an idle connection serves nobody now, and
         holding many open costs a client its own oldest ones first."""
-        settings, stats = self.handler.settings, self.stats
+        settings = self.handler.settings
+        self._slots.total = settings.tcp_max_connections
+        self._slots.per_client = settings.tcp_per_client
         peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if peer else "?"
-        key = client_key(client)
-        if self._per_client[key] >= settings.tcp_per_client and not self._evict(key):
-            stats["tcp_refused_client"] += 1
-            return None
-        if len(self._connections) >= settings.tcp_max_connections and not self._evict(None):
-            stats["tcp_refused_full"] += 1
-            return None
-        connection = _TcpConnection(writer, client, key, settings, stats)
-        self._connections.add(connection)
-        self._per_client[key] += 1
-        return connection
-
-    def _evict(self, key: str | None) -> bool:
-        """Close the connection with no query in flight that was active longest ago
-        (of client `key`, or of anybody); False: every one is busy."""
-        idle = [c for c in self._connections if not c.in_flight and key in (None, c.key)]
-        if not idle:
-            return False
-        oldest = min(idle, key=lambda c: c.last_active)
-        self._release(oldest)
-        oldest.close()
-        self.stats["tcp_closed_for_new"] += 1
-        return True
-
-    def _release(self, connection: _TcpConnection) -> None:
-        """Give the connection's slot back (once)."""
-        if connection in self._connections:
-            self._connections.discard(connection)
-            self._per_client[connection.key] -= 1
-            if not self._per_client[connection.key]:
-                del self._per_client[connection.key]
+        held = self._slots.admit(str(peer[0]) if peer else "?", lambda: _close(writer))
+        return None if held is None else _TcpConnection(writer, held, settings, self.stats)
 
     async def _client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -182,16 +135,16 @@ class TcpListener:
 
         try:
             for _ in range(settings.tcp_max_queries):
-                if not connection.room.is_set():  # answers come within the timeout
+                if not connection.flight.room.is_set():  # answers come within the timeout
                     async with limit(settings.timeout + 1.0):
-                        await connection.room.wait()
+                        await connection.flight.room.wait()
                 async with limit(settings.tcp_idle_timeout):
                     length = struct.unpack("!H", await reader.readexactly(2))[0]
                     data = await reader.readexactly(length)
-                connection.last_active = time.monotonic()
+                connection.held.touch()
                 respond = connection.responder()
                 try:
-                    self.handler.handle(data, connection.client, respond, over_tcp=True)
+                    self.handler.handle(data, connection.held.client, respond, over_tcp=True)
                 except Exception as error:
                     self.handler.failed("tcp query", error, data, respond, over_tcp=True)
                 async with limit(settings.tcp_idle_timeout):
@@ -205,17 +158,17 @@ class TcpListener:
         except asyncio.CancelledError:
             # Shutting down: end quietly (Python 3.11's start_server logs a cancelled
             # handler as an error).
-            connection.settled.set()
+            connection.flight.settled.set()
         finally:
             # A client may half-close after its last query: answer what is in flight
             # (unless we closed it: evicted, or reset for not reading).
             try:
                 if not writer.is_closing():
                     async with asyncio.timeout(settings.timeout + 0.5):
-                        await connection.settled.wait()
+                        await connection.flight.settled.wait()
                         await writer.drain()
             except (TimeoutError, ConnectionError):
                 pass
             self._clients.discard(task)
-            self._release(connection)
-            connection.close()
+            self._slots.release(connection.held)
+            _close(writer)

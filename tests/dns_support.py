@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.message
@@ -48,6 +49,7 @@ __all__ = [
     "mutate",
     "read_events",
     "require_tools",
+    "running",
     "start_all",
     "tcp",
     "udp",
@@ -320,6 +322,22 @@ def build_list(directory: Path, key: Any, list_id: str, entries: Sequence[dict[s
     build_bundle(src, out, key=key, list_id=list_id, version=1)
     return out
 
+
+
+_Server = TypeVar("_Server", bound="Netfilter")
+
+
+@contextmanager
+def running(server: _Server) -> Iterator[_Server]:
+    """`server` started, stopped at the end; its stderr shown when the block fails."""
+    server.start()
+    try:
+        yield server
+    except BaseException:
+        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
 
 
 def require_tools(*tools: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ import dns.edns
 import dns.message
 
 from netfilter.dns.tlsconfig import generate_self_signed
-from tests.dns_support import HOST, Netfilter, Unbound, free_port, require_tools
+from tests.dns_support import HOST, Netfilter, Unbound, free_port, require_tools, running
 
 __all__ = ["EncryptedNetfilter", "certificate", "client_context", "closed_by_server",
            "ede_of", "kdig", "running_unbound", "serving", "tls_connect"]
@@ -69,15 +68,9 @@ def running_unbound(directory: Path) -> Iterator[Unbound]:
 def serving(directory: Path, unbound: Unbound, pair: tuple[Path, Path],
             **settings: Any) -> Iterator[EncryptedNetfilter]:
     """A running EncryptedNetfilter in front of `unbound`; its stderr shown on failure."""
-    server = EncryptedNetfilter(directory, *pair, upstreams=[unbound.address], **settings)
-    server.start()
-    try:
+    with running(EncryptedNetfilter(directory, *pair, upstreams=[unbound.address],
+                                    **settings)) as server:
         yield server
-    except BaseException:
-        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
-        raise
-    finally:
-        server.stop()
 
 
 def client_context(cert: Path, alpn: Sequence[str] = ()) -> ssl.SSLContext:

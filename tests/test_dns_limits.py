@@ -25,7 +25,7 @@ import pytest
 
 from netfilter.dns.udp import relay_built
 from netfilter.slots import client_key as _client_key
-from tests.dns_support import HOST, Netfilter, Unbound, dig, require_tools, tcp, udp
+from tests.dns_support import HOST, Netfilter, Unbound, dig, require_tools, running, tcp, udp
 from tests.dns_tls_support import closed_by_server
 
 OTHER = "127.0.0.2"  # a second client address
@@ -53,15 +53,8 @@ def silent() -> Iterator[str]:
 
 @contextmanager
 def serving(directory: Path, upstream: str, **dns_settings: Any) -> Iterator[Netfilter]:
-    server = Netfilter(directory, upstreams=[upstream], **dns_settings)
-    server.start()
-    try:
+    with running(Netfilter(directory, upstreams=[upstream], **dns_settings)) as server:
         yield server
-    except BaseException:
-        print(f"----- netfilter stderr -----\n{server.log()}", file=sys.stderr)
-        raise
-    finally:
-        server.stop()
 
 
 def counts(server: Netfilter) -> dict[str, int]:

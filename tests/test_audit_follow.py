@@ -11,6 +11,7 @@ mistake is one line with exit 2. Traffic only to loopback.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.client
 import http.server
@@ -159,7 +160,8 @@ def test_follow_as_the_log_grows(log: Log, node: TileNode, tmp_path: Path) -> No
     kept = state / "checkpoint"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert kept.read_bytes() == (log.tiles / "checkpoint").read_bytes()
-    assert [p.name for p in state.iterdir()] == ["checkpoint"]  # no temporary left
+    assert sorted(p.name for p in state.iterdir()) == [".lock", "checkpoint"]  # no temporary
+    assert stat.S_IMODE((state / ".lock").stat().st_mode) == 0o600
 
     log.grow(290)  # 300: the first full tile
     line = ok(follow(node.url, "--key", log.pub, "--state", state, "--entries"), 10, 300)
@@ -170,6 +172,25 @@ def test_follow_as_the_log_grows(log: Log, node: TileNode, tmp_path: Path) -> No
     ok(follow(node.url, "--key", log.pub, "--state", state), 600, 600)
     assert kept.read_bytes() == (log.tiles / "checkpoint").read_bytes()
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_one_round_at_a_time_per_state_directory(log: Log, node: TileNode,
+                                                 tmp_path: Path) -> None:
+    """A second follow on a state directory whose round is in progress refuses in one
+    line instead of racing the first to write the kept checkpoint."""
+    state = tmp_path / "state"
+    ok(follow(node.url, "--key", log.pub, "--state", state), 0, 10)
+    kept = (state / "checkpoint").read_bytes()
+    log.grow(5)
+    fd = os.open(state / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a round in progress
+        one_line(follow(node.url, "--key", log.pub, "--state", state), 2,
+                 "another `audit follow` is using this state directory")
+        assert (state / "checkpoint").read_bytes() == kept
+    finally:
+        os.close(fd)
+    ok(follow(node.url, "--key", log.pub, "--state", state), 10, 15)
 
 
 def test_partial_tiles_gone_read_from_full_tiles(log: Log, node: TileNode,

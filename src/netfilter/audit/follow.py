@@ -11,9 +11,10 @@ beside it as evidence (two checkpoints signed by one key that no history can joi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ MAX_BUNDLE = 1 << 22
 
 KEPT = "checkpoint"
 CONFLICT = "conflicting-checkpoint"
+LOCK = ".lock"  # held by the round in progress (flock)
 
 
 class FollowError(VerificationError):
@@ -71,12 +73,34 @@ class State:
         except OSError as e:
             raise NetfilterError(self.dir / KEPT, f"cannot read ({e.strerror})") from None
 
+    def _make(self) -> None:
+        if not self.dir.is_dir():
+            self.dir.mkdir(mode=0o700, parents=True)
+            os.chmod(self.dir, 0o700)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One round at a time per directory: two at once would each keep what they
+        fetched, the later write winning even when it is the older checkpoint."""
+        try:
+            self._make()
+            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise NetfilterError(self.dir, f"cannot lock ({e.strerror or e})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NetfilterError(self.dir, "another `audit follow` is using this state "
+                                               "directory now") from None
+            yield
+        finally:
+            os.close(fd)
+
     def write(self, name: str, data: bytes) -> Path:
         """Atomically (temporary file, fsync, rename, fsync of the directory)."""
         try:
-            if not self.dir.is_dir():
-                self.dir.mkdir(mode=0o700, parents=True)
-                os.chmod(self.dir, 0o700)
+            self._make()
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")  # 0600
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -184,6 +208,13 @@ def follow(url: str, key: PublicKey, state: State, *, allow_http: bool = False,
            timeout: float = TIMEOUT) -> FollowResult:
     """One round: fetch, verify, prove consistency with the kept checkpoint, keep."""
     base = base_url(url, allow_http=allow_http)
+    with state.locked():
+        return _follow(base, key, state, entries=entries, witnesses=witnesses,
+                       timeout=timeout)
+
+
+def _follow(base: str, key: PublicKey, state: State, *, entries: bool,
+            witnesses: Sequence[CosignatureVerifier], timeout: float) -> FollowResult:
     kept_note = state.kept()
     kept: Checkpoint | None = None
     if kept_note is not None:

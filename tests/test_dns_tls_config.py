@@ -21,7 +21,7 @@ import dns.rrset
 import pytest
 import yaml
 
-from netfilter.dns.doh import HttpError, query_of
+from netfilter.dns.dohrequest import HttpError, query_of
 from netfilter.dns.padding import BLOCK, pad, wants_padding
 from netfilter.dns.tlsconfig import generate_self_signed
 from tests.support import DEMO_LIST, DEMO_PUB, HOST, free_port

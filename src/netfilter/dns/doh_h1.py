@@ -10,15 +10,17 @@ and the connection closes.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import h11
 
-from netfilter.dns.doh import MAX_HEADERS, MAX_MESSAGE, MAX_TARGET, response_headers
+from netfilter.dns.dohrequest import (
+    MAX_HEADERS,
+    MAX_MESSAGE,
+    MAX_TARGET,
+    DohAnswerer,
+    response_headers,
+)
 from netfilter.dns.streamslots import Held
-
-if TYPE_CHECKING:
-    from netfilter.dns.doh import DohListener
 
 __all__ = ["serve_h1"]
 
@@ -29,7 +31,7 @@ class _Closing(Exception):
     """End the connection after what has been sent."""
 
 
-async def serve_h1(listener: DohListener, reader: asyncio.StreamReader,
+async def serve_h1(listener: DohAnswerer, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter, held: Held) -> None:
     settings, stats = listener.settings, listener.stats
     loop = asyncio.get_running_loop()

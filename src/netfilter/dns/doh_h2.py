@@ -13,7 +13,6 @@ protocol error ends the connection with GOAWAY, as h2 decides.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -21,11 +20,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from netfilter.dns.doh import MAX_HEADERS, MAX_MESSAGE, MAX_TARGET, response_headers
+from netfilter.dns.dohrequest import (
+    MAX_HEADERS,
+    MAX_MESSAGE,
+    MAX_TARGET,
+    DohAnswerer,
+    response_headers,
+)
 from netfilter.dns.streamslots import Held
-
-if TYPE_CHECKING:
-    from netfilter.dns.doh import DohListener
 
 __all__ = ["serve_h2"]
 
@@ -46,7 +48,7 @@ class _Request:
 class _Session:
     """One HTTP/2 connection."""
 
-    def __init__(self, listener: DohListener, writer: asyncio.StreamWriter,
+    def __init__(self, listener: DohAnswerer, writer: asyncio.StreamWriter,
                  held: Held) -> None:
         self.listener = listener
         self.writer = writer
@@ -186,7 +188,7 @@ class _Session:
                 del self.outgoing[stream_id]
 
 
-async def serve_h2(listener: DohListener, reader: asyncio.StreamReader,
+async def serve_h2(listener: DohAnswerer, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter, held: Held) -> None:
     settings, stats = listener.settings, listener.stats
     loop = asyncio.get_running_loop()

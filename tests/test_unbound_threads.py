@@ -291,4 +291,5 @@ def test_audit_log_counts_every_block_answered(run: Run) -> None:
 def _counters(log: str) -> dict[str, Any]:
     lines = [line for line in log.splitlines() if "netfilter: counters at exit: " in line]
     assert len(lines) == 1, log  # one plugin, one engine in the process
-    return json.loads(lines[0].split("netfilter: counters at exit: ", 1)[1])
+    counters: dict[str, Any] = json.loads(lines[0].split("netfilter: counters at exit: ", 1)[1])
+    return counters

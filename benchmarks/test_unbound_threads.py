@@ -20,10 +20,12 @@ server's and dnsperf's CPU (the machine has 2 cores for all of it).
 
 Swap stall: plugin at 2 threads under dnsperf load (-Q SWAP_QPS), two probes in this
 process asking one query at a time (a blocked name: the module; a cached clean name:
-Unbound's cache, no Python), each answer's time kept. A bundle is renamed in place
-(+1 entry, then a 1M-entry synthetic list); the figure is each probe's longest gap
-between two answers in the SWAP_WINDOW seconds after the rename, against the same in
-the SWAP_WINDOW seconds before it.
+Unbound's cache, no Python), each answer's time kept. Bundles built beforehand are
+renamed in place, SWAP_ROUNDS times: +1 entry (1,001), then a 1M-entry synthetic list
+(each adds entries, so the plugin also flushes Unbound's cache); the figure is each
+probe's longest gap between two answers in the SWAP_WINDOW seconds after the rename,
+against the same in the SWAP_WINDOW seconds before it. A third probe asks the added
+name, to show when each list came into force.
 
 Timings are printed, never asserted; asserted: answers right before load, nothing lost,
 only NOERROR, both threads served queries, no error in the servers' logs.
@@ -66,6 +68,7 @@ CLIENTS = 16  # dnsperf -c: sockets, spread over the threads' sockets by the ker
 SWAP_QPS = 20_000  # dnsperf -Q during the swaps
 SWAP_WINDOW = 4.0  # seconds before and after a rename that are compared
 BIG_LIST = 1_000_000  # entries of the second swap's synthetic list
+SWAP_ROUNDS = 2  # of the two swaps
 NEW_ENTRY = "new-entry.example"  # the first swap's added entry (the upstream: NXDOMAIN)
 
 
@@ -260,16 +263,19 @@ class Probe(threading.Thread):
         times = [start, *(t for t in self.answered if start < t < end), end]
         return max(b - a for a, b in itertools.pairwise(times))
 
-    def changed(self, at: float) -> str:
-        """When, after `at`, the answer first differed from the last one before it."""
+    def changed(self, at: float, until: float) -> str:
+        """When, in (at, until), the answer first differed from the last one before."""
         before = [s for t, s in zip(self.answered, self.said, strict=True) if t < at]
         for t, said in zip(self.answered, self.said, strict=True):
-            if t > at and before and said != before[-1]:
+            if at < t < until and before and said != before[-1]:
                 return f"{before[-1]} -> {said} at +{(t - at) * 1000:,.0f} ms"
         return "unchanged"
 
 
-def _install_plus(workload: Workload, bundle: Path, version: int, domain: str) -> None:
+def _build_plus(workload: Workload, bundle: Path, version: int, domain: str) -> Path:
+    """Version `version` of the bench list with one more entry, beside `bundle`: built
+    before the load, so that the swap is a rename (a build here would hold this
+    process's GIL and stall the probes, not the server)."""
     source = yaml.safe_load((workload.directory / "bench-source.yaml").read_text())
     source["entries"].append({"domain": domain, "ref": "BENCH-NEW", "category": "benchmark"})
     src = bundle.with_name(f"v{version}.yaml")
@@ -277,22 +283,27 @@ def _install_plus(workload: Workload, bundle: Path, version: int, domain: str) -
     staged = bundle.with_name(f"v{version}.nfl")
     build_bundle(src, staged, key=load_private_key(workload.directory / "authority.key"),
                  list_id="dns-bench", version=version)
-    os.replace(staged, bundle)
+    return staged
 
 
 def test_swap_stall_at_two_threads(workload: Workload, upstream: Server) -> None:
     own = replace(workload, bundle=workload.directory.parent / "swap" / "bench.nfl")
     own.bundle.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(workload.bundle, own.bundle)
-    big = own.bundle.with_name("big.nfl")
-    write_fast_bundle(Spec(BIG_LIST, url_share=0.0, list_id="dns-bench", version=3), big,
-                      load_private_key(workload.directory / "authority.key"))
+    key = load_private_key(workload.directory / "authority.key")
+    staged: list[tuple[str, Path]] = []
+    for version in range(2, 2 + 2 * SWAP_ROUNDS, 2):  # versions only grow (the floor)
+        staged.append(("+1 entry (1,001)", _build_plus(own, own.bundle, version, NEW_ENTRY)))
+        big = own.bundle.with_name(f"big{version + 1}.nfl")
+        write_fast_bundle(Spec(BIG_LIST, url_share=0.0, list_id="dns-bench",
+                               version=version + 1), big, key)
+        staged.append((f"synthetic {BIG_LIST:,} entries", big))
     bench = plugin_bench(own, own.bundle.parent / "plugin", upstream.port, 2, control=True)
     blocked, (clean, _) = workload.blocked_sample, workload.clean_sample
     with bench.server:
         dnsbench.run_dnsperf(bench.server, workload.queries, seconds=20, runs=1,
                              clients=CLIENTS)
-        seconds = 4 * SWAP_WINDOW + 6
+        seconds = len(staged) * 2 * SWAP_WINDOW + SWAP_WINDOW + 6
         load = subprocess.Popen(
             ["dnsperf", "-s", HOST, "-p", str(bench.server.port), "-d", str(workload.queries),
              "-c", str(CLIENTS), "-Q", str(SWAP_QPS), "-t", "5", "-l", f"{seconds:g}"],
@@ -305,12 +316,10 @@ def test_swap_stall_at_two_threads(workload: Workload, upstream: Server) -> None
         swaps: list[tuple[str, float]] = []
         try:
             time.sleep(SWAP_WINDOW + 1)
-            swaps.append(("+1 entry (1,001)", time.monotonic()))
-            _install_plus(own, own.bundle, 2, NEW_ENTRY)
-            time.sleep(2 * SWAP_WINDOW)
-            swaps.append((f"synthetic {BIG_LIST:,} entries", time.monotonic()))
-            os.replace(big, own.bundle)
-            time.sleep(SWAP_WINDOW + 0.5)
+            for label, path in staged:
+                swaps.append((label, time.monotonic()))
+                os.replace(path, own.bundle)
+                time.sleep(2 * SWAP_WINDOW)
         finally:
             stop.set()
             for probe in probes:
@@ -330,7 +339,8 @@ def test_swap_stall_at_two_threads(workload: Workload, upstream: Server) -> None
             cells.append(f"{what}: longest gap {after * 1000:,.0f} ms after the rename vs "
                          f"{before * 1000:,.0f} ms before")
         print(f"  swap to {label}: " + "; ".join(cells))
-        print(f"    answers changed: {'; '.join(p.name + ' ' + p.changed(at) for p in probes)}")
+        changes = [f"{p.name} {p.changed(at, at + 2 * SWAP_WINDOW)}" for p in probes]
+        print(f"    answers changed: {'; '.join(changes)}")
     print(f"  probe answers {[len(p.answered) for p in probes]}, lost "
           f"{[p.lost for p in probes]}")
     assert perf.lost == 0 and all(p.lost == 0 for p in probes)

@@ -126,6 +126,10 @@ class Engine:
         # For metrics, plain counts (a dict increment per match, nothing per clean
         # check): matches by (front-end, list, category, action) and reloads by result.
         self.matches: Counter[tuple[str, str, str, str]] = Counter()
+        # `+=` on a Counter is a read, an add and a store: two threads (Unbound's
+        # workers) can lose a count between them. Taken per match only, never per
+        # clean check; reloads count under _reload_lock.
+        self._counts_lock = threading.Lock()
         self.reloads: Counter[str] = Counter()
         self._sink_failure_lines = RateLimit(SINK_FAILURE_LOG_INTERVAL)
         self.node_id = settings.node.id
@@ -230,10 +234,10 @@ class Engine:
                              if m.list_id == match.list_id), None)
         self._emit(self._event(match, frontend, client, detail, checked))
         if not match.blocks:
-            self.matches[(frontend, match.list_id, match.category, "exception")] += 1
+            self._count((frontend, match.list_id, match.category, "exception"))
             return Verdict(Action.ALLOW, match)
         answer = state.answers.get(match.list_id, Answer.STOPPAGE)
-        self.matches[(frontend, match.list_id, match.category, answer.value)] += 1
+        self._count((frontend, match.list_id, match.category, answer.value))
         return Verdict(Action.BLOCK, match, answer, transparency)
 
     def _event(self, match: Match, frontend: str, client: str | None, detail: str | None,
@@ -263,7 +267,11 @@ class Engine:
         if count < 1 or match is None or not verdict.blocked or verdict.answer is None:
             return
         self._emit(self._event(match, frontend, client, detail, checked, count))
-        self.matches[(frontend, match.list_id, match.category, verdict.answer.value)] += count
+        self._count((frontend, match.list_id, match.category, verdict.answer.value), count)
+
+    def _count(self, key: tuple[str, str, str, str], count: int = 1) -> None:
+        with self._counts_lock:
+            self.matches[key] += count
 
     def check_url(self, url: str | bytes, *, frontend: str = "proxy",
                   client: str | None = None, detail: str | None = None) -> Verdict:
@@ -305,7 +313,8 @@ class Engine:
         try:
             self.recorder.record(event)
         except Exception as e:  # a failing sink must never take a front-end down
-            self._sink_failures += 1
+            with self._counts_lock:
+                self._sink_failures += 1
             # one line per interval, not a traceback per event: a flood of blocks
             # against a broken sink must not become a flood of log
             if self._sink_failure_lines.due():

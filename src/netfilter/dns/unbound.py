@@ -20,10 +20,17 @@ benchmarks/README.md), which is why it is kept to swaps that add entries.
 
 The engine is built on the first query, not at load: `unbound-checkconf` runs the
 script and `init`, and must not create keys or write events.
+
+Threads (`num-threads: N`): Unbound loads the module once per process and every
+worker calls `operate` under the one GIL, so there is one Plugin and one engine per
+process. What two workers share is either swapped whole (the engine's state, the
+(settings, canaries) pair here) or counted under a lock taken only when something is
+counted (a block, a canary answer), never per clean name.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -38,6 +45,7 @@ from typing import Any
 import numpy as np
 import unboundmodule as ub
 
+from netfilter.childmetrics import Snapshot, engine_counters
 from netfilter.config import DnsSettings, Settings, load_config
 from netfilter.dns.answers import Reply, block_reply, soa_text
 from netfilter.dns.canaries import Canaries
@@ -65,9 +73,12 @@ class Plugin:
         environment's NETFILTER_UNBOUND_CONTROL, else `unbound-control`)."""
         self.config_path = Path(config_path)
         self._engine: Engine | None = None
-        self._settings = DnsSettings()
-        self._canaries = Canaries(self._settings)
-        self.canary_counts: Counter[str] = Counter()  # canary answers per label, never logged
+        settings = DnsSettings()
+        # One reference, swapped whole on reload: a worker never answers with the new
+        # canaries and the old answer settings.
+        self._dns: tuple[DnsSettings, Canaries] = (settings, Canaries(settings))
+        self.canary_counts: Counter[str] = Counter()  # canary answers per label; no names
+        self._counts_lock = threading.Lock()  # canary_counts: workers count concurrently
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self.check_interval = check_interval
@@ -90,8 +101,8 @@ class Plugin:
                     try:
                         settings = load_config(self.config_path)
                         stamps = _stamps(self.config_path, settings)
-                        self._settings = settings.dns or DnsSettings()
-                        self._canaries = Canaries(self._settings)
+                        dns = settings.dns or DnsSettings()
+                        self._dns = (dns, Canaries(dns))
                         self._engine = make_engine(settings)
                     except NetfilterError as e:
                         self._retry_at = time.monotonic() + RETRY
@@ -105,13 +116,28 @@ class Plugin:
                     self._watcher.start()
         return self._engine
 
+    def counters(self) -> Snapshot:
+        """The plugin's counters: the engine's as a proxy child exports them
+        (childmetrics.engine_counters), plus canary answers per label, cache flushes
+        and list reloads. Counts only, never a name or a client."""
+        with self._counts_lock:
+            canaries = dict(self.canary_counts)
+        out: Snapshot = {"canaries": canaries, "flushes": self.flushes}
+        if self._engine is not None:
+            out.update(engine_counters(self._engine))
+            out["reloads"] = dict(self._engine.reloads)
+        return out
+
     def close(self) -> None:
         """Stop watching the lists, commit queued events and sign a last checkpoint
-        (Unbound's deinit)."""
+        (Unbound's deinit). Unbound has no /metrics of ours: the counters go to its
+        log, one line."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=FLUSH_TIMEOUT + 5)
         if self._engine is not None:
+            log.warning("netfilter: counters at exit: %s",
+                        json.dumps(self.counters(), separators=(",", ":"), sort_keys=True))
             self._engine.close()
 
     # ------------------------------------------------------------ list updates
@@ -145,11 +171,11 @@ class Plugin:
         old = engine.lists
         if not engine.reload(settings, changed=str(self.config_path)):
             return False  # refused: the engine said why and recorded it
-        self._settings = settings.dns or DnsSettings()
-        canaries_before = set(self._canaries.names)
-        self._canaries = Canaries(self._settings)
+        canaries_before = set(self._dns[1].names)
+        dns = settings.dns or DnsSettings()
+        self._dns = (dns, Canaries(dns))
         # canaries switched on: Unbound may hold their real answers in its cache
-        new_canaries = bool(set(self._canaries.names) - canaries_before)
+        new_canaries = bool(set(self._dns[1].names) - canaries_before)
         new = engine.lists
         log.info("netfilter: lists reloaded for unbound (%d entries)", len(new))
         if local_changed or new_canaries or adds_entries(old, new):
@@ -189,12 +215,13 @@ class Plugin:
         if event in (ub.MODULE_EVENT_NEW, ub.MODULE_EVENT_PASS):
             if self._engine is None:
                 self.engine  # noqa: B018 (load the config: are canaries on?)
-            canaries = self._canaries
+            canaries = self._dns[1]
             if canaries.names:
                 name = _plain(qstate.qinfo.qname_str)
                 label = canaries.label(name)
                 if label is not None:  # NXDOMAIN here, never to the iterator; counted only
-                    self.canary_counts[label] += 1
+                    with self._counts_lock:
+                        self.canary_counts[label] += 1
                     return self._reply(module_id, qstate,
                                        canaries.reply(name, qstate.qinfo.qtype))
             verdict = self._check(qstate.qinfo.qname_str, qstate)
@@ -228,7 +255,7 @@ class Plugin:
     def _answer(self, module_id: int, qstate: Any, verdict: Verdict) -> bool:
         qinfo = qstate.qinfo
         structured = any(opt.code == EDE_OPTION for opt in qstate.edns_opts_front_in_iter)
-        reply = block_reply(_plain(qinfo.qname_str), qinfo.qtype, verdict, self._settings,
+        reply = block_reply(_plain(qinfo.qname_str), qinfo.qtype, verdict, self._dns[0],
                             structured=structured)
         return self._reply(module_id, qstate, reply)
 

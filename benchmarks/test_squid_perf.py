@@ -20,21 +20,28 @@ Targets (issue 17): helper >= 0.9 and ICAP >= 0.8 of bare Squid's requests/s.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from tests.proxy_support import write_config
-from tests.squid_support import Squid, helper_command, require_squid, squid_directory
-from tests.support import HOST, ChildProcess, free_port, listening
+from tests.squid_support import (
+    HelperRuntime,
+    NetfilterServe,
+    Squid,
+    clean_environment,
+    helper_runtime,
+    require_squid,
+    set_listen,
+    squid_directory,
+)
+from tests.support import HOST
 
 from support import Figures
 from test_proxy_perf import Origin
@@ -101,7 +108,7 @@ end
 
 def run_wrk(squid: Squid, script: Path) -> tuple[float, dict[str, int], int]:
     assert WRK is not None
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env = clean_environment()
     done = subprocess.run([WRK, "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "5s",
                            "-s", str(script), squid.url], capture_output=True, text=True,
                           check=False, env=env, timeout=SECONDS + 30)
@@ -113,33 +120,18 @@ def run_wrk(squid: Squid, script: Path) -> tuple[float, dict[str, int], int]:
     return raw["requests"] / (raw["duration_us"] / 1e6), raw["codes"], raw["errors"]
 
 
-class IcapNode(ChildProcess):
-    """`netfilter serve icap` (its own process, as an operator runs it)."""
-
-    name = "netfilter serve icap"
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log_path, self.proc = config, port, log, None
-
-    def start(self) -> IcapNode:
-        netfilter = Path(sys.executable).parent / "netfilter"
-        self.popen([str(netfilter), "serve", "icap", "--config", str(self.config)])
-        self.wait_until(lambda: listening(self.port))
-        return self
-
-
-def _helper_squid(negative_ttl: int) -> Squid:
+def _helper_squid(runtime: HelperRuntime, negative_ttl: int) -> Squid:
     directory = squid_directory()
-    config = write_config(directory, name="netfilter.yaml")
+    config = runtime.config(directory)
     return Squid(directory, [
         "external_acl_type netfilter concurrency=100 children-max=2 children-startup=2 "
-        f"ttl=0 negative_ttl={negative_ttl} %>a %>rm %>ru {helper_command(config)}",
+        f"ttl=0 negative_ttl={negative_ttl} %>a %>rm %>ru {runtime.command(config)}",
         "acl netfilter_blocked external netfilter",
         "http_access deny netfilter_blocked",
         f"deny_info 307:http://{HOST}:8081/ netfilter_blocked",
         "http_access allow localhost",
         "http_access deny all",
-    ])
+    ], env=runtime.environment())
 
 
 @pytest.fixture(scope="module")
@@ -149,32 +141,29 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Squid]
         pytest.skip("wrk not installed (Debian: apt-get install wrk)")
     work = tmp_path_factory.mktemp("squid-perf")
     icap_config = write_config(work)
-    icap_port = free_port()
-    settings = yaml.safe_load(icap_config.read_text())
-    settings["icap"] = {"listen": f"{HOST}:{icap_port}"}
-    icap_config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    node = IcapNode(icap_config, icap_port, work / "icap.log")
-    squids = {
-        "bare Squid": Squid(squid_directory(), ["http_access allow localhost",
-                                                "http_access deny all"]),
-        "Squid + helper (negative_ttl=30)": _helper_squid(30),
-        "Squid + helper (negative_ttl=0)": _helper_squid(0),
-        "Squid + ICAP": Squid(squid_directory(), [
-            "icap_enable on", "icap_send_client_ip on", "icap_preview_enable on",
-            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod "
-            "bypass=0",
-            "adaptation_access netfilter_req allow all",
-            "http_access allow localhost", "http_access deny all"]),
-    }
-    try:
+    icap_port = set_listen(icap_config, "icap")
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(helper_runtime())
+        node = NetfilterServe("icap", icap_config, icap_port, work / "icap.log")
+        stack.callback(node.stop)
+        squids = {
+            "bare Squid": Squid(squid_directory(), ["http_access allow localhost",
+                                                    "http_access deny all"]),
+            "Squid + helper (negative_ttl=30)": _helper_squid(runtime, 30),
+            "Squid + helper (negative_ttl=0)": _helper_squid(runtime, 0),
+            "Squid + ICAP": Squid(squid_directory(), [
+                "icap_enable on", "icap_send_client_ip on", "icap_preview_enable on",
+                f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod "
+                "bypass=0",
+                "adaptation_access netfilter_req allow all",
+                "http_access allow localhost", "http_access deny all"]),
+        }
+        for squid in squids.values():
+            stack.callback(squid.close)
         node.start()
         for squid in squids.values():
             squid.start()
         yield squids
-    finally:
-        for squid in squids.values():
-            squid.close()
-        node.stop()
 
 
 def test_squid_throughput_with_netfilter_vs_bare(fleet: dict[str, Squid], figures: Figures,

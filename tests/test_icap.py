@@ -6,12 +6,11 @@ loopback origin, an HTTPS CONNECT to a blocked domain refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
-import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,15 @@ from netfilter.node import make_engine
 from netfilter.stoppage import Renderer
 from netfilter.stoppage.render import blocked_by_url
 from tests.proxy_support import Curl, Origin, write_config
-from tests.squid_support import Squid, require_squid, squid_directory
-from tests.support import HOST, ChildProcess, free_port, listening, read_events, wait_for
+from tests.squid_support import (
+    NetfilterServe,
+    Rig,
+    Squid,
+    require_squid,
+    set_listen,
+    squid_directory,
+)
+from tests.support import HOST, read_events, wait_for
 
 BLOCKED = b"GET http://partly.example/dir/secret.html HTTP/1.1\r\nHost: partly.example\r\n" \
           b"Accept: text/html\r\n\r\n"
@@ -190,27 +196,11 @@ def test_a_silent_client_is_closed_after_the_header_timeout(icap: Running) -> No
 # ---------------------------------------------------------------- Squid through ICAP
 
 
-class Node(ChildProcess):
-    """`netfilter serve icap`."""
-
-    name = "netfilter serve icap"
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log_path, self.proc = config, port, log, None
-
-    def start(self) -> Node:
-        netfilter = Path(sys.executable).parent / "netfilter"
-        self.popen([str(netfilter), "serve", "icap", "--config", str(self.config)])
-        self.wait_until(lambda: listening(self.port))
-        return self
-
-
-@dataclass
-class Rig:
-    squid: Squid
-    origin: Origin
-    curl: Curl
-    audit: Path
+ICAP_DIRECTIVES = [
+    "icap_enable on",
+    "icap_send_client_ip on",
+    "icap_preview_enable on",
+]
 
 
 @pytest.fixture(scope="module")
@@ -220,41 +210,32 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         pytest.skip("curl not installed")
     work = tmp_path_factory.mktemp("icap-node")
     config = write_config(work)
-    icap_port = free_port()
-    settings = yaml.safe_load(config.read_text())
-    settings["icap"] = {"listen": f"{HOST}:{icap_port}"}
-    config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    squid = Squid(squid_directory(), [
-        "icap_enable on",
-        "icap_send_client_ip on",
-        "icap_preview_enable on",
-        f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod bypass=0",
-        "adaptation_access netfilter_req allow all",
-        "http_access allow localhost",
-        "http_access deny all",
-    ])
-    origin = Origin()
-    node = Node(config, icap_port, work / "node.log")
-    try:
+    icap_port = set_listen(config, "icap")
+    with contextlib.ExitStack() as stack:
+        squid = Squid(squid_directory(), [
+            *ICAP_DIRECTIVES,
+            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod "
+            "bypass=0",
+            "adaptation_access netfilter_req allow all",
+            "http_access allow localhost",
+            "http_access deny all",
+        ])
+        stack.callback(squid.close)
+        origin = Origin()
+        stack.callback(origin.close)
+        node = NetfilterServe("icap", config, icap_port, work / "node.log")
+        stack.callback(node.stop)
         node.start()
         squid.start()
         yield Rig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")),
                   work / "audit.sqlite")
-    finally:
-        squid.close()
-        origin.close()
-        node.stop()
-
-
-def _explain(rig: Rig) -> str:
-    return f"cache.log:\n{rig.squid.cache_log()[-3000:]}\naccess.log:\n{rig.squid.access_log()}"
 
 
 def test_squid_icap_blocked_url_gets_451_and_the_stop_page(rig: Rig) -> None:
     before = rig.origin.snapshot()
     result = rig.curl(f"http://partly.example:{rig.origin.port}/dir/secret.html",
                       "-H", "Accept: text/html")
-    assert result.status == 451, _explain(rig)
+    assert result.status == 451, rig.explain()
     assert "DEMO-0003" in result.text and "Test School IT" in result.text
     assert result.header("link") is not None
     assert rig.origin.snapshot() == before
@@ -268,17 +249,17 @@ def test_squid_icap_blocked_url_gets_451_and_the_stop_page(rig: Rig) -> None:
 
 def test_squid_icap_clean_url_is_served_by_the_origin(rig: Rig) -> None:
     result = rig.curl(f"http://partly.example:{rig.origin.port}/public/page.html?x=1")
-    assert result.status == 200, _explain(rig)
+    assert result.status == 200, rig.explain()
     assert result.text == "hello from the origin: /public/page.html?x=1\n"
     upload = rig.curl(f"http://clean.test:{rig.origin.port}/public/up", "--data-binary", "abc")
-    assert upload.status == 200, _explain(rig)
+    assert upload.status == 200, rig.explain()
     assert rig.origin.requests[-1].body == b"abc"
 
 
 def test_squid_icap_refuses_https_connect_to_a_blocked_domain(rig: Rig) -> None:
     before = rig.origin.snapshot()
     result = rig.curl(f"https://blocked.example:{rig.origin.port}/")
-    assert result.connect_status == 451, (result.stderr, _explain(rig))
+    assert result.connect_status == 451, (result.stderr, rig.explain())
     assert rig.origin.snapshot() == before
 
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from tests.squid_support import (
     NetfilterServe,
     Rig,
     Squid,
+    helper_runtime,
     require_squid,
     set_listen,
     squid_directory,
@@ -283,3 +285,69 @@ def test_serve_binds_icap_listen_first_and_names_it(tmp_path: Path) -> None:
         assert bound.icap is not None and bound.icap.getsockname()[1] > 0
     finally:
         bound.close()
+
+
+# ---------------------------------------------------------------- Squid, gated by host
+
+
+@dataclass
+class GatedRig:
+    squid: Squid
+    origin: Origin
+    curl: Curl
+    icap: Running
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedRig]:
+    """Squid asking the ICAP server (in this process, to count what it is asked) only
+    for hosts the gate says a URL on may be blocked."""
+    require_squid()
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(helper_runtime())
+        directory = squid_directory()
+        icap = Running(write_config(tmp_path_factory.mktemp("gated-icap")))
+        stack.callback(icap.close)
+        squid = Squid(directory, [
+            *ICAP_DIRECTIVES,
+            "external_acl_type netfilter_gate concurrency=100 children-max=1 "
+            f"children-startup=1 ttl=60 negative_ttl=60 %>rd "
+            f"{runtime.command(runtime.config(directory))} --gate",
+            "acl netfilter_maybe external netfilter_gate",
+            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap.port}/reqmod "
+            "bypass=0",
+            "adaptation_access netfilter_req allow netfilter_maybe",
+            "http_access allow localhost",
+            "http_access deny all",
+        ], env=runtime.environment())
+        stack.callback(squid.close)
+        origin = Origin()
+        stack.callback(origin.close)
+        squid.start()
+        yield GatedRig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")), icap)
+
+
+def test_gated_squid_never_asks_icap_about_a_clean_host(gated: GatedRig) -> None:
+    asked = gated.icap.server.stats["requests"]
+    for n in range(3):
+        result = gated.curl(f"http://clean.test:{gated.origin.port}/page/{n}.html")
+        assert result.status == 200, gated.squid.explain()
+    assert gated.icap.server.stats["requests"] == asked
+
+
+def test_gated_squid_still_blocks_urls_and_domains_through_icap(gated: GatedRig) -> None:
+    before = gated.origin.snapshot()
+    asked = gated.icap.server.stats["requests"]
+    page = gated.curl(f"http://partly.example:{gated.origin.port}/dir/secret.html",
+                      "-H", "Accept: text/html")
+    assert page.status == 451, gated.squid.explain()
+    assert "DEMO-0003" in page.text
+    tunnel = gated.curl(f"https://blocked.example:{gated.origin.port}/")
+    assert tunnel.connect_status == 451, (tunnel.stderr, gated.squid.explain())
+    clean = gated.curl(f"http://partly.example:{gated.origin.port}/public/page.html")
+    assert clean.status == 200, gated.squid.explain()
+    assert gated.origin.snapshot() != before  # the clean page only
+    assert gated.icap.server.stats["requests"] == asked + 3
+    assert gated.icap.server.stats["blocked"] >= 2

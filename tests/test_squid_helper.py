@@ -18,7 +18,7 @@ import pytest
 from netfilter.config import load_config
 from netfilter.node import make_engine
 from netfilter.squid import SquidHelper, parse_lookup
-from netfilter.squid.protocol import MAX_LINE, answer
+from netfilter.squid.protocol import MAX_LINE, answer, parse_gate
 from tests.proxy_support import Curl, Origin, write_config
 from tests.squid_support import (
     NetfilterServe,
@@ -108,6 +108,44 @@ def test_helper_bounds_line_length(helper: SquidHelper) -> None:
         b'6 OK message="netfilter: blocked (list demo, entry DEMO-0003)" '
         b'log="netfilter list=demo ref=DEMO-0003"',
     ]
+
+
+@pytest.mark.parametrize(("line", "match"), [
+    ("", "no channel id"), ("x a.example", "no channel id"), ("1", "expected 2 fields"),
+    ("1 a.example - more", "expected 2 fields"), ("1 -", "no host"),
+])
+def test_parse_gate_refuses_bad_lines(line: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_gate(line)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[SquidHelper]:
+    engine = make_engine(load_config(write_config(tmp_path)))
+    yield SquidHelper(engine, gate=True)
+    engine.close()
+
+
+def test_gate_asks_only_for_hosts_a_url_entry_or_a_domain_entry_can_block(
+        gate: SquidHelper, tmp_path: Path) -> None:
+    hosts = ["partly.example", "blocked.example", "www.blocked.example", "clean.test",
+             "clean.example", "127.0.0.1", "PARTLY.example"]
+    out = [gate.lookup(f"{n} {host}".encode()).split() for n, host in enumerate(hosts)]
+    assert [line[:2] for line in out] == [
+        [b"0", b"OK"], [b"1", b"OK"], [b"2", b"OK"], [b"3", b"ERR"], [b"4", b"ERR"],
+        [b"5", b"ERR"], [b"6", b"OK"]]
+    gate.engine.close()
+    # the gate decides nothing: the ICAP server does, and records
+    assert not [e for e in read_events(tmp_path / "audit.sqlite") if e["type"] == "block"]
+
+
+@pytest.mark.parametrize("line", [b"", b"garbage", b"7 -", b"7 a.example b c", b"\xff\xfe",
+                                  b"7 [::1", b"7 " + b"a" * 300])
+def test_gate_asks_icap_when_it_cannot_judge(gate: SquidHelper, line: bytes) -> None:
+    """A line it cannot read is OK (send it to ICAP, which decides and fails closed):
+    BH or ERR would let the request pass unchecked."""
+    reply = gate.lookup(line)
+    assert reply.endswith(b"\n") and b" OK" in b" " + reply
 
 
 def test_helper_script_runs_as_squid_starts_it(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ ROUNDS = 5
 SECONDS = 3
 CONNECTIONS = 8
 TABLE = "Squid: requests/s through Squid, with netfilter and bare (wrk, same run)"
+CPU_TABLE = "Squid: CPU time per request, all rounds (where the time goes)"
 HELPER_TARGET = 0.9
 ICAP_TARGET = 0.8
 C_ICAP = shutil.which("c-icap") or "/usr/bin/c-icap"
@@ -189,8 +191,45 @@ def _helper_squid(runtime: HelperRuntime, negative_ttl: int) -> Squid:
     ], env=runtime.environment())
 
 
+@dataclass
+class Fleet:
+    """The Squids by name, and for each the adapter process outside it (the ICAP
+    server) whose CPU counts with it."""
+
+    squids: dict[str, Squid]
+    adapters: dict[str, ChildProcess]
+
+
+def _cpu(squid: Squid, adapter: ChildProcess | None) -> tuple[float, float, float]:
+    """CPU seconds (user + system) so far of Squid's own process, of its live
+    children (the helpers) and of the adapter's process tree (the ICAP server)."""
+    assert squid.proc is not None
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat[1])
+            used[int(entry.name)] = (int(stat[11]) + int(stat[12])) / tick
+    mine = squid.proc.pid
+    theirs = adapter.proc.pid if adapter is not None and adapter.proc is not None else -1
+
+    def below(pid: int, root: int) -> bool:
+        while pid > 1 and pid != root:
+            pid = parent.get(pid, 0)
+        return pid == root
+
+    children = sum(t for p, t in used.items() if p != mine and below(p, mine))
+    return (used.get(mine, 0.0), children,
+            sum(t for p, t in used.items() if below(p, theirs)) if theirs > 0 else 0.0)
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Squid]]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     require_squid()
     if WRK is None:
         pytest.skip("wrk not installed (Debian: apt-get install wrk)")
@@ -209,11 +248,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Squid]
             ICAP_ALL: _icap_squid(f"icap://{HOST}:{icap_port}/reqmod"),
             ICAP_GATED: _icap_squid(f"icap://{HOST}:{icap_port}/reqmod", gate=runtime),
         }
+        adapters: dict[str, ChildProcess] = {ICAP_ALL: node, ICAP_GATED: node}
         if os.path.exists(C_ICAP) and (C_ICAP_MODULES / "srv_echo.so").exists():
             c_icap = CIcap(work, free_port())
             stack.callback(c_icap.stop)
             squids[REFERENCE] = _icap_squid(f"icap://{HOST}:{c_icap.port}/echo")
-            c_icap.start()
+            adapters[REFERENCE] = c_icap.start()
         else:
             print("c-icap not installed (scripts/system-deps.sh): no reference row")
         for squid in squids.values():
@@ -221,28 +261,39 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Squid]
         node.start()
         for squid in squids.values():
             squid.start()
-        yield squids
+        yield Fleet(squids, adapters)
 
 
-def test_squid_throughput_with_netfilter_vs_bare(fleet: dict[str, Squid], figures: Figures,
+def test_squid_throughput_with_netfilter_vs_bare(fleet: Fleet, figures: Figures,
                                                  tmp_path: Path) -> None:
     origin = Origin().start()
+    squids = fleet.squids
     try:
         cycle = urls(origin.port)
         script = lua(cycle, tmp_path / "cycle.lua")
-        for squid in fleet.values():  # warm: helpers started, connections open
+        for squid in squids.values():  # warm: helpers started, connections open
             run_wrk(squid, script)
-        rps: dict[str, list[float]] = {name: [] for name in fleet}
+        rps: dict[str, list[float]] = {name: [] for name in squids}
         codes: dict[str, dict[str, int]] = {}
+        # CPU seconds of Squid (its own process), of its helpers (its children) and of
+        # the ICAP server, and requests served: where each request's time goes, a
+        # figure that the machine's other load does not move as it moves requests/s
+        cpu: dict[str, list[float]] = {name: [0.0, 0.0, 0.0, 0.0] for name in squids}
         for _ in range(ROUNDS):
-            for name, squid in fleet.items():
+            for name, squid in squids.items():
+                adapter = fleet.adapters.get(name)
+                before = _cpu(squid, adapter)
                 rate, seen, errors = run_wrk(squid, script)
+                after = _cpu(squid, adapter)
                 # Squid closes the client connection after an adapted (ICAP) answer:
                 # wrk counts each as a read error, and reconnects
                 blocked = seen.get("451", 0) + seen.get("307", 0)
                 assert errors <= blocked, (name, seen, errors)
                 rps[name].append(rate)
                 codes[name] = seen
+                for k in range(3):
+                    cpu[name][k] += after[k] - before[k]
+                cpu[name][3] += sum(seen.values())
                 time.sleep(0.2)
     finally:
         origin.close()
@@ -262,11 +313,18 @@ def test_squid_throughput_with_netfilter_vs_bare(fleet: dict[str, Squid], figure
             figures.time(TABLE, name, 1 / statistics.median(rates), unit="request", note=note)
         ratios = [r / b for r, b in zip(rates, base, strict=True)]
         ratio = statistics.median(ratios)
-        print(f"{name:36} {statistics.median(rates):8.0f} req/s; pairwise ratios "
-              f"{', '.join(f'{x:.2f}' for x in ratios)}; median {ratio:.2f}")
+        own, helpers, adapter, served = cpu[name]
+        print(f"{name:48} {statistics.median(rates):8.0f} req/s; pairwise ratios "
+              f"{', '.join(f'{x:.2f}' for x in ratios)}; median {ratio:.2f}; CPU per "
+              f"request: Squid {own / served * 1e6:.0f} us, helpers "
+              f"{helpers / served * 1e6:.0f} us, ICAP server {adapter / served * 1e6:.0f} us")
         if name != "bare Squid":
             figures.row(TABLE, f"{name} / bare, median pairwise ratio", f"{ratio:.1%}",
                         value=ratio)
+        figures.row(CPU_TABLE, name, f"Squid {own / served * 1e6:.0f} us + helpers "
+                    f"{helpers / served * 1e6:.0f} us + ICAP server "
+                    f"{adapter / served * 1e6:.0f} us = "
+                    f"{(own + helpers + adapter) / served * 1e6:.0f} us")
     figures.target(f"helper >= {HELPER_TARGET:.0%} of bare Squid", TABLE,
                    "Squid + helper (negative_ttl=30) / bare, median pairwise ratio", "min",
                    HELPER_TARGET)

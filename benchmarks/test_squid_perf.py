@@ -16,7 +16,7 @@ Squid (pairwise), as the proxy benchmark does:
   only for hosts the gate (the helper with `--gate`, host stage) does not clear;
 - the ceiling: Squid + Debian's c-icap (C, one process, threads) with its echo
   service, which answers 204 to every request without looking at it, asked for
-  every request (left out when c-icap is not installed).
+  every request and gated alike (left out when c-icap is not installed).
 
 Targets (issue 17): helper >= 0.9 and ICAP >= 0.8 of bare Squid's requests/s (ICAP as
 the example config deploys it: gated).
@@ -67,6 +67,7 @@ C_ICAP_MODULES = Path("/usr/lib/x86_64-linux-gnu/c_icap")
 ICAP_ALL = "Squid + ICAP (every request)"
 ICAP_GATED = "Squid + ICAP (gated by host)"
 REFERENCE = "Squid + c-icap echo (every request; reference)"
+REFERENCE_GATED = "Squid + c-icap echo (gated by host; reference)"
 
 # the cycle: mostly clean pages, some on a host-index host, one blocked URL in 50
 CLEAN_HOSTS = ("clean.test", "clean.example")
@@ -253,7 +254,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             c_icap = CIcap(work, free_port())
             stack.callback(c_icap.stop)
             squids[REFERENCE] = _icap_squid(f"icap://{HOST}:{c_icap.port}/echo")
-            adapters[REFERENCE] = c_icap.start()
+            squids[REFERENCE_GATED] = _icap_squid(f"icap://{HOST}:{c_icap.port}/echo",
+                                                  gate=runtime)
+            adapters[REFERENCE] = adapters[REFERENCE_GATED] = c_icap.start()
         else:
             print("c-icap not installed (scripts/system-deps.sh): no reference row")
         for squid in squids.values():

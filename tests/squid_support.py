@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
+from netfilter.audit.log import load_node_key
 from tests.proxy_support import Curl, Origin, write_config
 from tests.support import HOST, REPO, ChildProcess, free_port, listening
 
@@ -161,9 +162,12 @@ class HelperRuntime:
         return f"{self.python} -S {self.root / HELPER} --config {config}"
 
     def config(self, directory: Path) -> Path:
-        """`write_config(directory)` with the list files it names taken from this tree."""
+        """`write_config(directory)` with the list files it names taken from this tree,
+        and its node key made now: helpers started together would each try to create
+        it, and all but one fail (netfilter.audit.log.load_node_key is not race-free)."""
         path = write_config(directory)
         settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+        load_node_key(Path(settings["node"]["key"]))
         path.write_text(yaml.safe_dump(self._repoint(settings), sort_keys=False),
                         encoding="utf-8")
         return path

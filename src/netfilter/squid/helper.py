@@ -30,8 +30,8 @@ cannot judge is asked, never passed unchecked. Squid caches its answers per host
     adaptation_access netfilter_req allow netfilter_maybe
 
 Bounded: a line longer than MAX_LINE, a malformed line or a failing check is answered
-BH (the gate: OK) (Squid then logs it and treats the ACL as not matching); the helper never exits
-for bad input. SIGHUP reloads the lists (between two lookups).
+BH (Squid then logs it and treats the ACL as not matching; the gate answers OK); the
+helper never exits for bad input. SIGHUP reloads the lists (between two lookups).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real (dig, kdig, unbound
-# with its Python module, dnsperf, curl, wrk, headless Chromium, iptables, squid), when they are missing. Needs root for apt-get;
+# with its Python module, dnsperf, curl, wrk, headless Chromium, iptables, squid, c-icap), when they are missing. Needs root for apt-get;
 # without it, it says what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 need=()
@@ -16,6 +16,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # the transparent-proxy test
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # scrapes a node in a test
 command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || need+=(squid)  # the Squid helper and ICAP tests
+command -v c-icap >/dev/null 2>&1 || need+=(c-icap)  # the reference ICAP server in benchmarks/test_squid_perf.py
 command -v strace >/dev/null 2>&1 || need+=(strace)  # the systemd units' sandbox, traced
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies the units
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -6,9 +6,9 @@ loopback origin, an HTTPS CONNECT to a blocked domain refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +24,16 @@ from netfilter.node import make_engine
 from netfilter.stoppage import Renderer
 from netfilter.stoppage.render import blocked_by_url
 from tests.proxy_support import Curl, Origin, write_config
-from tests.squid_support import Squid, require_squid, squid_directory
-from tests.support import HOST, ChildProcess, free_port, listening, read_events, wait_for
+from tests.squid_support import (
+    NetfilterServe,
+    Rig,
+    Squid,
+    helper_runtime,
+    require_squid,
+    set_listen,
+    squid_directory,
+)
+from tests.support import HOST, read_events, wait_for
 
 BLOCKED = b"GET http://partly.example/dir/secret.html HTTP/1.1\r\nHost: partly.example\r\n" \
           b"Accept: text/html\r\n\r\n"
@@ -190,27 +198,11 @@ def test_a_silent_client_is_closed_after_the_header_timeout(icap: Running) -> No
 # ---------------------------------------------------------------- Squid through ICAP
 
 
-class Node(ChildProcess):
-    """`netfilter serve icap`."""
-
-    name = "netfilter serve icap"
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log_path, self.proc = config, port, log, None
-
-    def start(self) -> Node:
-        netfilter = Path(sys.executable).parent / "netfilter"
-        self.popen([str(netfilter), "serve", "icap", "--config", str(self.config)])
-        self.wait_until(lambda: listening(self.port))
-        return self
-
-
-@dataclass
-class Rig:
-    squid: Squid
-    origin: Origin
-    curl: Curl
-    audit: Path
+ICAP_DIRECTIVES = [
+    "icap_enable on",
+    "icap_send_client_ip on",
+    "icap_preview_enable on",
+]
 
 
 @pytest.fixture(scope="module")
@@ -220,41 +212,32 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         pytest.skip("curl not installed")
     work = tmp_path_factory.mktemp("icap-node")
     config = write_config(work)
-    icap_port = free_port()
-    settings = yaml.safe_load(config.read_text())
-    settings["icap"] = {"listen": f"{HOST}:{icap_port}"}
-    config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    squid = Squid(squid_directory(), [
-        "icap_enable on",
-        "icap_send_client_ip on",
-        "icap_preview_enable on",
-        f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod bypass=0",
-        "adaptation_access netfilter_req allow all",
-        "http_access allow localhost",
-        "http_access deny all",
-    ])
-    origin = Origin()
-    node = Node(config, icap_port, work / "node.log")
-    try:
+    icap_port = set_listen(config, "icap")
+    with contextlib.ExitStack() as stack:
+        squid = Squid(squid_directory(), [
+            *ICAP_DIRECTIVES,
+            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap_port}/reqmod "
+            "bypass=0",
+            "adaptation_access netfilter_req allow all",
+            "http_access allow localhost",
+            "http_access deny all",
+        ])
+        stack.callback(squid.close)
+        origin = Origin()
+        stack.callback(origin.close)
+        node = NetfilterServe("icap", config, icap_port, work / "node.log")
+        stack.callback(node.stop)
         node.start()
         squid.start()
         yield Rig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")),
                   work / "audit.sqlite")
-    finally:
-        squid.close()
-        origin.close()
-        node.stop()
-
-
-def _explain(rig: Rig) -> str:
-    return f"cache.log:\n{rig.squid.cache_log()[-3000:]}\naccess.log:\n{rig.squid.access_log()}"
 
 
 def test_squid_icap_blocked_url_gets_451_and_the_stop_page(rig: Rig) -> None:
     before = rig.origin.snapshot()
     result = rig.curl(f"http://partly.example:{rig.origin.port}/dir/secret.html",
                       "-H", "Accept: text/html")
-    assert result.status == 451, _explain(rig)
+    assert result.status == 451, rig.explain()
     assert "DEMO-0003" in result.text and "Test School IT" in result.text
     assert result.header("link") is not None
     assert rig.origin.snapshot() == before
@@ -268,17 +251,17 @@ def test_squid_icap_blocked_url_gets_451_and_the_stop_page(rig: Rig) -> None:
 
 def test_squid_icap_clean_url_is_served_by_the_origin(rig: Rig) -> None:
     result = rig.curl(f"http://partly.example:{rig.origin.port}/public/page.html?x=1")
-    assert result.status == 200, _explain(rig)
+    assert result.status == 200, rig.explain()
     assert result.text == "hello from the origin: /public/page.html?x=1\n"
     upload = rig.curl(f"http://clean.test:{rig.origin.port}/public/up", "--data-binary", "abc")
-    assert upload.status == 200, _explain(rig)
+    assert upload.status == 200, rig.explain()
     assert rig.origin.requests[-1].body == b"abc"
 
 
 def test_squid_icap_refuses_https_connect_to_a_blocked_domain(rig: Rig) -> None:
     before = rig.origin.snapshot()
     result = rig.curl(f"https://blocked.example:{rig.origin.port}/")
-    assert result.connect_status == 451, (result.stderr, _explain(rig))
+    assert result.connect_status == 451, (result.stderr, rig.explain())
     assert rig.origin.snapshot() == before
 
 
@@ -302,3 +285,69 @@ def test_serve_binds_icap_listen_first_and_names_it(tmp_path: Path) -> None:
         assert bound.icap is not None and bound.icap.getsockname()[1] > 0
     finally:
         bound.close()
+
+
+# ---------------------------------------------------------------- Squid, gated by host
+
+
+@dataclass
+class GatedRig:
+    squid: Squid
+    origin: Origin
+    curl: Curl
+    icap: Running
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedRig]:
+    """Squid asking the ICAP server (in this process, to count what it is asked) only
+    for hosts the gate says a URL on may be blocked."""
+    require_squid()
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(helper_runtime())
+        directory = squid_directory()
+        icap = Running(write_config(tmp_path_factory.mktemp("gated-icap")))
+        stack.callback(icap.close)
+        squid = Squid(directory, [
+            *ICAP_DIRECTIVES,
+            "external_acl_type netfilter_gate concurrency=100 children-max=1 "
+            f"children-startup=1 ttl=60 negative_ttl=60 %>rd "
+            f"{runtime.command(runtime.config(directory))} --gate",
+            "acl netfilter_maybe external netfilter_gate",
+            f"icap_service netfilter_req reqmod_precache icap://{HOST}:{icap.port}/reqmod "
+            "bypass=0",
+            "adaptation_access netfilter_req allow netfilter_maybe",
+            "http_access allow localhost",
+            "http_access deny all",
+        ], env=runtime.environment())
+        stack.callback(squid.close)
+        origin = Origin()
+        stack.callback(origin.close)
+        squid.start()
+        yield GatedRig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")), icap)
+
+
+def test_gated_squid_never_asks_icap_about_a_clean_host(gated: GatedRig) -> None:
+    asked = gated.icap.server.stats["requests"]
+    for n in range(3):
+        result = gated.curl(f"http://clean.test:{gated.origin.port}/page/{n}.html")
+        assert result.status == 200, gated.squid.explain()
+    assert gated.icap.server.stats["requests"] == asked
+
+
+def test_gated_squid_still_blocks_urls_and_domains_through_icap(gated: GatedRig) -> None:
+    before = gated.origin.snapshot()
+    asked = gated.icap.server.stats["requests"]
+    page = gated.curl(f"http://partly.example:{gated.origin.port}/dir/secret.html",
+                      "-H", "Accept: text/html")
+    assert page.status == 451, gated.squid.explain()
+    assert "DEMO-0003" in page.text
+    tunnel = gated.curl(f"https://blocked.example:{gated.origin.port}/")
+    assert tunnel.connect_status == 451, (tunnel.stderr, gated.squid.explain())
+    clean = gated.curl(f"http://partly.example:{gated.origin.port}/public/page.html")
+    assert clean.status == 200, gated.squid.explain()
+    assert gated.origin.snapshot() != before  # the clean page only
+    assert gated.icap.server.stats["requests"] == asked + 3
+    assert gated.icap.server.stats["blocked"] >= 2

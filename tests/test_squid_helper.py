@@ -5,24 +5,31 @@ HTTPS CONNECT to a blocked domain refused."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from netfilter.config import load_config
 from netfilter.node import make_engine
 from netfilter.squid import SquidHelper, parse_lookup
-from netfilter.squid.protocol import MAX_LINE, answer
+from netfilter.squid.protocol import MAX_LINE, answer, parse_gate
 from tests.proxy_support import Curl, Origin, write_config
-from tests.squid_support import Squid, helper_command, require_squid, squid_directory
-from tests.support import HOST, ChildProcess, free_port, listening, read_events, wait_for
+from tests.squid_support import (
+    NetfilterServe,
+    Rig,
+    Squid,
+    helper_runtime,
+    require_squid,
+    set_listen,
+    squid_directory,
+)
+from tests.support import HOST, read_events, wait_for
 
 BLOCKED_URL = "partly.example/dir/secret.html"  # a URL-level entry of the demo list
 
@@ -103,6 +110,44 @@ def test_helper_bounds_line_length(helper: SquidHelper) -> None:
     ]
 
 
+@pytest.mark.parametrize(("line", "match"), [
+    ("", "no channel id"), ("x a.example", "no channel id"), ("1", "expected 2 fields"),
+    ("1 a.example - more", "expected 2 fields"), ("1 -", "no host"),
+])
+def test_parse_gate_refuses_bad_lines(line: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_gate(line)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[SquidHelper]:
+    engine = make_engine(load_config(write_config(tmp_path)))
+    yield SquidHelper(engine, gate=True)
+    engine.close()
+
+
+def test_gate_asks_only_for_hosts_a_url_entry_or_a_domain_entry_can_block(
+        gate: SquidHelper, tmp_path: Path) -> None:
+    hosts = ["partly.example", "blocked.example", "www.blocked.example", "clean.test",
+             "clean.example", "127.0.0.1", "PARTLY.example"]
+    out = [gate.lookup(f"{n} {host}".encode()).split() for n, host in enumerate(hosts)]
+    assert [line[:2] for line in out] == [
+        [b"0", b"OK"], [b"1", b"OK"], [b"2", b"OK"], [b"3", b"ERR"], [b"4", b"ERR"],
+        [b"5", b"ERR"], [b"6", b"OK"]]
+    gate.engine.close()
+    # the gate decides nothing: the ICAP server does, and records
+    assert not [e for e in read_events(tmp_path / "audit.sqlite") if e["type"] == "block"]
+
+
+@pytest.mark.parametrize("line", [b"", b"garbage", b"7 -", b"7 a.example b c", b"\xff\xfe",
+                                  b"7 [::1", b"7 " + b"a" * 300])
+def test_gate_asks_icap_when_it_cannot_judge(gate: SquidHelper, line: bytes) -> None:
+    """A line it cannot read is OK (send it to ICAP, which decides and fails closed):
+    BH or ERR would let the request pass unchecked."""
+    reply = gate.lookup(line)
+    assert reply.endswith(b"\n") and b" OK" in b" " + reply
+
+
 def test_helper_script_runs_as_squid_starts_it(tmp_path: Path) -> None:
     """The addon file itself: lines in, answers out, exit at end of input."""
     config = write_config(tmp_path)
@@ -126,75 +171,45 @@ def test_helper_script_names_a_bad_config(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- a real Squid
 
 
-class StopPage(ChildProcess):
-    """`netfilter serve stoppage`: the node's stop page, where deny_info points."""
-
-    name = "netfilter serve stoppage"
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log_path, self.proc = config, port, log, None
-
-    def start(self) -> StopPage:
-        netfilter = Path(sys.executable).parent / "netfilter"
-        self.popen([str(netfilter), "serve", "stoppage", "--config", str(self.config)])
-        self.wait_until(lambda: listening(self.port))
-        return self
-
-
-@dataclass
-class Rig:
-    squid: Squid
-    origin: Origin
-    stop_port: int
-    curl: Curl
-    audit: Path
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     require_squid()
     if shutil.which("curl") is None:
         pytest.skip("curl not installed")
-    directory = squid_directory()
-    config = write_config(directory)
-    stop_port = free_port()
-    settings = yaml.safe_load(config.read_text())
-    settings["stoppage"]["listen"] = f"{HOST}:{stop_port}"
-    config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    squid = Squid(directory, [
-        "external_acl_type netfilter concurrency=50 children-max=2 children-startup=1 "
-        f"ttl=0 negative_ttl=30 %>a %>rm %>ru {helper_command(config)}",
-        "acl netfilter_blocked external netfilter",
-        "http_access deny netfilter_blocked",
-        f"deny_info 307:http://{HOST}:{stop_port}/ netfilter_blocked",
-        "http_access allow localhost",
-        "http_access deny all",
-    ])
-    origin = Origin()
-    stop = StopPage(config, stop_port, tmp_path_factory.mktemp("stop") / "stoppage.log")
-    try:
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(helper_runtime())
+        directory = squid_directory()
+        config = runtime.config(directory)
+        stop_port = set_listen(config, "stoppage")
+        squid = Squid(directory, [
+            "external_acl_type netfilter concurrency=50 children-max=2 children-startup=1 "
+            f"ttl=0 negative_ttl=30 %>a %>rm %>ru {runtime.command(config)}",
+            "acl netfilter_blocked external netfilter",
+            "http_access deny netfilter_blocked",
+            f"deny_info 307:http://{HOST}:{stop_port}/ netfilter_blocked",
+            "http_access allow localhost",
+            "http_access deny all",
+        ], env=runtime.environment())
+        stack.callback(squid.close)
+        origin = Origin()
+        stack.callback(origin.close)
+        stop = NetfilterServe("stoppage", config, stop_port,
+                              tmp_path_factory.mktemp("stop") / "stoppage.log")
+        stack.callback(stop.stop)
         squid.start()
         stop.start()
-        yield Rig(squid, origin, stop_port, Curl(squid.url, tmp_path_factory.mktemp("curl")),
-                  directory / "audit.sqlite")
-    finally:
-        stop.stop()
-        origin.close()
-        squid.close()
-
-
-def _explain(rig: Rig) -> str:
-    return f"cache.log:\n{rig.squid.cache_log()[-3000:]}\naccess.log:\n{rig.squid.access_log()}"
+        yield Rig(squid, origin, Curl(squid.url, tmp_path_factory.mktemp("curl")),
+                  directory / "audit.sqlite", stop_port)
 
 
 def test_squid_sends_a_blocked_url_to_the_stop_page_451(rig: Rig) -> None:
     url = f"http://partly.example:{rig.origin.port}/dir/secret.html"
     before = rig.origin.snapshot()
     first = rig.curl(url)
-    assert first.status == 307, _explain(rig)
+    assert first.status == 307, rig.explain()
     assert first.header("location") == f"http://{HOST}:{rig.stop_port}/"
     followed = rig.curl(url, "-L")
-    assert followed.status == 451, _explain(rig)
+    assert followed.status == 451, rig.explain()
     assert "Test School IT" in followed.text  # the node's stop page, its operator
     assert rig.origin.snapshot() == before  # the origin never saw the blocked request
     assert "TCP_DENIED/307" in rig.squid.access_log()
@@ -202,14 +217,14 @@ def test_squid_sends_a_blocked_url_to_the_stop_page_451(rig: Rig) -> None:
 
 def test_squid_serves_a_clean_url_from_the_origin(rig: Rig) -> None:
     result = rig.curl(f"http://partly.example:{rig.origin.port}/public/page.html?x=1")
-    assert result.status == 200, _explain(rig)
+    assert result.status == 200, rig.explain()
     assert result.text == "hello from the origin: /public/page.html?x=1\n"
 
 
 def test_squid_refuses_https_connect_to_a_blocked_domain(rig: Rig) -> None:
     before = rig.origin.snapshot()
     result = rig.curl(f"https://blocked.example:{rig.origin.port}/")
-    assert result.connect_status == 307, (result.stderr, _explain(rig))
+    assert result.connect_status == 307, (result.stderr, rig.explain())
     assert result.status == 0
     assert rig.origin.snapshot() == before
 

@@ -15,9 +15,23 @@ through `netfilter.http` as mitmproxy's and ICAP's are. `ttl=0` keeps Squid from
 answering repeated blocks from its cache (each is recorded); `negative_ttl` lets it
 cache clean answers (a list change reaches them after that many seconds).
 
+The gate (`--gate`) answers another question, for `adaptation_access`: may a URL on
+this host be blocked (OK: send the request to the ICAP server) or is the host clean
+for every URL under the lists in force (ERR: Squid forwards it without asking)? It is
+the host stage of the one decision (`request_url_free`: the host index, domain-level
+entries), so it works on hashed lists, whose hosts no squid.conf can name. It records
+nothing (the ICAP server decides and records) and, failing, answers OK: a request it
+cannot judge is asked, never passed unchecked. Squid caches its answers per host
+(`ttl`, `negative_ttl`): a list change reaches a clean host after `negative_ttl`.
+
+    external_acl_type netfilter_gate concurrency=100 children-max=1 ttl=60 \\
+        negative_ttl=60 %>rd /usr/bin/python3 addons/netfilter_squid.py --config FILE --gate
+    acl netfilter_maybe external netfilter_gate
+    adaptation_access netfilter_req allow netfilter_maybe
+
 Bounded: a line longer than MAX_LINE, a malformed line or a failing check is answered
-BH (Squid then logs it and treats the ACL as not matching); the helper never exits
-for bad input. SIGHUP reloads the lists (between two lookups).
+BH (Squid then logs it and treats the ACL as not matching; the gate answers OK); the
+helper never exits for bad input. SIGHUP reloads the lists (between two lookups).
 """
 
 from __future__ import annotations
@@ -40,10 +54,18 @@ from netfilter.http import (
     decide_host,
     make_target,
     normalize_host,
+    request_url_free,
     split_authority,
 )
 from netfilter.node import make_engine
-from netfilter.squid.protocol import MAX_LINE, Lookup, answer, parse_lookup
+from netfilter.squid.protocol import (
+    MAX_LINE,
+    GateLookup,
+    Lookup,
+    answer,
+    parse_gate,
+    parse_lookup,
+)
 
 __all__ = ["SquidHelper", "main"]
 
@@ -61,10 +83,12 @@ def _blocked(channel: str, verdict: Verdict) -> bytes:
 
 
 class SquidHelper:
-    """Answers lookups through one engine; `lookup` never raises."""
+    """Answers lookups through one engine (`gate`: the host-stage questions);
+    `lookup` never raises."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, gate: bool = False) -> None:
         self.engine = engine
+        self.gate = gate
         self._targets = TargetCache()
         self.reload_wanted = False
 
@@ -76,12 +100,25 @@ class SquidHelper:
             fields = text.split(maxsplit=1)
             if fields and fields[0].isdigit() and len(fields[0]) < 10:
                 channel = fields[0]
+            if self.gate:
+                return self._gate(parse_gate(text))
             return self._decide(parse_lookup(text))
         except (ValueError, InvalidURL) as e:
-            return answer(channel, "BH", message=f"netfilter: {e.args[0] if e.args else e}")
+            return answer(channel, "OK" if self.gate else "BH",
+                          message=f"netfilter: {e.args[0] if e.args else e}")
         except Exception as e:  # never take Squid's helper down: say why, go on
             log.exception("squid helper: lookup failed")
-            return answer(channel, "BH", message=f"netfilter: internal error ({type(e).__name__})")
+            return answer(channel, "OK" if self.gate else "BH",
+                          message=f"netfilter: internal error ({type(e).__name__})")
+
+    def _gate(self, q: GateLookup) -> bytes:
+        """OK: a URL on this host may be blocked (ask ICAP); ERR: none can be."""
+        target = self._targets.get(q.host)
+        if target is None:
+            host, _port = split_authority(q.host)
+            target = self._targets.put(q.host, make_target("http", None, host, 80,
+                                                           allowed=True))
+        return answer(q.channel, "ERR" if request_url_free(self.engine, target) else "OK")
 
     def _decide(self, q: Lookup) -> bytes:
         if q.method == "CONNECT":
@@ -128,7 +165,8 @@ class SquidHelper:
                         break
                 head = line.split(maxsplit=1)
                 channel = head[0].decode("ascii") if head and head[0].isdigit() else None
-                stdout.write(answer(channel, "BH", message="netfilter: line too long"))
+                stdout.write(answer(channel, "OK" if self.gate else "BH",
+                                    message="netfilter: line too long"))
             else:
                 stdout.write(self.lookup(line))
             stdout.flush()
@@ -140,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="netfilter's Squid external ACL helper")
     parser.add_argument("--config", required=True, metavar="FILE",
                         help="the netfilter YAML config (lists, audit)")
+    parser.add_argument("--gate", action="store_true",
+                        help="answer for adaptation_access (FORMAT %%>rd): OK when a URL "
+                             "on the host may be blocked, ERR when none can be")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="netfilter squid helper: %(levelname)s %(message)s")
@@ -148,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except NetfilterError as e:
         print(f"netfilter squid helper: {e}", file=sys.stderr)
         return 1
-    helper = SquidHelper(engine)
+    helper = SquidHelper(engine, gate=args.gate)
 
     def wanted(_signum: int, _frame: object) -> None:
         helper.reload_wanted = True

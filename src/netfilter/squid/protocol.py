@@ -7,6 +7,8 @@ lookup, `CHANNEL RESULT [key=value ...]`, in any order. RESULT is OK (the ACL
 matches: here, the request is blocked), ERR (no match: allowed) or BH (the helper
 could not decide: a malformed line). Values sent back are quoted strings with `"` and
 `\\` escaped (squid.conf, external_acl_type).
+
+The gate (`--gate`, FORMAT `%>rd`) is asked about a host only: `CHANNEL HOST`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote
 
-__all__ = ["MAX_LINE", "Lookup", "answer", "parse_lookup"]
+__all__ = ["MAX_LINE", "GateLookup", "Lookup", "answer", "parse_gate", "parse_lookup"]
 
 MAX_LINE = 16 * 1024  # bytes of one request line; longer lines are answered BH
 MAX_VALUE = 200  # characters of a message or log value sent back
@@ -49,6 +51,28 @@ def parse_lookup(line: str) -> Lookup:
     if not method.isalpha() or len(method) > 32:
         raise ValueError("bad method", channel)
     return Lookup(channel, None if client in ("-", "") else client, method.upper(), url)
+
+
+class GateLookup(NamedTuple):
+    """One gate line: the requested host (a name or an address literal)."""
+
+    channel: str
+    host: str
+
+
+def parse_gate(line: str) -> GateLookup:
+    """`CHANNEL HOST` -> GateLookup; ValueError as parse_lookup's."""
+    fields = line.split()
+    if not fields or _CHANNEL(fields[0]) is None:
+        raise ValueError("no channel id")
+    channel = fields[0]
+    # as in parse_lookup: the acl line's arguments, when any, are one more field
+    if len(fields) not in (2, 3):
+        raise ValueError(f"expected 2 fields (channel, %>rd), got {len(fields)}", channel)
+    host = unquote(fields[1])
+    if host in ("", "-") or len(host) > 255:
+        raise ValueError("no host", channel)
+    return GateLookup(channel, host)
 
 
 def _quoted(text: str) -> str:

@@ -35,7 +35,7 @@ from netfilter.latency import BUCKETS, LatencyHistogram
 if TYPE_CHECKING:
     from netfilter.audit.log import AuditLog
     from netfilter.dns.server import DnsServer
-    from netfilter.dns.workers import DnsTotals, DnsWorkers
+    from netfilter.dnsworkers import DnsTotals, DnsWorkers
     from netfilter.engine import Engine
     from netfilter.stoppage.server import StopPageServer
 
@@ -336,7 +336,7 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     from netfilter.audit.log import AuditLog
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
-    from netfilter.dns.workers import DnsTotals, DnsWorkers
+    from netfilter.dnsworkers import DnsTotals, DnsWorkers
     from netfilter.stoppage.server import StopPageServer
 
     metrics = NodeMetrics()

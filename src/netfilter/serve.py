@@ -69,7 +69,7 @@ class Listeners:
     any part starts, each handed to its part (the proxy's is mitmdump's own)."""
 
     dns: list[Listening] = field(default_factory=list)  # one per dns.listen address
-    # dns.workers > 1: one more set like `dns` per worker child (SO_REUSEPORT, dns/workers.py)
+    # dns.workers > 1: one more set like `dns` per worker child (SO_REUSEPORT, dnsworkers.py)
     dns_workers: list[list[Listening]] = field(default_factory=list)
     dot: list[socket.socket] = field(default_factory=list)  # one per dns.dot_listen address
     doh: list[socket.socket] = field(default_factory=list)  # one per dns.doh_listen address
@@ -108,7 +108,7 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
     try:
         if settings.dns is not None and "dns" in parts:
             from netfilter.dns.server import bind as bind_dns
-            from netfilter.dns.workers import bind_workers, worker_count
+            from netfilter.dnsworkers import bind_workers, worker_count
 
             workers = worker_count(settings.dns)
             bound.dns = bind_dns(settings.dns.listen, reuse_port=workers > 1)
@@ -318,7 +318,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     from netfilter.dns.canaries import Canaries
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
-    from netfilter.dns.workers import DnsWorkers
+    from netfilter.dnsworkers import DnsWorkers
     from netfilter.icap import IcapServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer

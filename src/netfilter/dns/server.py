@@ -75,7 +75,7 @@ def bind(listen: Sequence[str], *, reuse_port: bool = False) -> list[Listening]:
     address, IPv6 only, as asyncio's servers do; it listens at once, so an address
     given twice is caught here too. ListenError names the first address that cannot
     be bound; the ones bound before it are closed. `reuse_port`: SO_REUSEPORT on both,
-    so that the other DNS workers' sockets can join them (dns/workers.py)."""
+    so that the other DNS workers' sockets can join them (dnsworkers.py)."""
     bound: list[Listening] = []
     try:
         for index, address in enumerate(listen):

@@ -70,7 +70,7 @@ def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket
     serve` binds every part's sockets before it starts any). As asyncio's datagram
     endpoints bind theirs: no SO_REUSEADDR, so a port another socket holds fails here
     (OSError). `reuse_port`: SO_REUSEPORT, for the sockets of several DNS workers on
-    one address (dns/workers.py; only sockets of the same user can join them)."""
+    one address (dnsworkers.py; only sockets of the same user can join them)."""
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -4,7 +4,7 @@ One Python process answers at most one core's worth of queries. With `dns.worker
 (0: one per core) `netfilter serve` binds N sets of the `dns.listen` sockets with
 SO_REUSEPORT before anything starts (a port in use still fails the start in one line),
 serves the first set itself (with DoT and DoH, the updater, metrics and the audit
-keeper) and hands each other set to a worker child (`python -m netfilter.dns.workers`).
+keeper) and hands each other set to a worker child (`python -m netfilter.dnsworkers`).
 The kernel spreads clients over the sockets by their address and port.
 
 A worker is a DNS server on an engine of its own: the list files are memory-mapped,
@@ -152,7 +152,7 @@ class DnsWorkers:
                ENV_PARENT: str(os.getpid()),
                ENV_LEVEL: str(logging.getLogger("netfilter").getEffectiveLevel())}
         worker.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "netfilter.dns.workers", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "netfilter.dnsworkers", stdin=asyncio.subprocess.PIPE,
             pass_fds=(fd, *(f for pair in fds for f in pair)), env=env)
         worker.counters.started()
         worker.started_at = asyncio.get_running_loop().time()

@@ -35,6 +35,7 @@ from netfilter.latency import BUCKETS, LatencyHistogram
 if TYPE_CHECKING:
     from netfilter.audit.log import AuditLog
     from netfilter.dns.server import DnsServer
+    from netfilter.dnsworkers import DnsTotals, DnsWorkers
     from netfilter.engine import Engine
     from netfilter.stoppage.server import StopPageServer
 
@@ -126,7 +127,18 @@ class NodeMetrics:
 # ---------------------------------------------------------------- the node's families
 
 
-def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
+def dns_verdicts(stats: Mapping[str, int], relay: Mapping[str, int]) -> dict[str, int]:
+    """DNS queries answered by verdict, from a server's stats and its relays' counts."""
+    relayed = relay.get("relayed", 0) + relay.get("cache_hits", 0)  # upstream, or cached
+    cname = stats.get("blocked_cname", 0)
+    return {"block": stats.get("blocked", 0) + cname,
+            "allow": stats.get("forwarded", 0) + relayed - cname,
+            "route": stats.get("routed", 0),
+            "invalid": sum(stats.get(key, 0) for key in ("formerr", "notimp", "badvers",
+                                                          "dropped"))}
+
+
+def _requests(dns: DnsServer | DnsTotals | None, stoppage: StopPageServer | None,
               proxy: ChildCounters | None) -> Iterator[Metric]:
     family = CounterMetricFamily(
         "netfilter_requests", "Queries and requests answered, by front-end and verdict "
@@ -137,14 +149,8 @@ def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
         "misdirected = 421, invalid = not checkable)",
         labels=["frontend", "verdict"])
     if dns is not None:
-        s = dns.stats
-        relay = dns.relay_counts()  # relayed upstream, or answered from the relay's cache
-        relayed = relay.get("relayed", 0) + relay.get("cache_hits", 0)
-        family.add_metric(["dns", "block"], s["blocked"] + s["blocked_cname"])
-        family.add_metric(["dns", "allow"], s["forwarded"] + relayed - s["blocked_cname"])
-        family.add_metric(["dns", "route"], s["routed"])
-        family.add_metric(["dns", "invalid"],
-                          s["formerr"] + s["notimp"] + s["badvers"] + s["dropped"])
+        for verdict, answered in dns_verdicts(dns.stats, dns.relay_counts()).items():
+            family.add_metric(["dns", verdict], answered)
     if stoppage is not None:
         family.add_metric(["stoppage", "block"], stoppage.stats["blocked"])
         family.add_metric(["stoppage", "allow"], stoppage.stats["generic"])
@@ -154,7 +160,7 @@ def _requests(dns: DnsServer | None, stoppage: StopPageServer | None,
     yield family
 
 
-def _latency(parts: Mapping[str, LatencyHistogram],
+def _latency(parts: Mapping[str, Callable[[], LatencyHistogram]],
              proxy: ChildCounters | None) -> Iterator[Metric]:
     family = HistogramMetricFamily(
         "netfilter_request_duration_seconds", "Time from a query or request to its answer, "
@@ -162,7 +168,8 @@ def _latency(parts: Mapping[str, LatencyHistogram],
         "full path); clean queries the C relay or the fast path forwards are not timed "
         "one by one. proxy: from a request's first byte to its decision (a local "
         "answer: to the answer); the origin's time is not counted", labels=["frontend"])
-    for frontend, histogram in parts.items():
+    for frontend, read in parts.items():
+        histogram = read()
         family.add_metric([frontend], histogram.buckets(), histogram.sum)
     if proxy is not None:
         sent = _child_histogram(proxy, "latency")
@@ -181,7 +188,7 @@ def _child_histogram(child: ChildCounters, name: str) -> LatencyHistogram | None
     return histogram
 
 
-def _blocks(engine: Engine, proxy: ChildCounters | None) -> Iterator[Metric]:
+def _blocks(engine: Engine, children: Callable[[], list[ChildCounters]]) -> Iterator[Metric]:
     blocks = CounterMetricFamily(
         "netfilter_blocks", "Blocks by front-end, list, category and how they were "
         "answered (nxdomain, stoppage, refused)",
@@ -190,8 +197,8 @@ def _blocks(engine: Engine, proxy: ChildCounters | None) -> Iterator[Metric]:
         "netfilter_exceptions", "Matches a local exception lifted, by front-end, list "
         "and category", labels=["frontend", "list", "category"])
     matches = engine.matches.copy()
-    if proxy is not None:  # the proxy's engine, in the mitmdump child
-        matches.update(proxy.matches())
+    for child in children():  # the engines of the mitmdump child and of the DNS workers
+        matches.update(child.matches())
     for (frontend, list_id, category, action), count in sorted(matches.items()):
         if action == "exception":
             lifted.add_metric([frontend, list_id, category], count)
@@ -227,7 +234,7 @@ def _lists(engine: Engine) -> Iterator[Metric]:
     yield from (version, entries, age, expiry)
 
 
-def _upstreams(dns: DnsServer) -> Iterator[Metric]:
+def _upstreams(dns: DnsServer | DnsTotals) -> Iterator[Metric]:
     errors = CounterMetricFamily(
         "netfilter_upstream_errors", "ICMP errors (upstream unreachable) per DNS upstream",
         labels=["upstream"])
@@ -241,7 +248,7 @@ def _upstreams(dns: DnsServer) -> Iterator[Metric]:
     yield from (errors, timeouts)
 
 
-def _canaries(dns: DnsServer) -> Iterator[Metric]:
+def _canaries(dns: DnsServer | DnsTotals) -> Iterator[Metric]:
     """Canary answers (dns/canaries.py) per canary; none while they are off."""
     family = CounterMetricFamily(
         "netfilter_dns_canary_answers", "Canary names answered by the resolver itself "
@@ -260,6 +267,32 @@ def _origins(proxy: ChildCounters) -> Iterator[Metric]:
     for kind, count in sorted(proxy.part("origin_errors").items()):
         family.add_metric([kind], count)
     yield family
+
+
+def _dns_workers(server: DnsServer, workers: DnsWorkers) -> Iterator[Metric]:
+    """Per DNS process (0: the first, which also serves DoT and DoH): queries answered
+    by verdict, whether it serves, and how often it was started again."""
+    requests = CounterMetricFamily(
+        "netfilter_dns_worker_requests", "DNS queries answered per worker process "
+        "(dns.workers; worker 0 also serves DoT/DoH), by verdict as netfilter_requests",
+        labels=["worker", "verdict"])
+    up = GaugeMetricFamily("netfilter_dns_worker_up", "1 while the DNS worker serves",
+                           labels=["worker"])
+    restarts = CounterMetricFamily("netfilter_dns_worker_restarts", "Times the DNS worker "
+                                   "was started again after it exited", labels=["worker"])
+    for verdict, count in dns_verdicts(server.stats, server.relay_counts()).items():
+        requests.add_metric(["0", verdict], count)
+    up.add_metric(["0"], 1)
+    restarts.add_metric(["0"], 0)
+    for index, child, serving, count in workers.per_worker():
+        if child is not None:
+            answered = dns_verdicts({k: int(v) for k, v in child.part("dns").items()},
+                                    {k: int(v) for k, v in child.part("dns_relay").items()})
+            for verdict, value in answered.items():
+                requests.add_metric([str(index), verdict], value)
+        up.add_metric([str(index)], 1 if serving else 0)
+        restarts.add_metric([str(index)], count)
+    yield from (requests, up, restarts)
 
 
 def _checkpoint_age(audit: AuditLog) -> Iterator[Metric]:
@@ -303,15 +336,19 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     from netfilter.audit.log import AuditLog
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
+    from netfilter.dnsworkers import DnsTotals, DnsWorkers
     from netfilter.stoppage.server import StopPageServer
 
     metrics = NodeMetrics()
     dns: DnsServer | None = None
+    workers: DnsWorkers | None = None
     stoppage: StopPageServer | None = None
     proxy: ChildCounters | None = None
     for part in parts:
         if isinstance(part, DnsServer):
             dns = part
+        elif isinstance(part, DnsWorkers):
+            workers = part
         elif isinstance(part, EncryptedDns):  # DoT and DoH: queries, errors, limits
             metrics.add("dns_encrypted", part.counts)
         elif isinstance(part, StopPageServer):
@@ -319,16 +356,26 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
         elif isinstance(getattr(part, "counters", None), ChildCounters):
             proxy = part.counters  # type: ignore[attr-defined]
 
-    def theirs(part: str) -> list[Source]:
-        """The same part's counters in the proxy's process."""
-        if proxy is None:
-            return []
-        child = proxy
-        return [lambda: child.part(part)]
+    def children() -> list[ChildCounters]:
+        """The other processes' counters: the proxy's, the running DNS workers'."""
+        return ([proxy] if proxy is not None else []) + (
+            workers.counters() if workers is not None else [])
 
+    def theirs(part: str) -> list[Source]:
+        """The same part's counters in the other processes."""
+        def total() -> dict[str, int | float]:
+            out: Counter[str] = Counter()
+            for child in children():
+                out.update(child.part(part))
+            return dict(out)
+
+        return [total]
+
+    if workers is not None:
+        metrics.add_refresh(workers.refresh)
     metrics.add("engine", merged(engine.stats, theirs("engine")),
                 gauges=frozenset({"blocks_pending", "windows_open"}))
-    metrics.add_families(lambda: _blocks(engine, proxy))
+    metrics.add_families(lambda: _blocks(engine, children))
     metrics.add_families(lambda: _lists(engine))
     metrics.add_check("lists", lambda: bool(engine.lists.blocking))
     audit = engine.sink
@@ -336,18 +383,25 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
         metrics.add("audit", merged(audit.stats, theirs("audit")), gauges=frozenset({"queued"}))
         metrics.add_families(lambda: _checkpoint_age(audit))
         metrics.add_check("audit", _AuditWritable(audit))
-    latency: dict[str, LatencyHistogram] = {}
-    if dns is not None:
-        server = dns
-        metrics.add("dns", server.stats.copy)
+    latency: dict[str, Callable[[], LatencyHistogram]] = {}
+    totals: DnsServer | DnsTotals | None = dns
+    if dns is not None and workers is not None:
+        first, pool = dns, workers
+        totals = DnsTotals(first, pool)
+        metrics.add_families(lambda: _dns_workers(first, pool))
+        metrics.add_check("dns_workers", lambda: not pool.down())
+    if totals is not None:
+        server = totals
+        metrics.add("dns", lambda: server.stats.copy())
         metrics.add("dns_relay", server.relay_counts)
         metrics.add_families(lambda: _upstreams(server))
         metrics.add_families(lambda: _canaries(server))
         metrics.add_check("upstream", server.upstream_answering)
-        latency["dns"] = server.latency
+        latency["dns"] = lambda: server.latency
     if stoppage is not None:
-        metrics.add("stoppage", stoppage.stats.copy)
-        latency["stoppage"] = stoppage.latency
+        page = stoppage
+        metrics.add("stoppage", page.stats.copy)
+        latency["stoppage"] = lambda: page.latency
     if proxy is not None:
         child = proxy
         metrics.add_refresh(child.refresh)
@@ -355,7 +409,7 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
         metrics.add_families(lambda: _origins(child))
         metrics.add_check("proxy", lambda: bool(child.latest()))
     if dns is not None or stoppage is not None or proxy is not None:
-        metrics.add_families(lambda: _requests(dns, stoppage, proxy))
+        metrics.add_families(lambda: _requests(totals, stoppage, proxy))
         metrics.add_families(lambda: _latency(latency, proxy))
     if tiles is not None:
         metrics.add("tiles", tiles.stats.copy)

@@ -7,18 +7,23 @@ front-end has to stand on `serve` (which knows every part) to get a working engi
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from netfilter.config import Settings
 from netfilter.engine import Engine
 from netfilter.events import EventSink, NullSink
+
+if TYPE_CHECKING:
+    from netfilter.audit.log import AuditLog
 
 __all__ = ["event_sink", "make_engine"]
 
 log = logging.getLogger(__name__)
 
 
-def event_sink(settings: Settings) -> EventSink:
-    """The audit log of the config; without an audit section, events are not kept."""
+def event_sink(settings: Settings, log_class: type[AuditLog] | None = None) -> EventSink:
+    """The audit log of the config; without an audit section, events are not kept.
+    `log_class`: an AuditLog of another kind (a DNS worker's appends only)."""
     audit = settings.audit
     if audit is None:
         log.warning("no audit section: blocks and list events are not recorded")
@@ -27,7 +32,7 @@ def event_sink(settings: Settings) -> EventSink:
     from netfilter.audit.store import AuditStore
 
     store = AuditStore(settings.resolve(audit.path), group=audit.group)
-    return AuditLog(store, origin=settings.node.id,
+    return (log_class or AuditLog)(store, origin=settings.node.id,
                     key=load_node_key(settings.resolve(settings.node.key)),
                     retention_days=audit.retention_days,
                     checkpoint_interval=audit.checkpoint_interval,
@@ -35,12 +40,13 @@ def event_sink(settings: Settings) -> EventSink:
                     tiles=settings.resolve(audit.tiles) if audit.tiles else None)
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, *, sink_class: type[AuditLog] | None = None) -> Engine:
     """The engine with the config's audit log as its sink (close it with `close()`), and
-    the node's durable record of installed list versions as the floor of its lists."""
+    the node's durable record of installed list versions as the floor of its lists.
+    `sink_class`: as `event_sink`'s `log_class`."""
     from netfilter.updates.state import VersionState, state_path
 
-    sink = event_sink(settings)
+    sink = event_sink(settings, sink_class)
     floor = VersionState(state_path(settings))
     try:
         return Engine(settings, sink, pseudonym_key=getattr(sink, "pseudonym_key", None),

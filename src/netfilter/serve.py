@@ -69,6 +69,8 @@ class Listeners:
     any part starts, each handed to its part (the proxy's is mitmdump's own)."""
 
     dns: list[Listening] = field(default_factory=list)  # one per dns.listen address
+    # dns.workers > 1: one more set like `dns` per worker child (SO_REUSEPORT, dnsworkers.py)
+    dns_workers: list[list[Listening]] = field(default_factory=list)
     dot: list[socket.socket] = field(default_factory=list)  # one per dns.dot_listen address
     doh: list[socket.socket] = field(default_factory=list)  # one per dns.doh_listen address
     stoppage: socket.socket | None = None
@@ -79,7 +81,7 @@ class Listeners:
 
     def close(self) -> None:
         """Close every one (one a part has served is closed already: no harm)."""
-        for listening in self.dns:
+        for listening in (*self.dns, *(b for bound in self.dns_workers for b in bound)):
             listening.close()
         for sock in (*self.dot, *self.doh, self.stoppage, self.icap, self.web, self.tiles,
                      self.metrics):
@@ -106,8 +108,11 @@ def open_listeners(settings: Settings, parts: Sequence[str]) -> Listeners:
     try:
         if settings.dns is not None and "dns" in parts:
             from netfilter.dns.server import bind as bind_dns
+            from netfilter.dnsworkers import bind_workers, worker_count
 
-            bound.dns = bind_dns(settings.dns.listen)
+            workers = worker_count(settings.dns)
+            bound.dns = bind_dns(settings.dns.listen, reuse_port=workers > 1)
+            bound.dns_workers = bind_workers(bound.dns, workers)
             for i, address in enumerate(settings.dns.dot_listen):
                 bound.dot.append(_bind_tcp(f"dns.dot_listen[{i}]", address))
             for i, address in enumerate(settings.dns.doh_listen):
@@ -313,6 +318,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     from netfilter.dns.canaries import Canaries
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
+    from netfilter.dnsworkers import DnsWorkers
     from netfilter.icap import IcapServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
@@ -323,8 +329,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # each part with its name (for a one-line error if it cannot start)
-    servers: list[tuple[str, DnsServer | EncryptedDns | StopPageServer | IcapServer
-                        | ProxyProcess]] = []
+    servers: list[tuple[str, DnsServer | DnsWorkers | EncryptedDns | StopPageServer
+                        | IcapServer | ProxyProcess]] = []
 
     in_force = settings
     reloading: asyncio.Future[Settings | None] | None = None
@@ -351,6 +357,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         for _, server in servers:
             if isinstance(server, DnsServer) and applied.dns is not None:
                 server.settings = applied.dns  # block answers read it per query
+            elif isinstance(server, DnsWorkers):
+                server.reload(applied)  # each worker reloads its engine, then serves it
             elif isinstance(server, StopPageServer) and applied.stoppage is not None:
                 if applied.stoppage != in_force.stoppage:
                     server.renderer = Renderer(applied.stoppage, base=applied.base,
@@ -386,6 +394,9 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         dns = DnsServer(engine, settings.dns, sockets=listeners.dns,
                         canaries=Canaries.for_settings(settings))
         servers.append(("dns", dns))
+        if listeners.dns_workers:  # dns.workers: the other processes on the same addresses
+            servers.append(("dns", DnsWorkers(settings, listeners.dns_workers)))
+            listeners.dns_workers = []  # theirs now: closed when they stop
         if listeners.dot or listeners.doh:
             servers.append(("dns", EncryptedDns(dns, settings.dns, base=settings.base,
                                                 dot=listeners.dot, doh=listeners.doh)))
@@ -404,7 +415,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
     metrics: MetricsServer | None = None
     updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
-    started: list[DnsServer | EncryptedDns | StopPageServer | IcapServer | ProxyProcess] = []
+    started: list[DnsServer | DnsWorkers | EncryptedDns | StopPageServer | IcapServer
+                  | ProxyProcess] = []
     try:
         await web.start()
         for name, server in servers:

@@ -68,25 +68,26 @@ class Listening(NamedTuple):
         self.tcp.close()
 
 
-def bind(listen: Sequence[str]) -> list[Listening]:
+def bind(listen: Sequence[str], *, reuse_port: bool = False) -> list[Listening]:
     """UDP and TCP bound on every address of `listen`, none served yet (`netfilter
     serve` binds every part's sockets before it starts any). TCP takes the port UDP
     got (port 0: the one the system chose), with SO_REUSEADDR and, on an IPv6
     address, IPv6 only, as asyncio's servers do; it listens at once, so an address
     given twice is caught here too. ListenError names the first address that cannot
-    be bound; the ones bound before it are closed."""
+    be bound; the ones bound before it are closed. `reuse_port`: SO_REUSEPORT on both,
+    so that the other DNS workers' sockets can join them (dnsworkers.py)."""
     bound: list[Listening] = []
     try:
         for index, address in enumerate(listen):
             host, port = parse_hostport(address, any_port=True)
             try:
-                udp = bind_udp(host, port)
+                udp = bind_udp(host, port, reuse_port=reuse_port)
             except OSError as e:
                 raise ListenError.from_os_error(f"dns.listen[{index}]", host, port, e) from None
             port = int(udp.getsockname()[1])
             try:
                 tcp = socket.create_server((host, port), family=udp.family,
-                                           backlog=TCP_BACKLOG)
+                                           backlog=TCP_BACKLOG, reuse_port=reuse_port)
             except OSError as e:
                 udp.close()
                 raise ListenError.from_os_error(f"dns.listen[{index}]", host, port, e) from None

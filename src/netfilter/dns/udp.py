@@ -65,16 +65,19 @@ def relay_available() -> bool:
     return Relay is not None and os.environ.get("NETFILTER_DNS_PYTHON", "") != "1"
 
 
-def bind_udp(host: str, port: int) -> socket.socket:
+def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The listening socket of either listener, bound and not read yet (`netfilter
     serve` binds every part's sockets before it starts any). As asyncio's datagram
     endpoints bind theirs: no SO_REUSEADDR, so a port another socket holds fails here
-    (OSError)."""
+    (OSError). `reuse_port`: SO_REUSEPORT, for the sockets of several DNS workers on
+    one address (dnsworkers.py; only sockets of the same user can join them)."""
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except BaseException:
         sock.close()

@@ -1,0 +1,270 @@
+"""`dns.workers`: a real `netfilter serve dns` with two processes on SO_REUSEPORT sockets.
+
+dnspython is the client; every query goes out from a socket of its own (a new source
+port), so the kernel spreads them over both workers. Blocked names need no upstream;
+the upstream is a closed port (the relay gets ICMP unreachable: SERVFAIL at once).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+import yaml
+
+from tests.conftest import SOURCE, BuildBundle
+from tests.support import HOST, free_port, read_events, wait_for
+
+NEW_NAME = "newly.test"
+V2 = SOURCE + f"  - {{domain: {NEW_NAME}, ref: N-1, category: csam}}\n"
+SPREAD = 48  # queries from as many sockets: all on one worker by chance is 2**-47
+
+
+def _rcode(port: int, name: str) -> int:
+    query = dns.message.make_query(name, "A")
+    return dns.query.udp(query, HOST, port=port, timeout=3).rcode()
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _per_worker(port: int, verdict: str) -> dict[str, float]:
+    """netfilter_dns_worker_requests_total of `verdict`, per worker."""
+    out = {}
+    for name, value in _metrics(port).items():
+        if name.startswith("netfilter_dns_worker_requests_total{") and (
+                f'verdict="{verdict}"' in name):
+            out[name.split('worker="')[1].split('"')[0]] = value
+    return out
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+class Served:
+    """`netfilter serve dns` with `dns.workers: 2`, a directory source for list swaps."""
+
+    def __init__(self, tmp_path: Path, first: Path, trust: Path) -> None:
+        self.node, self.source = tmp_path / "node", tmp_path / "published"
+        (self.node / "lists").mkdir(parents=True)
+        self.source.mkdir()
+        shutil.copyfile(first, self.node / "lists" / "test.nfl")
+        self.dns_port, self.metrics_port = free_port(), free_port()
+        self.config = self.node / "netfilter.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "node": {"id": "workers.example", "key": "node.key"},
+            "lists": [{"path": "lists/test.nfl", "trust": [str(trust)],
+                       "action": "nxdomain", "source": str(self.source)}],
+            "updates": {"interval": 1, "jitter": 0, "retry_min": 1, "retry_max": 2},
+            "dns": {"listen": [f"{HOST}:{self.dns_port}"], "upstreams": [f"{HOST}:9"],
+                    "workers": 2},
+            "audit": {"path": "audit.sqlite", "client": "none", "checkpoint_interval": 1},
+            "metrics": {"listen": f"{HOST}:{self.metrics_port}"},
+        }), encoding="utf-8")
+        self.log = tmp_path / "serve.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "netfilter.cli", "-v", "serve", "--config",
+                 str(self.config)], stdout=out, stderr=subprocess.STDOUT, cwd=self.node)
+        assert wait_for(lambda: "netfilter: serving" in self.log.read_text(), 60), (
+            self.log.read_text())
+
+    def workers(self) -> set[int]:
+        return _children(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        assert self.proc.wait(30) == 0, self.log.read_text()
+
+
+@pytest.fixture
+def served(tmp_path: Path, build: BuildBundle, authority: tuple[Path, Path]) -> Served:
+    server = Served(tmp_path, build(version=1), authority[1])
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(30)
+
+
+def test_config_check_refuses_a_bad_worker_count(tmp_path: Path) -> None:
+    for bad in (-1, "two", True):
+        config = tmp_path / "netfilter.yaml"
+        config.write_text(yaml.safe_dump({"node": {"id": "w.example", "key": "node.key"},
+                                          "dns": {"workers": bad}}), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "netfilter.cli", "config", "check",
+                               str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (bad, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "dns.workers" in lines[0], (bad, done.stderr)
+
+
+def test_two_workers_share_lists_audit_and_metrics(served: Served, build: BuildBundle,
+                                                   authority: tuple[Path, Path]) -> None:
+    """Both workers answer; per-worker counters add up to the queries sent; a list swap
+    under load reaches both; the audit log holds one verifiable tree whose block counts
+    equal the blocked answers; SIGTERM leaves no worker behind."""
+    port, metrics_port = served.dns_port, served.metrics_port
+    pids = served.workers()
+    assert len(pids) == 1, pids  # the first process serves too: one child for 2 workers
+    before = sum(_per_worker(metrics_port, "block").values())
+    assert all(_rcode(port, "blocked.example") == dns.rcode.NXDOMAIN for _ in range(SPREAD))
+    blocked = SPREAD
+    # blocks the relay answers from its cache are counted every RECORD_INTERVAL
+    assert wait_for(lambda: sum(_per_worker(metrics_port, "block").values()) - before
+                    == SPREAD, 10), _per_worker(metrics_port, "block")
+    after = _per_worker(metrics_port, "block")
+    assert set(after) == {"0", "1"}, after
+    assert all(count > 0 for count in after.values()), after  # both answered
+    answered_sum = sum(
+        v for k, v in _metrics(metrics_port).items()
+        if k.startswith("netfilter_requests_total{") and 'frontend="dns"' in k)
+    assert answered_sum == sum(sum(_per_worker(metrics_port, v).values())
+                               for v in ("block", "allow", "route", "invalid"))
+
+    # a list swap under load: a thread keeps asking for a blocked name meanwhile
+    assert _rcode(port, NEW_NAME) != dns.rcode.NXDOMAIN  # v1 does not block it
+    stop = threading.Event()
+    load = {"nxdomain": 0, "other": 0}
+
+    def keep_asking() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            rcode = _rcode(port, "blocked.example")
+            load["nxdomain" if rcode == dns.rcode.NXDOMAIN else "other"] += 1
+
+    thread = threading.Thread(target=keep_asking)
+    thread.start()
+    try:
+        tmp = served.source / ".incoming"
+        shutil.copyfile(build(V2, version=2), tmp)
+        os.replace(tmp, served.source / "test.nfl")
+        assert wait_for(lambda: _rcode(port, NEW_NAME) == dns.rcode.NXDOMAIN, 30), (
+            served.log.read_text())
+        blocked += 1
+    finally:
+        stop.set()
+        thread.join(70)
+    assert load["other"] == 0 and load["nxdomain"] > 0, load
+    blocked += load["nxdomain"]
+    # the load's blocks counted (the relay's every RECORD_INTERVAL), then only the new
+    # name: each worker's block count rises, so each answers the new verdict
+    assert wait_for(lambda: sum(_per_worker(metrics_port, "block").values()) - before
+                    == blocked, 10), (blocked, _per_worker(metrics_port, "block"))
+    start = _per_worker(metrics_port, "block")
+    time.sleep(0.5)  # the reload reaches the worker after the first process's
+    rcodes = [_rcode(port, NEW_NAME) for _ in range(SPREAD)]
+    blocked += rcodes.count(dns.rcode.NXDOMAIN)
+    assert rcodes == [dns.rcode.NXDOMAIN] * SPREAD, rcodes
+    assert wait_for(lambda: sum(_per_worker(metrics_port, "block").values()) - before
+                    == blocked, 10), (blocked, _per_worker(metrics_port, "block"))
+    end = _per_worker(metrics_port, "block")
+    assert all(end[w] > start[w] for w in ("0", "1")), (start, end)
+
+    workers = served.workers()
+    served.stop()
+    assert not any(_alive(pid) for pid in workers), workers  # no orphan
+    events = read_events(served.node / "audit.sqlite")
+    counted = sum(e.get("count") or 1 for e in events if e["type"] == "block")
+    assert counted == blocked
+    loaded = [e for e in events if e["type"] == "list-loaded" and e.get("version") == 2]
+    assert len(loaded) >= 2  # the first process's and the worker's reload
+    done = subprocess.run(
+        [sys.executable, "-m", "netfilter.cli", "audit", "verify", "--log",
+         str(served.node / "audit.sqlite"), "--trust", str(served.node / "node.pub")],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = served.log.read_text()
+    assert "Traceback" not in text, text
+
+
+def test_a_dead_worker_is_started_again_and_readyz_says_so(served: Served) -> None:
+    metrics_port = served.metrics_port
+    assert _readyz(metrics_port)[0] == 200
+    (pid,) = served.workers()
+    os.kill(pid, signal.SIGKILL)
+    seen: list[tuple[int, str]] = []
+
+    def down() -> bool:
+        seen.append(_readyz(metrics_port))
+        return seen[-1][0] == 503
+
+    assert wait_for(down, 10), seen
+    assert "dns_workers" in seen[-1][1]
+    assert wait_for(lambda: _readyz(metrics_port)[0] == 200, 30), served.log.read_text()
+    (again,) = served.workers()
+    assert again != pid
+    assert _rcode(served.dns_port, "blocked.example") == dns.rcode.NXDOMAIN
+    values = _metrics(metrics_port)
+    assert values['netfilter_dns_worker_restarts_total{worker="1"}'] == 1
+    lines = [line for line in served.log.read_text().splitlines() if "exited with" in line]
+    assert len(lines) == 1, lines
+
+
+def test_no_worker_survives_a_killed_serve(served: Served) -> None:
+    workers = served.workers()
+    assert workers
+    served.proc.kill()
+    served.proc.wait(30)
+    assert wait_for(lambda: not any(_alive(pid) for pid in workers), 20), workers
+
+
+def test_a_port_in_use_fails_the_start_in_one_line(tmp_path: Path) -> None:
+    """The workers' sockets are bound before anything starts: a UDP port another
+    socket holds (without SO_REUSEPORT) ends the start in one line."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind((HOST, 0))
+    port = holder.getsockname()[1]
+    config = tmp_path / "netfilter.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": {"id": "w.example", "key": "node.key"},
+        "dns": {"listen": [f"{HOST}:{port}"], "upstreams": [f"{HOST}:9"], "workers": 2},
+    }), encoding="utf-8")
+    try:
+        done = subprocess.run([sys.executable, "-m", "netfilter.cli", "serve", "--config",
+                               str(config)], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path)
+    finally:
+        holder.close()
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dns.listen[0]" in lines[0], done.stderr

@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +38,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from netfilter.audit.store import AuditStore
 from netfilter.config import Settings
@@ -141,6 +142,12 @@ class LoginLimiter:
     def blocked(self, key: str) -> bool:
         return len(self._recent(key)) >= self.limit
 
+    def forgive(self, key: str) -> None:
+        """Take back the latest failure of `key` (the attempt it stood for succeeded)."""
+        failures = self._failures.get(key)
+        if failures:
+            failures.pop()
+
     def failed(self, key: str) -> None:
         failures = self._recent(key)
         self._failures[key] = failures
@@ -189,10 +196,17 @@ class Sessions:
 
 
 def _loopback(host: str | None) -> bool:
+    """Whether the connection's peer (never a forwarded-for header) is on loopback;
+    an IPv4 loopback client of a dual-stack listener (::ffff:127.0.0.1) is too."""
+    if host is None:
+        return False
     try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 # ------------------------------------------------------------ charts
@@ -281,6 +295,8 @@ def _age(now: datetime, then: datetime | None) -> str:
 
 # ------------------------------------------------------------ the site
 
+Handler = Callable[[Request, "Session", str], Awaitable[Response]]
+
 
 class AdminSite:
     """The dashboard's routes and state; `attach` hands it the running parts (for the
@@ -357,17 +373,15 @@ class AdminSite:
 
     @staticmethod
     def _same_origin(request: Request) -> bool:
-        """Origin (else Referer) names this very scheme, host and port."""
-        host = request.headers.get("host", "")
-        own = f"{request.url.scheme}://{host}".lower()
-        origin = request.headers.get("origin")
-        if origin is None:
-            referer = request.headers.get("referer")
-            if referer is None:
-                return False
-            parts = urlsplit(referer)
-            origin = f"{parts.scheme}://{parts.netloc}"
-        return bool(host) and origin.lower() == own
+        """Origin (else Referer) names this very host and port, as the Host field does.
+        The scheme is not compared: behind a TLS front the browser's is https and
+        ours is http."""
+        host = request.headers.get("host", "").lower()
+        origin = request.headers.get("origin") or request.headers.get("referer")
+        if not host or origin is None:
+            return False
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and parts.netloc.lower() == host
 
     @staticmethod
     async def _form(request: Request) -> dict[str, str]:
@@ -393,10 +407,18 @@ class AdminSite:
         return Response(f"{status} {text}\n", status_code=status,
                         media_type="text/plain; charset=utf-8", headers=HEADERS)
 
-    def _guarded(self, handler: Callable[[Request, Session, str], Any],
-                 post: bool = False) -> Callable[[Request], Any]:
-        """A page behind a session (else 303 to the login), loopback unless allowed,
-        and for a POST the form token and the origin."""
+    async def _login_dispatch(self, request: Request) -> Response:
+        if request.method in ("GET", "HEAD"):
+            return await self.login_page(request)
+        if request.method == "POST":
+            return await self.login(request)
+        return self._refused(405, "Method Not Allowed")
+
+    def _guarded(self, get: Handler | None,
+                 post: Handler | None) -> Callable[[Request], Awaitable[Response]]:
+        """A path behind a session (else 303 to the login), loopback unless allowed;
+        then `get` for GET and HEAD, `post` for POST after the form token and the
+        origin are checked; 404 without either, 405 for another method."""
         async def endpoint(request: Request) -> Response:
             if not self.remote and not _loopback(request.client.host if request.client
                                                  else None):
@@ -405,7 +427,13 @@ class AdminSite:
             if found is None:
                 return RedirectResponse(PREFIX + "login", status_code=303, headers=HEADERS)
             sid, session = found
-            if post:
+            if get is None and post is None:
+                return self._refused(404, "Not Found")
+            handler = get if request.method in ("GET", "HEAD") else \
+                post if request.method == "POST" else None
+            if handler is None:
+                return self._refused(405, "Method Not Allowed")
+            if handler is post:
                 form = await self._form(request)
                 token = form.get("token", "")
                 if not self._same_origin(request) or not hmac.compare_digest(
@@ -455,6 +483,10 @@ class AdminSite:
         if self._waiting >= MAX_HASH_WAITING:
             return self._login_form(request, "Busy: too many logins at once. Please try "
                                              "again.", 503)
+        # Counted as failed before the hash, taken back after a success: attempts sent
+        # at once are refused as soon as the count is reached, not after every hash.
+        self.by_client.failed(client)
+        self.by_account.failed(name)
         self._waiting += 1
         try:
             async with self._hashing:
@@ -463,10 +495,10 @@ class AdminSite:
         finally:
             self._waiting -= 1
         if not ok:
-            self.by_client.failed(client)
-            self.by_account.failed(name)
             log.warning("admin: failed login (account %r)", name)
             return self._login_form(request, "Wrong account name or password.", 401)
+        self.by_client.forgive(client)
+        self.by_account.forgive(name)
         sid, _session = self.sessions.new(name)
         log.info("admin: %s logged in", name)
         response = RedirectResponse(PREFIX, status_code=303, headers=HEADERS)
@@ -674,22 +706,28 @@ class AdminSite:
         return self._page("dashboard.html", **self._common(session, "errors"),
                           entries=list(reversed(self.ring.entries)))
 
-    async def missing(self, request: Request, session: Session, _sid: str) -> Response:
-        return self._refused(404, "Not Found")
-
     def routes(self) -> list[Route]:
+        """Every method on every path under /admin/ meets the loopback and session
+        checks first (no 405 or 404 without a session: a 303 to the login)."""
         g = self._guarded
-        return [
-            Route(PREFIX + "login", self.login_page, methods=["GET", "HEAD"]),
-            Route(PREFIX + "login", self.login, methods=["POST"]),
-            Route(PREFIX + "logout", g(self.logout, post=True), methods=["POST"]),
-            Route(PREFIX, g(self.overview), methods=["GET", "HEAD"]),
-            Route(PREFIX + "lists", g(self.lists), methods=["GET", "HEAD"]),
-            Route(PREFIX + "held", g(self.held), methods=["GET", "HEAD"]),
-            Route(PREFIX + "held", g(self.decide, post=True), methods=["POST"]),
-            Route(PREFIX + "blocks", g(self.blocks), methods=["GET", "HEAD"]),
-            Route(PREFIX + "audit", g(self.audit), methods=["GET", "HEAD"]),
-            Route(PREFIX + "errors", g(self.errors), methods=["GET", "HEAD"]),
-            Route("/admin", g(self.missing)),
-            Route(PREFIX + "{rest:path}", g(self.missing)),
-        ]
+        pages = {"": self.overview, "lists": self.lists, "held": self.held,
+                 "blocks": self.blocks, "audit": self.audit, "errors": self.errors}
+        posts = {"logout": self.logout, "held": self.decide}
+        routes = [Route(PREFIX + "login", _AnyMethod(self._login_dispatch))]
+        for path in sorted(set(pages) | set(posts)):
+            routes.append(Route(PREFIX + path, _AnyMethod(g(pages.get(path), posts.get(path)))))
+        routes += [Route("/admin", _AnyMethod(g(None, None))),
+                   Route(PREFIX + "{rest:path}", _AnyMethod(g(None, None)))]
+        return routes
+
+
+class _AnyMethod:
+    """An endpoint as an ASGI app: Starlette routes a function for GET and HEAD only
+    (another method would fall through to the stop page); an app, for every method."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.endpoint(Request(scope, receive))
+        await response(scope, receive, send)

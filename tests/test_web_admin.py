@@ -33,6 +33,8 @@ from tests.support import free_port, read_events, wait_for
 
 NEW_NAME = "newly.example"  # the held version adds it
 V2 = SOURCE + f"  - {{domain: {NEW_NAME}, ref: N-1, category: csam}}\n"
+REJECTED_NAME = "rejected.example"  # the version after it adds this one too
+V3 = V2 + f"  - {{domain: {REJECTED_NAME}, ref: N-2, category: csam}}\n"
 BLOCKED = "blocked.example"  # in SOURCE
 BLOCKER = "127.0.0.7"  # the blocked browser, recorded in full in the audit log
 PASSWORDS = {"alice": "correct horse battery staple", "bob": "another-long-pass"}
@@ -93,7 +95,7 @@ def node(tmp_path_factory: pytest.TempPathFactory,
     (tmp / "node" / "lists").mkdir(parents=True)
     source = tmp / "published"
     source.mkdir()
-    for version, text in ((1, SOURCE), (2, V2)):
+    for version, text in ((1, SOURCE), (2, V2), (3, V3)):
         (tmp / f"v{version}.yaml").write_text(text, encoding="utf-8")
         build_bundle(tmp / f"v{version}.yaml", tmp / f"v{version}.nfl", key=authority_key,
                      list_id="test", version=version)
@@ -376,3 +378,24 @@ def test_a_held_version_confirmed_on_the_dashboard_is_enforced_and_audited(
     assert str(event["detail"]).startswith("confirmed by alice:")
     lists = browser.get("/admin/lists").text
     assert re.search(r'<th scope="row">test</th><td class="n">2</td>', lists)
+
+
+def test_a_held_version_rejected_on_the_dashboard_stays_out_and_is_audited(
+        node: Node, browser: Browser) -> None:
+    node.publish(node.dir.parent / "v3.nfl")  # more than 1 % again: held
+    browser.logged_in("bob")
+    label = 'aria-label="Reject test version 3"'
+    assert wait_for(lambda: label in browser.get("/admin/held").text, 20), node.log.read_text()
+    answer = browser.post("/admin/held", {"token": browser.token, "action": "reject",
+                                          "list": "test", "version": "3"})
+    assert answer.status_code == 200 and "rejected by bob" in answer.text
+    assert "No update is held." in browser.get("/admin/held").text
+    assert wait_for(lambda: any(e["type"] == "list-rejected" for e in node.events()), 10)
+    [event] = [e for e in node.events() if e["type"] == "list-rejected"]
+    assert event["frontend"] == "dashboard" and event["version"] == 3
+    assert str(event["detail"]).startswith("rejected by bob:")
+    # a second decision on it is not taken (nothing is held), and it is never installed
+    again = browser.post("/admin/held", {"token": browser.token, "action": "confirm",
+                                         "list": "test", "version": "3"})
+    assert again.status_code == 409 and "Nothing was done" in again.text
+    assert not node.blocked(REJECTED_NAME)

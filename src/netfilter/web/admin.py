@@ -5,11 +5,16 @@ Why each guard is there:
   directory, 0600): logout ends one at once, and a restart ends them all. The cookie is
   HttpOnly, SameSite=Strict, Path=/admin, and Secure when the request came over TLS.
 - Every POST carries the session's form token (checked in constant time; a new one after
-  each accepted form, so a replayed form is refused) and an Origin (or Referer) of this
-  very host. The login form has its own token, bound to a short-lived signed cookie.
-- Failed logins are counted per client address and per account name; past the limit
-  every attempt is refused (429), the right password too, until the window has passed.
-- Only loopback clients are served unless `web.admin_remote` says otherwise.
+  each accepted form, so a replayed form is refused) and an Origin (or Referer) naming
+  the host and port the Host field names. The login form has its own token, bound to a
+  short-lived signed cookie.
+- Failed logins are counted per client address (5) and per account name (25, so one
+  client cannot lock an account for everyone) over 5 minutes; past a limit every
+  attempt is refused (429), the right password too, until the window has passed. At
+  most MAX_HASHING password checks run at once, MAX_HASH_WAITING wait (then 503).
+- Only loopback clients (the connection's peer; no forwarded-for header is read) are
+  served unless `web.admin_remote` says otherwise. Every method on every path under
+  /admin/ meets these checks before anything else.
 - Nothing here shows a client or a blocked name: the audit log is read only as counts
   (list, category, front-end, day), and the error ring strips addresses from messages.
 """

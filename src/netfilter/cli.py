@@ -186,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
                              "files, key permissions, lists, free listen addresses")
     ccheck.add_argument("file", metavar="FILE")
 
+    from netfilter.web.usercmd import add_parser as add_user
+
+    add_user(sub)
     srv = sub.add_parser("serve", help="run the configured parts (dns, proxy, stoppage, "
                                        "icap)")
     srv.add_argument("parts", nargs="*", metavar="PART",
@@ -215,6 +218,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _fail(e, 2)
     return serve(settings, args.parts, config_path=Path(args.config).resolve(),
                  reread=True)
+
+
+def _cmd_user(args: argparse.Namespace) -> int:
+    """`user add|list`: a mistake (the config, the name, the password) exits 2."""
+    from netfilter.web.usercmd import run
+
+    try:
+        return run(args)
+    except NetfilterError as e:
+        return _fail(e, 2)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -438,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = args.verbose or args.command == "serve"
     setup(logging.INFO if verbose else logging.WARNING, chosen_format(args.log_format))
     handlers = {"keys": _cmd_keys, "list": _cmd_list, "check": _cmd_check,
-                "serve": _cmd_serve, "audit": _cmd_audit, "config": _cmd_config}
+                "serve": _cmd_serve, "audit": _cmd_audit, "config": _cmd_config,
+                "user": _cmd_user}
     try:
         return handlers[args.command](args)
     except NetfilterError as e:

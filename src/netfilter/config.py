@@ -286,12 +286,18 @@ class MetricsSettings(_Section):
 
 
 class WebSettings(_Section):
-    """The public pages (/transparency, /transparency.json)."""
+    """The public pages (/transparency, /transparency.json) and the dashboard (/admin/)."""
 
     listen: HostPort | None = None  # a listener of their own; null: the stop page's
     # Where the public reaches them (https://filter.example): the 451 answers' Link
     # rel="blocked-by" points below it; null: derived from the listener's address.
     public_url: str | None = Field(None, max_length=500, pattern=r"^https?://[^\s<>]+$")
+    # The operator dashboard (/admin/, beside the public pages) answers loopback clients
+    # only; true: any client that reaches the listener (put TLS in front of it then).
+    admin_remote: bool = False
+    # Its accounts (`netfilter user add`), a 0600 file; null: admin-accounts.json in the
+    # node's state directory (where the list state is).
+    accounts: Path | None = None
 
 
 class Settings(_Section):

@@ -34,6 +34,7 @@ from netfilter.errors import ConfigError, ListenError, NetfilterError
 from netfilter.metrics import MetricsServer, for_node
 from netfilter.node import make_engine
 from netfilter.stoppage.render import blocked_by_url
+from netfilter.web.admin import AdminSite, admin_body
 from netfilter.web.server import Listener, WebServer
 from netfilter.web.transparency import TransparencySource
 
@@ -157,11 +158,11 @@ def _tiles_listen(settings: Settings) -> str | None:
 
 
 def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
-        WebServer, list[BaseRoute], Listener | None, TransparencySource]:
+        WebServer, list[BaseRoute], Listener | None, TransparencySource, AdminSite]:
     """The web stack's own listeners (the public pages on `web.listen`, the audit tiles
     on `audit.tiles_listen`), the public pages' routes (for the stop page's listener
     when there is no `web.listen`), the tiles' listener (its counters go to metrics)
-    and the transparency page's source."""
+    and the transparency page's source, and the dashboard (its routes beside theirs)."""
     from netfilter.web.app import build_app
     from netfilter.web.public import transparency_routes
     from netfilter.web.tiles import TilesApp
@@ -172,10 +173,11 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
         tiles_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     source = TransparencySource(settings, engine, tiles_url=tiles_url)
     language = settings.stoppage.default_language if settings.stoppage else "en"
-    public: list[BaseRoute] = list(transparency_routes(source, language))
+    admin = AdminSite(settings, engine)
+    public: list[BaseRoute] = [*transparency_routes(source, language), *admin.routes()]
     served: list[Listener] = []
     if listeners.web is not None:
-        served.append(Listener("web", listeners.web, build_app(public)))
+        served.append(Listener("web", listeners.web, build_app(public), keeps_body=admin_body))
     tiles: Listener | None = None
     audit = settings.audit
     if listeners.tiles is not None and audit is not None and audit.tiles is not None:
@@ -184,7 +186,7 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
         tiles = Listener("audit tiles", listeners.tiles,
                          build_app([], fallback=TilesApp(directory)))
         served.append(tiles)
-    return WebServer(served), public if listeners.web is None else [], tiles, source
+    return WebServer(served), public if listeners.web is None else [], tiles, source, admin
 
 
 def _updater(settings: Settings, engine: Engine,
@@ -389,12 +391,13 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         if listeners.dot or listeners.doh:
             servers.append(("dns", EncryptedDns(dns, settings.dns, base=settings.base,
                                                 dot=listeners.dot, doh=listeners.doh)))
-    web, public, tiles, source = _web(settings, engine, listeners)
+    web, public, tiles, source, admin = _web(settings, engine, listeners)
     if settings.stoppage is not None and "stoppage" in parts:
         renderer = Renderer(settings.stoppage, base=settings.base,
                             blocked_by=blocked_by_url(settings))
         servers.append(("stoppage", StopPageServer(engine, settings.stoppage, renderer=renderer,
-                                                   sock=listeners.stoppage, routes=public)))
+                                                   sock=listeners.stoppage, routes=public,
+                                                   keeps_body=admin_body)))
     if settings.icap is not None and "icap" in parts:
         icap_page = Renderer(settings.stoppage or StoppageSettings(), base=settings.base,
                              blocked_by=blocked_by_url(settings))
@@ -417,6 +420,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                                  updater)
         if updater is not None:
             updater.start()
+        admin.attach([s for _, s in servers], tiles, updater)
+        admin.install()
         log.info("netfilter: serving %s", ", ".join(parts))
         if ready is not None:
             ready()
@@ -427,6 +432,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         for server in reversed(started):
             await server.stop()
         await web.stop()
+        admin.close()
         source.close()
         if metrics is not None:
             metrics.shutdown()

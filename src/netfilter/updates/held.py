@@ -14,7 +14,9 @@ lock, verification against the list's trusted keys, stage, fsync, rename, record
 a version lower than the one in force, or the same version with another digest, is
 refused) and records `list-confirmed`; `reject` drops it, records `list-rejected`,
 and the same version from the source is then answered "rejected" by every check
-(one line, no event). Both name the operator in the event.
+(one line, no event). Both name the operator in the event's detail ("confirmed by
+NAME") and where the decision was taken in its `frontend` (cli, or dashboard: NAME is
+then the dashboard account).
 """
 
 from __future__ import annotations
@@ -177,8 +179,10 @@ def _item(updater: Updater, held: Held) -> ListSettings:
     raise NetfilterError(held.list_id, "no configured list (lists[]) is this list")
 
 
-def confirm(updater: Updater, list_id: str, version: int, who: str) -> str:
-    """Install the held version (the operator `who` decided); one line of what was done."""
+def confirm(updater: Updater, list_id: str, version: int, who: str, *,
+            frontend: str = "cli") -> str:
+    """Install the held version (the operator `who` decided, from `frontend`: cli or
+    dashboard); one line of what was done."""
     state, node = updater.state, updater.settings.node.id
     item = _item(updater, _the_held(state, list_id, version))
     target = updater.settings.resolve(item.path)
@@ -220,7 +224,7 @@ def confirm(updater: Updater, list_id: str, version: int, who: str) -> str:
     detail = (f"confirmed by {who}: installed {target.name} version {version} (was "
               f"{previous}), held for {held.trigger}: {held.reason}; entries={m.entries} "
               f"manifest-sha256={digest[:16]}")
-    updater._emit(Event("list-confirmed", node, frontend="cli", list=list_id,
+    updater._emit(Event("list-confirmed", node, frontend=frontend, list=list_id,
                         version=version, action="confirm", detail=detail[:500]))
     log.warning("list %s: held version %s confirmed by %s and installed (was %s)",
                 list_id, version, who, previous)
@@ -231,8 +235,10 @@ def confirm(updater: Updater, list_id: str, version: int, who: str) -> str:
             "(updates.interval), or at once on SIGHUP (systemctl reload)")
 
 
-def reject(updater: Updater, list_id: str, version: int, who: str) -> str:
-    """Drop the held version (the operator `who` decided); one line of what was done."""
+def reject(updater: Updater, list_id: str, version: int, who: str, *,
+           frontend: str = "cli") -> str:
+    """Drop the held version (the operator `who` decided, from `frontend`: cli or
+    dashboard); one line of what was done."""
     state = updater.state
     _the_held(state, list_id, version)
     with updater._locked() as locked:
@@ -242,7 +248,7 @@ def reject(updater: Updater, list_id: str, version: int, who: str) -> str:
         state.reject(held, who, updater.clock())
         held.path.unlink(missing_ok=True)
     detail = f"rejected by {who}: held for {held.trigger}: {held.reason}"
-    updater._emit(Event("list-rejected", updater.settings.node.id, frontend="cli",
+    updater._emit(Event("list-rejected", updater.settings.node.id, frontend=frontend,
                         list=list_id, version=version, action="reject", detail=detail[:500]))
     log.warning("list %s: held version %s rejected by %s", list_id, version, who)
     in_force = state.installed(list_id)

@@ -1,5 +1,6 @@
-"""The operator dashboard's accounts and its session secret, both in the node's state
-directory (where the list state is), each a 0600 file written whole (temp file, rename).
+"""The operator dashboard's accounts (`web.accounts`, else in the node's state
+directory, where the list state is) and its session secret (in the state directory),
+each a 0600 file written whole (temp file, rename).
 
 Accounts are made on the command line only (`netfilter user add NAME`): nothing on the
 web creates one. Passwords are kept as argon2id hashes (argon2-cffi's defaults); a
@@ -51,8 +52,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def session_secret(settings: Settings) -> bytes:
-    """The key that signs the dashboard's cookies: made on first use, then kept (a
-    restart does not log everyone out; deleting the file does)."""
+    """The key that signs the dashboard's cookies: made on first use (32 random bytes,
+    0600), then kept; never logged. The sessions themselves live in the node's memory
+    and end with it; a login form opened before a restart still works after it."""
     path = state_dir(settings) / SECRET_NAME
     try:
         data = path.read_bytes()

@@ -310,9 +310,9 @@ class AdminSite:
         self.accounts = accounts or Accounts.for_settings(settings)
         try:
             secret = session_secret(settings)
-        except OSError as e:  # a read-only state directory: sessions end with the process
+        except OSError as e:  # a read-only state directory: a key of this process only
             log.warning("admin: no session key kept in the state directory (%s); "
-                        "a restart will log everyone out", e)
+                        "this process signs with a key of its own", e.strerror or e)
             secret = secrets.token_bytes(32)
         self.signer = TimestampSigner(secret, salt="netfilter-admin")
         self.sessions = Sessions()
@@ -331,6 +331,7 @@ class AdminSite:
         self._aggregates: Aggregates | None = None
         self._hashing = asyncio.Semaphore(MAX_HASHING)
         self._waiting = 0
+        self._closed = False
         self.env = Environment(loader=FileSystemLoader(str(TEMPLATES)), auto_reload=False,
                                autoescape=select_autoescape(default=True,
                                                             default_for_string=True),
@@ -345,8 +346,11 @@ class AdminSite:
 
     def close(self) -> None:
         logging.getLogger().removeHandler(self.ring)
-        self._worker.submit(self._close_store)
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.submit(self._close_store)  # after the reads in flight
+        self._worker.shutdown(wait=True)
 
     def _close_store(self) -> None:
         if self._store is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real (dig, kdig, unbound
-# with its Python module, dnsperf, curl, wrk, headless Chromium, iptables, squid, c-icap), when they are missing. Needs root for apt-get;
+# with its Python module, dnsperf, curl, wrk, headless Chromium, npm, iptables, squid, c-icap), when they are missing. Needs root for apt-get;
 # without it, it says what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 need=()
@@ -13,6 +13,7 @@ command -v dnsdist >/dev/null 2>&1 || need+=(dnsdist)  # a DoT reference in benc
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v npm >/dev/null 2>&1 || need+=(npm)  # axe-core for the browser tests (scripts/axe-core.sh)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # the transparent-proxy test
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # scrapes a node in a test
 command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || need+=(squid)  # the Squid helper and ICAP tests

@@ -18,11 +18,11 @@ from netfilter.audit.note import Note, Signer, Verifier, open_note, sign
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore
 from netfilter.audit.tiles import tile_path, write_tiles
-from netfilter.audit.tileserver import serve_tiles
 from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.errors import NetfilterError
 from netfilter.events import Event
 from netfilter.keys import generate_keypair, load_private_key
+from netfilter.web.tiles import serve_tiles
 
 ORIGIN = "gw-test.example"
 

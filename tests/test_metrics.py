@@ -24,9 +24,11 @@ from netfilter.audit.log import AuditLog
 from netfilter.config import load_config
 from netfilter.dns.udp import relay_built
 from netfilter.engine import Engine
-from netfilter.metrics import BUCKETS, LatencyHistogram, MetricsServer, for_node
+from netfilter.metrics import BUCKETS, LatencyHistogram, for_node
 from netfilter.node import make_engine
 from netfilter.stoppage.server import StopPageServer
+from netfilter.web.metrics import MetricsSite
+from netfilter.web.server import Standalone, bind_tcp
 from tests.conftest import BuildBundle
 from tests.dns_support import (
     DEMO_ALLOW,
@@ -142,7 +144,8 @@ def test_refused_reload_is_counted(engine: Engine, tmp_path: Path) -> None:
 
 
 def test_health_endpoints(engine: Engine) -> None:
-    server = MetricsServer(for_node(engine), HOST, 0)
+    site = MetricsSite(for_node(engine))
+    server = Standalone([site.listener(bind_tcp(HOST, 0))])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     base = f"http://{HOST}:{server.server_address[1]}"
@@ -155,6 +158,7 @@ def test_health_endpoints(engine: Engine) -> None:
     finally:
         server.shutdown()
         server.server_close()
+        site.close()
 
 
 def test_stop_page_requests_and_latency(engine: Engine) -> None:

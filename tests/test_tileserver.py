@@ -1,10 +1,11 @@
-"""The tiles' read-only HTTP server (and the same tests on the web stack, as `netfilter
-serve` serves them): what it serves and refuses, keep-alive, and that
-idle connections hold no thread and are closed after the timeout; and `netfilter
-audit tiles --listen` serving a real log.
+"""The tiles over HTTP on the web stack, as `netfilter audit tiles --listen` runs them
+(`TileServer`: a loop of its own) and as `netfilter serve` does (a listener beside
+others on its loop): what they serve and refuse, keep-alive, and that idle
+connections hold no thread and are closed after the timeout; and `netfilter audit
+tiles --listen` serving a real log.
 
-A real TileServer on 127.0.0.1 port 0 in a thread; clients are real sockets and
-http.client, some from 127.0.0.2 and others of 127/8 (Linux loopback is all of it).
+Servers on 127.0.0.1 port 0 in a thread; clients are real sockets and http.client,
+some from 127.0.0.2 and others of 127/8 (Linux loopback is all of it).
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import pytest
 
 from netfilter.audit.log import AuditLog, load_node_key
 from netfilter.audit.store import AuditStore
-from netfilter.audit.tileserver import TileServer
 from netfilter.events import Event
 from netfilter.slots import Slots
-from netfilter.web.app import build_app
-from netfilter.web.server import Limits, Listener, WebServer
-from netfilter.web.tiles import TilesApp
+from netfilter.web.server import Limits, WebServer
+from netfilter.web.tiles import TileServer, tiles_listener
 from tests.support import connect_from, free_port, wait_for
 
 CHECKPOINT = b"tiles-test.example\n3\nAAAA\n\n\xe2\x80\x94 tiles-test.example xyz\n"
@@ -65,16 +64,17 @@ def _start(server: TileServer) -> Iterator[TileServer]:
         assert not thread.is_alive()
 
 
+LIMITS = Limits(64, 8, 1.0, 1.0, max_requests=100)
+
+
 class WebTiles:
-    """The tiles on the web stack, as `netfilter serve` runs them (tile_routes behind
-    the guard), in a thread of its own with its own loop."""
+    """The tiles' listener as `netfilter serve` runs it (a WebServer started on a loop
+    that serves other things too), here a loop in a thread of its own."""
 
     def __init__(self, directory: Path) -> None:
         sock = socket.create_server(("127.0.0.1", 0))
         self.server_address = sock.getsockname()[:2]
-        self.server = WebServer([Listener("audit tiles", sock,
-                                          build_app([], fallback=TilesApp(directory)),
-                                          Limits(64, 8, 1.0, 1.0))])
+        self.server = WebServer([tiles_listener(directory, sock, LIMITS)])
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -91,12 +91,11 @@ class WebTiles:
         self.loop.close()
 
 
-@pytest.fixture(params=["httpd", "web"])
+@pytest.fixture(params=["audit-tiles", "serve"])
 def served(tiles: Path, request: pytest.FixtureRequest) -> Iterator[TileServer | WebTiles]:
-    """The tiles served by `netfilter audit tiles --listen` (httpd) and by serve (web)."""
-    if request.param == "httpd":
-        yield from _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_connections=64,
-                                     max_per_client=8))
+    """The tiles served by `netfilter audit tiles --listen` and by serve."""
+    if request.param == "audit-tiles":
+        yield from _start(TileServer(tiles, "127.0.0.1", 0, limits=LIMITS))
         return
     web = WebTiles(tiles)
     try:
@@ -170,7 +169,8 @@ def test_read_only_and_malformed(served: TileServer | WebTiles) -> None:
 
 
 def test_keep_alive_bounded(tiles: Path) -> None:
-    for server in _start(TileServer(tiles, "127.0.0.1", 0, timeout=1.0, max_requests=4)):
+    limits = Limits(header_timeout=1.0, max_requests=4)
+    for server in _start(TileServer(tiles, "127.0.0.1", 0, limits=limits)):
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
         try:
             conn.request("GET", "/checkpoint")

@@ -5,9 +5,9 @@ hot path touches a metrics library. At a scrape, `NodeMetrics` reads them and
 prometheus-client renders the families: plain counters of a part become
 `netfilter_<part>_<name>_total` (gauges `netfilter_<part>_<name>`), and `for_node` adds
 the labelled families (requests by front-end and verdict, blocks by list, category and
-action, latency per front-end, upstream errors, lists, audit, reloads). `MetricsServer`
-serves `/metrics`, `/healthz` (alive) and `/readyz` (ready for traffic) on
-`metrics.listen`, with the connection limits of every small server of the node.
+action, latency per front-end, upstream errors, lists, audit, reloads). The web stack
+serves them (`netfilter.web.metrics`): `/metrics`, `/healthz` (alive) and `/readyz`
+(ready for traffic) on `metrics.listen`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,10 +26,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from netfilter.childmetrics import ChildCounters, merged
-from netfilter.httpd import ReadOnlyServer, Resource
 from netfilter.latency import BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
     from netfilter.engine import Engine
     from netfilter.stoppage.server import StopPageServer
 
-__all__ = ["LatencyHistogram", "MetricsServer", "NodeMetrics", "for_node"]
+__all__ = ["LatencyHistogram", "NodeMetrics", "for_node"]
 
 Source = Callable[[], Mapping[str, int | float]]
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
@@ -414,38 +412,3 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
     if tiles is not None:
         metrics.add("tiles", tiles.stats.copy)
     return metrics
-
-
-# ---------------------------------------------------------------- HTTP
-
-
-_TEXT: list[tuple[str, str]] = [("Content-Type", "text/plain; charset=utf-8"),
-                                ("Cache-Control", "no-store")]
-
-
-class MetricsServer(ReadOnlyServer):
-    """`/metrics`, `/healthz` and `/readyz` over HTTP (call serve_forever in a thread of
-    its own). /healthz: the process answers. /readyz: 200 when every readiness check
-    passes, else 503 naming the ones that fail (for load balancers)."""
-
-    name = "metrics"
-
-    def __init__(self, metrics: NodeMetrics, host: str, port: int, **limits: Any) -> None:
-        self.metrics = metrics
-        super().__init__(host, port, **limits)
-
-    def resource(self, path: str) -> Resource | None:
-        if path == "/metrics":
-            return self.metrics.render(), [("Content-Type", CONTENT_TYPE_LATEST),
-                                           ("Cache-Control", "no-store")]
-        if path == "/healthz":
-            return b"ok\n", list(_TEXT)
-        return None
-
-    def resource_status(self, path: str) -> tuple[int, bytes, list[tuple[str, str]]] | None:
-        if path == "/readyz":
-            failing = self.metrics.not_ready()
-            if failing:
-                return 503, f"not ready: {', '.join(failing)}\n".encode(), list(_TEXT)
-            return 200, b"ready\n", list(_TEXT)
-        return super().resource_status(path)

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,11 @@ from netfilter.config import Settings, StoppageSettings, load_config, parse_host
 from netfilter.configcheck import bind_probe, check_config
 from netfilter.engine import Engine
 from netfilter.errors import ConfigError, ListenError, NetfilterError
-from netfilter.metrics import MetricsServer, for_node
+from netfilter.metrics import for_node
 from netfilter.node import make_engine
 from netfilter.stoppage.render import blocked_by_url
 from netfilter.web.admin import AdminSite, admin_body
+from netfilter.web.metrics import MetricsSite
 from netfilter.web.server import Listener, WebServer
 from netfilter.web.transparency import TransparencySource
 
@@ -170,7 +170,7 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
     and the transparency page's source, and the dashboard (its routes beside theirs)."""
     from netfilter.web.app import build_app
     from netfilter.web.public import transparency_routes
-    from netfilter.web.tiles import TilesApp
+    from netfilter.web.tiles import tiles_listener
 
     tiles_url = None
     if listeners.tiles is not None:
@@ -188,8 +188,7 @@ def _web(settings: Settings, engine: Engine, listeners: Listeners) -> tuple[
     if listeners.tiles is not None and audit is not None and audit.tiles is not None:
         directory = settings.resolve(audit.tiles)
         directory.mkdir(parents=True, exist_ok=True)
-        tiles = Listener("audit tiles", listeners.tiles,
-                         build_app([], fallback=TilesApp(directory)))
+        tiles = tiles_listener(directory, listeners.tiles)
         served.append(tiles)
     return WebServer(served), public if listeners.web is None else [], tiles, source, admin
 
@@ -208,8 +207,10 @@ def _updater(settings: Settings, engine: Engine,
 
 def _serve_metrics(engine: Engine, parts: list[object], tiles: Listener | None,
                    sock: socket.socket | None,
-                   updater: Updater | None = None) -> MetricsServer | None:
-    """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz."""
+                   updater: Updater | None = None) -> tuple[WebServer, MetricsSite] | None:
+    """The parts' counters for Prometheus on `metrics.listen`, /healthz and /readyz: a
+    listener of the web stack on this loop (start it); a scrape's blocking work runs on
+    the site's thread (see netfilter.web.metrics)."""
     if sock is None:
         return None
     metrics = for_node(engine, parts, tiles)
@@ -218,12 +219,8 @@ def _serve_metrics(engine: Engine, parts: list[object], tiles: Listener | None,
             {"consecutive_failures", "last_check_timestamp_seconds",
              "held_versions"}))
         metrics.add_families(lambda: _held(updater))
-    host, port = sock.getsockname()[:2]
-    server = MetricsServer(metrics, host, port, sock=sock)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics: serving /metrics, /healthz and /readyz on %s port %d", host,
-             server.server_address[1])
-    return server
+    site = MetricsSite(metrics)
+    return WebServer([site.listener(sock)]), site
 
 
 def _held(updater: Updater) -> Iterator[Metric]:
@@ -416,7 +413,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                                            sock=listeners.icap)))
     if settings.proxy is not None and "proxy" in parts:
         servers.append(("proxy", ProxyProcess(settings.proxy, config_path, settings.base)))
-    metrics: MetricsServer | None = None
+    metrics: tuple[WebServer, MetricsSite] | None = None
     updater = _updater(settings, engine, lambda ids: loop.call_soon_threadsafe(reload))
     started: list[DnsServer | DnsWorkers | EncryptedDns | StopPageServer | IcapServer
                   | ProxyProcess] = []
@@ -430,6 +427,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
                 raise ListenError.cannot_start(name, e) from None
         metrics = _serve_metrics(engine, [s for _, s in servers], tiles, listeners.metrics,
                                  updater)
+        if metrics is not None:
+            await metrics[0].start()
         if updater is not None:
             updater.start()
         admin.attach([s for _, s in servers], tiles, updater)
@@ -447,8 +446,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         admin.close()
         source.close()
         if metrics is not None:
-            metrics.shutdown()
-            metrics.server_close()
+            await metrics[0].stop()
+            metrics[1].close()
 
 
 def serve(settings: Settings, parts: Sequence[str] = (), *,

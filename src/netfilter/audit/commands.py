@@ -15,7 +15,6 @@ from netfilter.audit.proofs import proof_record
 from netfilter.audit.report import authority_export, build_report, render
 from netfilter.audit.store import AuditStore, keys_path
 from netfilter.audit.tiles import write_tiles
-from netfilter.audit.tileserver import serve_tiles
 from netfilter.audit.verify import VerifyReport, checkpoint_origin, verify_log
 from netfilter.audit.witness import add_cosignatures, with_cosignatures
 from netfilter.config import load_config, parse_hostport
@@ -140,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         size = write_tiles(store, args.out)
         print(f"wrote tlog-tiles of {size} events to {args.out}")
         if args.listen:
+            from netfilter.web.tiles import serve_tiles  # the web stack: only when serving
+
             host, port = parse_hostport(args.listen)
             try:
                 server = serve_tiles(args.out, host, port)

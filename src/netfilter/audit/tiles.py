@@ -9,7 +9,7 @@ Tiles cover the tree of the latest checkpoint. An event whose body retention rem
 is served as an empty entry; its leaf hash stays in the level-0 tile, so the tree
 still verifies. `write_tiles` fills a static directory any web server can serve
 (files 0644, directories 0755: tiles are public by design);
-`tileserver.serve_tiles` is a small read-only HTTP server for it.
+`netfilter.web.tiles` serves it read-only over HTTP (on the node's web stack).
 
 The tiles of a log are append-only, so `write_tiles` writes only what changed since
 the checkpoint the directory holds: the new full tiles and the partial ones, from the

@@ -10,6 +10,9 @@ buffered here, at most `MAX_HEAD` bytes within its deadline, read strictly
 be read is answered here (400, 408, 431, 505) and closed. The stack's protocol is made
 for a connection only when its first head is whole: slow clients never reach it.
 
+A connection may be given a number of requests (`max_requests`): the last is handed
+over with `Connection: close`, so the stack answers it and closes.
+
 A request body goes to the stack only where the route wants it (`keeps_body`), at most
 `max_body` bytes; the stop page never reads one, so its bodies are dropped here. When
 the stack closes a connection, the guard half-closes and drains briefly first: closing
@@ -115,7 +118,7 @@ class Guard(asyncio.Protocol):
     def __init__(self, inner: Callable[[], asyncio.Protocol], slots: Slots,
                  stats: Counter[str], *, keeps_body: Callable[[Request], bool],
                  registry: set[Guard], max_body: int = MAX_BODY,
-                 answer_silent: bool = False) -> None:
+                 answer_silent: bool = False, max_requests: int = 0) -> None:
         self._make_inner = inner
         self._slots = slots
         self._stats = stats
@@ -123,6 +126,7 @@ class Guard(asyncio.Protocol):
         self._registry = registry
         self._max_body = max_body
         self._answer_silent = answer_silent  # a 408 also to one that sent nothing
+        self._max_requests = max_requests  # per connection; 0: as many as it likes
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._slot: Slot | None = None
@@ -213,6 +217,8 @@ class Guard(asyncio.Protocol):
 
     def _head(self, data: bytes) -> bytes:
         """Take bytes of a head; hand a whole one over. Returns what follows it."""
+        if 0 < self._max_requests <= self._handed:  # after the last: dropped
+            return b""
         if self._timer is None:  # a later head on a kept-alive connection begins
             self._arm()
         seen = len(self._buffer)  # scanned already: a head trickled in is scanned once
@@ -269,12 +275,18 @@ class Guard(asyncio.Protocol):
         """Give the stack the head: as received when it is in canonical form already
         (CRLF, origin-form, no body dropped here), else rewritten (`head.canonical`)."""
         dropped = not keep and bool(request.get("content-length"))
-        if (dropped or not request.target.startswith("/") or head[:1] in (b"\r", b"\n")
-                or head.count(b"\n") != head.count(b"\r\n")):
+        last = 0 < self._max_requests <= self._handed + 1  # the stack answers, then closes
+        if (dropped or last or not request.target.startswith("/")
+                or head[:1] in (b"\r", b"\n") or head.count(b"\n") != head.count(b"\r\n")):
             if dropped:
                 request = Request(request.method, request.target, request.version,
                                   request.fields,
                                   [f for f in request.raw if f[0] != b"content-length"])
+            if last:
+                request = Request(
+                    request.method, request.target, request.version,
+                    [*(f for f in request.fields if f[0] != "connection"), ("connection", "close")],
+                    [*(f for f in request.raw if f[0] != b"connection"), (b"connection", b"close")])
             head = canonical(request)
         if self._inner is None:
             assert self._transport is not None

@@ -5,7 +5,9 @@ uvicorn's `Server.serve` is not used: it would bind, install signal handlers and
 loop's lifetime, all of which belong to `netfilter serve`. Its protocol class is made
 per connection by the guard instead, on the loop that is running (uvloop under serve).
 One `WebServer` serves any number of listeners, each with its own app, limits and
-counters; nothing is logged per request (no client addresses, no names).
+counters; nothing is logged per request (no client addresses, no names). A command that
+serves nothing else (`netfilter audit tiles --listen`) runs one on a loop of its own
+(`Standalone`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import math
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from netfilter.slots import Slots
 from netfilter.web.guard import MAX_BODY, Guard
 from netfilter.web.head import Request
 
-__all__ = ["Limits", "Listener", "WebServer"]
+__all__ = ["SMALL", "Limits", "Listener", "Standalone", "WebServer", "bind_tcp"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ class Limits:
     busy_header_timeout: float = 2.0
     max_body: int = MAX_BODY
     answer_silent: bool = False  # a 408 also to a connection that sent nothing in time
+    max_requests: int = 0  # per connection, the last answered with Connection: close; 0: any
+
+
+# the node's small read-only listeners (metrics, audit tiles): fewer clients than the
+# stop page, at most 100 requests per connection
+SMALL = Limits(max_clients=256, max_clients_per_address=16, max_requests=100)
 
 
 def _no_body(_request: Request) -> bool:
@@ -108,7 +117,8 @@ class WebServer:
                         inner: Callable[[], asyncio.Protocol] = inner) -> Guard:
                 return Guard(inner, slots, listener.stats, keeps_body=listener.keeps_body,
                              registry=self._guards, max_body=listener.limits.max_body,
-                             answer_silent=listener.limits.answer_silent)
+                             answer_silent=listener.limits.answer_silent,
+                             max_requests=listener.limits.max_requests)
 
             if self._clock is None:
                 self._tick()
@@ -136,3 +146,68 @@ class WebServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers = []
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when `host` has a colon); OSError when
+    the address cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+class Standalone:
+    """A `WebServer` on a loop of its own, for what serves nothing else: `serve_forever`
+    in the calling thread (the main one, or one of its own) until `shutdown` from
+    another thread or Ctrl-C; `server_close` closes the sockets. `server_address` is
+    the first listener's."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.listeners = listeners
+        self.web = WebServer(listeners)
+        self.server_address: tuple[str, int] = listeners[0].sock.getsockname()[:2]
+        self._lock = threading.Lock()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._done = threading.Event()
+
+    @property
+    def slots(self) -> Slots:
+        """The first listener's connections (once serving)."""
+        return self.web.slots[0]
+
+    @property
+    def stats(self) -> Counter[str]:
+        return self.listeners[0].stats
+
+    def serve_forever(self) -> None:
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._done.set()
+
+    async def _main(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            stop = self._stop
+        try:
+            await self.web.start()
+            await stop.wait()
+        finally:
+            await self.web.stop()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait (bounded) until it has returned."""
+        with self._lock:
+            self._closing = True
+            loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(stop.set)
+            self._done.wait(5.0)
+
+    def server_close(self) -> None:
+        for listener in self.listeners:
+            listener.sock.close()

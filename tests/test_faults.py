@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -472,7 +473,9 @@ def test_origin_fault_moves_a_metric(rig: Rig, mode: str) -> None:
 def test_a_stalled_proxy_child_costs_a_scrape_one_second(rig: Rig) -> None:
     """The proxy's counters come from its mitmdump child at each scrape. A child that
     does not answer (stopped here with SIGSTOP) must not stall /metrics beyond the
-    ask's bound, nor leave /readyz saying ready; once it runs again, both are back."""
+    ask's bound, nor leave /readyz saying ready; once it runs again, both are back.
+    While a scrape waits for it, DNS answers and /healthz do not (the metrics listener
+    shares serve's loop; a scrape's waiting is done on a thread of its own)."""
     service = rig.service
     found = re.search(r"mitmdump pid (\d+)", service.log())
     assert found, service.log()
@@ -480,8 +483,20 @@ def test_a_stalled_proxy_child_costs_a_scrape_one_second(rig: Rig) -> None:
     assert service.get("/readyz")[0] == 200
     os.kill(child, signal.SIGSTOP)
     try:
+        scraped: list[tuple[int, str]] = []
+        scraping = threading.Thread(target=lambda: scraped.append(service.get("/metrics")))
+        started = time.monotonic()
+        scraping.start()
+        time.sleep(0.2)  # the scrape is asking the stopped child now
+        [answer] = ask(service.dns_port, ["blocked.example"])  # decided on serve's loop
+        assert answer.rcode == dns.rcode.NXDOMAIN and answer.seconds < 0.5, answer
+        healthz = time.monotonic()
+        assert service.get("/healthz") == (200, "ok\n")
+        assert time.monotonic() - healthz < 0.5
+        scraping.join(10)
         # get() gives up after 5 s: without the ask's bound (1 s) this would hang
-        status, text = service.get("/metrics")
+        assert scraped and time.monotonic() - started < 3.0
+        status, text = scraped[0]
         assert status == 200 and "netfilter_requests_total" in text
         assert "netfilter_proxy_requests_total" not in text  # the child's families left out
         assert service.get("/readyz") == (503, "not ready: proxy\n")

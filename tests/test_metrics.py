@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import socket
 import threading
 import time
 import urllib.error
@@ -18,13 +19,14 @@ import dns.message
 import dns.rcode
 import pytest
 import yaml
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from netfilter.audit.log import AuditLog
 from netfilter.config import load_config
 from netfilter.dns.udp import relay_built
 from netfilter.engine import Engine
-from netfilter.metrics import BUCKETS, LatencyHistogram, for_node
+from netfilter.metrics import BUCKETS, LatencyHistogram, NodeMetrics, for_node
 from netfilter.node import make_engine
 from netfilter.stoppage.server import StopPageServer
 from netfilter.web.metrics import MetricsSite
@@ -40,7 +42,7 @@ from tests.dns_support import (
     start_all,
     udp,
 )
-from tests.support import small_tmpfs
+from tests.support import connect_from, small_tmpfs
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -143,22 +145,103 @@ def test_refused_reload_is_counted(engine: Engine, tmp_path: Path) -> None:
     assert value(samples, "netfilter_list_version", list="auth", source="authority") == 3
 
 
-def test_health_endpoints(engine: Engine) -> None:
-    site = MetricsSite(for_node(engine))
+@contextlib.contextmanager
+def served(metrics: NodeMetrics) -> Iterator[Standalone]:
+    """`metrics` on the listener of metrics.listen (its limits), on a loop of its own."""
+    site = MetricsSite(metrics)
     server = Standalone([site.listener(bind_tcp(HOST, 0))])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    base = f"http://{HOST}:{server.server_address[1]}"
     try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        site.close()
+        thread.join(5)
+
+
+def test_health_endpoints(engine: Engine) -> None:
+    with served(for_node(engine)) as server:
+        base = f"http://{HOST}:{server.server_address[1]}"
         assert get(f"{base}/healthz") == (200, "ok\n")
         assert get(f"{base}/readyz") == (200, "ready\n")
         status, text = get(f"{base}/metrics")
         assert status == 200 and "netfilter_reloads_total" in text
         assert get(f"{base}/health")[0] == 404  # renamed to /healthz
-    finally:
-        server.shutdown()
-        server.server_close()
-        site.close()
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+            assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+            assert response.headers["Cache-Control"] == "no-store"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_blocking_scrape_holds_neither_the_loop_nor_a_thread_per_request() -> None:
+    """A scrape's blocking work (asking a stalled child: 1 s) runs off the loop, so
+    /healthz answers meanwhile; scrapes that come together share the next run."""
+    metrics = NodeMetrics()
+    asked: list[float] = []
+
+    def stalled_child() -> None:
+        asked.append(time.monotonic())
+        time.sleep(1.0)
+
+    metrics.add_refresh(stalled_child)
+    with served(metrics) as server:
+        base = f"http://{HOST}:{server.server_address[1]}"
+        results: list[tuple[int, str]] = []
+        scrapes = [threading.Thread(target=lambda: results.append(get(f"{base}/metrics")))
+                   for _ in range(8)]
+        started = time.monotonic()
+        for thread in scrapes:
+            thread.start()
+        time.sleep(0.2)
+        assert get(f"{base}/healthz") == (200, "ok\n")
+        assert time.monotonic() - started < 0.7
+        for thread in scrapes:
+            thread.join(10)
+        assert [status for status, _ in results] == [200] * 8
+        assert len(asked) == 2  # the first, and one for all that came while it ran
+        assert time.monotonic() - started < 3.0
+
+
+def test_limits_hold_on_the_metrics_listener(engine: Engine) -> None:
+    """A slowloris from one address (heads begun, never finished) and silent
+    connections from many cost them their own oldest connections, never another
+    client its scrape."""
+    with served(for_node(engine)) as server:
+        port = server.server_address[1]
+        held: list[socket.socket] = []
+        try:
+            for _ in range(40):  # one address: at most 16 of these stay
+                sock = connect_from(port, "127.0.0.2")
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                held.append(sock)
+            for i in range(300):  # 30 addresses sending nothing: more than the 256 slots
+                held.append(connect_from(port, f"127.0.0.{10 + i // 10}"))
+            start = time.monotonic()
+            conn = http.client.HTTPConnection(HOST, port, timeout=5,
+                                              source_address=("127.0.0.3", 0))
+            try:
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                assert response.status == 200 and b"netfilter_reloads_total" in response.read()
+            finally:
+                conn.close()
+            assert time.monotonic() - start < 1.0
+            assert len(server.slots) <= 256
+            closed = 0
+            for sock in held[:40]:  # evicted for the same address's newer ones
+                sock.settimeout(0.5)
+                try:
+                    closed += sock.recv(1) == b""
+                except ConnectionResetError:
+                    closed += 1
+                except TimeoutError:
+                    pass
+            assert closed >= 40 - 16
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_stop_page_requests_and_latency(engine: Engine) -> None:

@@ -190,6 +190,21 @@ def test_keep_alive_bounded(tiles: Path) -> None:
             conn.close()
 
 
+def test_kept_alive_answers_wait_for_no_delayed_ack(served: TileServer | WebTiles) -> None:
+    """An answer's head and body are written apart: without TCP_NODELAY (which asyncio's
+    own loop does not set on sockets bound before it) each answer on a kept-alive
+    connection would wait ~40 ms for the client's delayed ACK."""
+    conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=5)
+    try:
+        start = time.monotonic()
+        for _ in range(20):
+            conn.request("GET", "/checkpoint")
+            assert conn.getresponse().read() == CHECKPOINT
+        assert time.monotonic() - start < 0.6  # ~0.8 s and more with Nagle's algorithm
+    finally:
+        conn.close()
+
+
 def test_logs_nothing_per_request(served: TileServer | WebTiles, caplog: pytest.LogCaptureFixture,
                                   capfd: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG)

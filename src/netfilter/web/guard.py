@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable
 from email.utils import formatdate
@@ -59,6 +60,17 @@ def error_answer(status: int) -> bytes:
                          "Content-Type: text/plain; charset=utf-8", "Cache-Control: no-store",
                          "X-Content-Type-Options: nosniff", f"Content-Length: {len(body)}",
                          "Connection: close", "", ""]).encode("ascii") + body)
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY: the stack writes an answer's head and body apart, and with Nagle's
+    algorithm on, a kept-alive connection's body waits for the client's delayed ACK
+    (40 ms). uvloop sets it on every TCP connection; asyncio's own loop only on sockets
+    it opened itself, not on ours (bound before the loop: proto 0)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Timer:
@@ -154,6 +166,7 @@ class Guard(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one
         self._transport = transport = cast(asyncio.Transport, transport)
         self._registry.add(self)
+        _no_delay(transport)
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else None
         self._stats["connections"] += 1

@@ -11,6 +11,7 @@ reached, the tests that need it skip with one line naming the cause.
 from __future__ import annotations
 
 import fcntl
+import re
 import shutil
 import subprocess
 import sys
@@ -55,9 +56,13 @@ def dohclient_python() -> Path:
             pytest.skip(f"dnspython[doh] venv: pip install took over {INSTALL_BOUND:.0f} s")
         if pip.returncode != 0:
             output = (pip.stdout + pip.stderr).strip()
-            last = output.splitlines()[-1] if output else f"exit {pip.returncode}"
-            if any(trouble in output for trouble in NETWORK_TROUBLE):
-                pytest.skip(f"dnspython[doh] venv: no package index reachable: {last}")
+            lines = output.splitlines()
+            cause = next((line.strip() for trouble in NETWORK_TROUBLE for line in lines
+                          if trouble in line), None)  # the first kind of trouble listed wins
+            if cause is not None and (errno := re.search(r"\[Errno -?\d+\][^'\")]*", cause)):
+                cause = errno.group(0)  # "[Errno 111] Connection refused", not pip's repr
+            if cause is not None:
+                pytest.skip(f"dnspython[doh] venv: no package index reachable: {cause[:200]}")
             pytest.fail(f"dnspython[doh] venv: pip install {REQUIREMENT!r} failed:\n{output}")
         check = subprocess.run([str(python), "-c", "import dns.query; assert dns.query.have_doh"],
                                capture_output=True, text=True, timeout=60, check=False)

@@ -67,3 +67,12 @@ def build(tmp_path: Path, authority_key: PrivateKey) -> BuildBundle:
         return out
 
     return _build
+
+
+@pytest.fixture(scope="session")
+def dohclient_python() -> Path:
+    """The python of a venv of its own with dnspython[doh] (tests/dohclient_venv.py),
+    made once under .cache/; the test skips when no package index can be reached."""
+    from tests.dohclient_venv import dohclient_python as make
+
+    return make()

@@ -1,8 +1,8 @@
 """DNS over HTTPS (RFC 8484): `netfilter serve dns` with a DoH listener, in front of a
 real unbound, asked by real clients on loopback: kdig +https (HTTP/2, POST and GET),
-httpx (HTTP/1.1 and HTTP/2, GET and POST; dnspython's own DoH client needs httpx2,
-which the dev environment cannot have beside mitmproxy 11.0), h2 and http.client for
-the requests a DNS client would not send.
+httpx (HTTP/1.1 and HTTP/2, GET and POST), dnspython's own DoH client (dns.query.https,
+in a venv of its own: its httpx2 cannot live beside mitmproxy 11.0), h2 and http.client
+for the requests a DNS client would not send.
 
 Blocked names get the answer UDP gives, Extended DNS Error included; a bad request gets
 a plain HTTP error (400, 404, 405, 413, 415) and the connection and server go on; the
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import random
 import re
 import socket
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +157,39 @@ def test_big_answer_is_not_truncated(server: EncryptedNetfilter) -> None:
     response = doh(server, dns.message.make_query("huge.clean.example", "TXT"), post=True,
                    version=H2)
     assert not response.flags & dns.flags.TC and len(response.answer[0]) == 12
+
+
+# ---------------------------------------------------------------- dnspython's DoH client
+
+
+def test_dnspython_doh_client(server: EncryptedNetfilter, dohclient_python: Path) -> None:
+    """dns.query.https from dnspython[doh] (its own venv, tests/dohclient_script.py):
+    GET and POST over HTTP/2 and HTTP/1.1; a blocked name gets UDP's answer, EDE
+    included; a clean name gets unbound's data."""
+    blocked = dns.message.make_query("blocked.example", "A", use_edns=0)
+    clean = dns.message.make_query("clean.example", "A", use_edns=0)
+    ways = [(post, version) for post in (True, False) for version in ("h2", "h1")]
+    cases = [{"query": base64.b64encode(q.to_wire()).decode(), "post": post, "http": version}
+             for q in (blocked, clean) for post, version in ways]
+    job = json.dumps({"port": server.doh_port, "cafile": str(server.cert), "cases": cases})
+    script = Path(__file__).with_name("dohclient_script.py")
+    done = subprocess.run([str(dohclient_python), str(script)], input=job,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert len(results) == len(cases)
+    over_udp = udp(blocked, server.port)
+    assert ede_of(over_udp)[0][0] == 16
+    for (post, version), got in zip(ways, results[:len(ways)], strict=True):
+        assert got["http_version"] == ("HTTP/2" if version == "h2" else "HTTP/1.1"), got
+        assert got["rcode"] == "NXDOMAIN" and got["answer"] == [], (post, version, got)
+        assert [tuple(e) for e in got["ede"]] == ede_of(over_udp), (post, version, got)
+        answer = dns.message.from_wire(base64.b64decode(got["wire"]))
+        assert blocked.is_response(answer) and answer.rcode() == over_udp.rcode()
+    for (post, version), got in zip(ways, results[len(ways):], strict=True):
+        assert got["http_version"] == ("HTTP/2" if version == "h2" else "HTTP/1.1"), got
+        assert got["rcode"] == "NOERROR" and got["ede"] == [], (post, version, got)
+        assert got["answer"] == ["192.0.2.10"], (post, version, got)
 
 
 # ---------------------------------------------------------------- bad requests

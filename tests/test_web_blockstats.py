@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from netfilter.audit.merkle import leaf_hash
 from netfilter.audit.store import AuditStore
 from netfilter.events import Event
@@ -72,3 +74,17 @@ def test_the_first_refresh_starts_at_the_window(tmp_path: Path) -> None:
     stats = BlockStats(store, days=30, max_scan=30)
     counts = stats.refresh(NOW)  # 30 leaves read: exactly the window's
     assert counts.complete and sum(counts.counts.values()) == 30
+
+
+def test_the_dashboard_counts_by_front_end_too_and_never_by_client(tmp_path: Path) -> None:
+    store = AuditStore(tmp_path / "audit.sqlite")
+    proxy = Event("block", "n", time="2026-12-05T12:00:00Z", frontend="proxy", list="demo",
+                  version=1, ref="DEMO-0001", category="csam", action="451",
+                  client="192.0.2.7", target="http://blocked.example/", count=2)
+    _append(store, NOW.date(), _block(), proxy)
+    counts = BlockStats(store, days=30, fields=("list", "category", "frontend")).refresh(NOW)
+    day = NOW.date().isoformat()
+    assert counts.counts == {(day, "demo", "csam", "dns"): 1, (day, "demo", "csam", "proxy"): 2}
+    for private in ("client", "target", "ref"):
+        with pytest.raises(ValueError, match=private):
+            BlockStats(store, fields=("list", private))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -50,7 +49,7 @@ from netfilter.config import Settings
 from netfilter.engine import Engine
 from netfilter.errors import NetfilterError
 from netfilter.web.accounts import Accounts, session_secret
-from netfilter.web.blockstats import DAYS
+from netfilter.web.blockstats import DAYS, BlockStats
 from netfilter.web.head import Request as HeadRequest
 
 __all__ = ["PREFIX", "AdminSite", "ErrorRing", "LoginLimiter", "admin_body"]
@@ -248,45 +247,6 @@ def charts(per_day: Iterable[tuple[str, str, int]], days: list[str],
     return out
 
 
-class Aggregates:
-    """Blocks per day, list, category and front-end, counted from the audit log as
-    `blockstats.BlockStats` counts for the public page (its window, at most `max_scan`
-    new leaves per refresh), but fresh at every request: only four fields of a block
-    event are read, never its client or target. Call from one thread at a time."""
-
-    def __init__(self, store: AuditStore, days: int, max_scan: int = 100_000) -> None:
-        self.store, self.days, self.max_scan = store, days, max_scan
-        self.counts: Counter[tuple[str, str, str, str]] = Counter()
-        self._next: int | None = None
-        self.complete = True
-
-    def refresh(self, now: datetime) -> dict[tuple[str, str, str, str], int]:
-        from netfilter.web.blockstats import _first_at_or_after
-
-        first_day = (now.date() - timedelta(days=self.days - 1)).isoformat()
-        size = self.store.size()
-        if self._next is None:
-            self._next = _first_at_or_after(self.store, first_day, size)
-        end = min(size, self._next + self.max_scan)
-        for leaf in self.store.leaves(self._next, end):
-            if leaf.event is None or leaf.day < first_day or b'"type":"block"' not in leaf.event:
-                continue
-            try:
-                event = json.loads(leaf.event)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("type") == "block":
-                count = event.get("count", 1)
-                key = (leaf.day, str(event.get("list") or ""),
-                       str(event.get("category") or ""), str(event.get("frontend") or ""))
-                self.counts[key] += count if isinstance(count, int) and count > 0 else 1
-        self._next = max(self._next, end)
-        self.complete = self._next >= size
-        for key in [k for k in self.counts if k[0] < first_day]:
-            del self.counts[key]
-        return dict(self.counts)
-
-
 def _stamp(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -333,7 +293,7 @@ class AdminSite:
         # The audit log is read by one thread of its own (its store, its counts).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         self._store: AuditStore | None = None
-        self._aggregates: Aggregates | None = None
+        self._aggregates: BlockStats | None = None
         self._hashing = asyncio.Semaphore(MAX_HASHING)
         self._waiting = 0
         self._closed = False
@@ -659,15 +619,14 @@ class AdminSite:
             self._store = AuditStore(path, create=False)
         return self._store
 
-    def _block_counts(self, now: datetime) -> tuple[dict[tuple[str, str, str, str], int],
-                                                    bool]:
+    def _block_counts(self, now: datetime) -> tuple[dict[tuple[str, ...], int], bool]:
         store = self._audit_store()
         if store is None:
             return {}, True
         if self._aggregates is None:
-            self._aggregates = Aggregates(store, DAYS)
+            self._aggregates = BlockStats(store, DAYS, fields=("list", "category", "frontend"))
         counts = self._aggregates.refresh(now)
-        return counts, self._aggregates.complete
+        return counts.counts, counts.complete
 
     async def blocks(self, request: Request, session: Session, _sid: str) -> Response:
         now = datetime.now(UTC)

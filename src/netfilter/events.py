@@ -28,7 +28,7 @@ class Event:
     type: EventType
     node: str
     time: str = ""
-    frontend: str | None = None  # dns | proxy | cli
+    frontend: str | None = None  # who decided: dns, proxy, stoppage, squid, icap; cli or dashboard for held versions
     list: str | None = None
     version: int | None = None
     ref: str | None = None

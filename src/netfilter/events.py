@@ -28,7 +28,8 @@ class Event:
     type: EventType
     node: str
     time: str = ""
-    frontend: str | None = None  # who decided: dns, proxy, stoppage, squid, icap; cli or dashboard for held versions
+    # who decided: dns, proxy, stoppage, squid, icap; cli or dashboard for a held version
+    frontend: str | None = None
     list: str | None = None
     version: int | None = None
     ref: str | None = None

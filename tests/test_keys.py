@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import multiprocessing
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from netfilter.audit.log import load_node_key
 from netfilter.errors import KeyFileError
 from netfilter.keys import generate_keypair, key_id, load_private_key, load_public_key
 
@@ -66,3 +69,32 @@ def test_other_key_types_are_refused(tmp_path: Path) -> None:
         load_private_key(private)
     with pytest.raises(KeyFileError, match="not an Ed25519 public key"):
         load_public_key(public)
+
+
+def _node_key_id(path: str, barrier: Any, out: Any) -> None:
+    barrier.wait(timeout=20)
+    try:
+        out.put(load_node_key(Path(path)).public.id)
+    except Exception as e:  # the test reports what a loser saw
+        out.put(f"error: {e}")
+
+
+def test_processes_starting_together_share_one_node_key(tmp_path: Path) -> None:
+    """DNS workers, Squid helper children and two serves on one state directory may all
+    start on a fresh node at once: each must load the one key made, none a half-written
+    file or an 'exists already' error."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = tmp_path / str(round_) / "node.key"
+        barrier, out = ctx.Barrier(6), ctx.Queue()
+        workers = [ctx.Process(target=_node_key_id, args=(str(path), barrier, out))
+                   for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        seen = {out.get(timeout=30) for _ in workers}
+        for worker in workers:
+            worker.join(timeout=30)
+        assert seen == {load_private_key(path).public.id}, seen
+        assert load_public_key(path.with_suffix(".pub")).raw == load_private_key(path).public.raw
+        assert sorted(p.name for p in path.parent.iterdir()) == ["node.key", "node.pub"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600

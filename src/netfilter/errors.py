@@ -45,6 +45,10 @@ class KeyFileError(NetfilterError):
     """A key file is missing, unreadable or not the expected kind of key."""
 
 
+class KeyExistsError(KeyFileError):
+    """A new key's file is there already (never overwritten)."""
+
+
 class SourceError(NetfilterError):
     """A list source is malformed."""
 

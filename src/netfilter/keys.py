@@ -7,8 +7,10 @@ so `openssl pkey` can read both. A key id is the first 8 bytes of SHA-256 over t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from netfilter.errors import KeyFileError
+from netfilter.errors import KeyExistsError, KeyFileError
 
 __all__ = [
     "PrivateKey",
@@ -85,29 +87,48 @@ class PrivateKey:
 
 
 def generate_keypair(out: str | Path) -> tuple[Path, Path]:
-    """Write OUT.key (mode 0600, created that way: never world-readable) and OUT.pub."""
+    """Write OUT.key (mode 0600, created that way: never world-readable) and OUT.pub.
+
+    The key appears whole or not at all (written beside it, then hard-linked in place,
+    which fails if the name exists), so processes starting together on a fresh node
+    never read half a key, and the one that loses the race is told `KeyExistsError`."""
     base = Path(out)
     key_path = base.with_name(base.name + ".key")
     pub_path = base.with_name(base.name + ".pub")
     if key_path.exists():
-        raise KeyFileError(key_path, "exists already; refusing to overwrite a private key")
+        raise KeyExistsError(key_path, "exists already; refusing to overwrite a private key")
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KeyFileError(base.parent, f"cannot create directory ({e.strerror})") from e
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
+    raw_key = Ed25519PrivateKey.generate()
+    pem = raw_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    stem = f".{base.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    key_tmp, pub_tmp = base.with_name(stem + ".key"), base.with_name(stem + ".pub")
     try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(key_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        os.chmod(key_path, 0o600)
-        pub_path.write_bytes(PrivateKey(key).public.pem())
+        os.chmod(key_tmp, 0o600)
+        pub_tmp.write_bytes(PrivateKey(raw_key).public.pem())
+        try:
+            os.link(key_tmp, key_path)
+        except FileExistsError:
+            raise KeyExistsError(key_path, "exists already; another process created it") \
+                from None
+        except OSError as e:  # a file system without hard links: rename, not atomic-exclusive
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP) or key_path.exists():
+                raise
+            os.rename(key_tmp, key_path)
+        os.replace(pub_tmp, pub_path)
     except OSError as e:
         raise KeyFileError(key_path, f"cannot write ({e.strerror})") from e
+    finally:
+        for leftover in (key_tmp, pub_tmp):
+            leftover.unlink(missing_ok=True)
     return key_path, pub_path
 
 

@@ -16,6 +16,7 @@ checkpoint), after which `audit checkpoint` serves it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from netfilter.audit.checkpoint import CosignatureSigner, open_checkpoint
@@ -30,7 +31,7 @@ from netfilter.audit.note import (
     sign,
 )
 from netfilter.audit.verify import checkpoint_origin
-from netfilter.errors import KeyFileError, NetfilterError
+from netfilter.errors import KeyExistsError, KeyFileError, NetfilterError
 from netfilter.keys import generate_keypair, load_private_key
 
 __all__ = ["COSIGNATURE", "COSIGNED", "Witness", "load_witness"]
@@ -48,7 +49,8 @@ def load_witness(path: str | Path, name: str) -> CosignatureSigner:
     if not key_path.exists():
         if not key_path.name.endswith(".key"):
             raise NetfilterError(key_path, "a new witness key file is named NAME.key")
-        generate_keypair(key_path.with_suffix(""))
+        with contextlib.suppress(KeyExistsError):  # made meanwhile by another run: use it
+            generate_keypair(key_path.with_suffix(""))
     try:
         mode = key_path.stat().st_mode
     except OSError as e:

@@ -35,7 +35,7 @@ from netfilter.audit.merkle import CompactRange, leaf_hash
 from netfilter.audit.note import Signer
 from netfilter.audit.store import AuditStore, StoredCheckpoint
 from netfilter.audit.tiles import Refresh, write_tiles
-from netfilter.errors import KeyFileError
+from netfilter.errors import KeyExistsError, KeyFileError
 from netfilter.events import Event
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 from netfilter.ratelimit import RateLimit
@@ -53,8 +53,11 @@ def load_node_key(path: Path) -> PrivateKey:
     if path.suffix != ".key":
         raise KeyFileError(path, "a node key must be a NAME.key file (NAME.pub beside it)")
     if not path.exists():
-        generate_keypair(path.with_suffix(""))
-        log.info("created node key %s", path)
+        try:
+            generate_keypair(path.with_suffix(""))
+            log.info("created node key %s", path)
+        except KeyExistsError:  # another process of this node made it first: use that one
+            pass
     return load_private_key(path)
 
 

@@ -399,3 +399,35 @@ def test_a_held_version_rejected_on_the_dashboard_stays_out_and_is_audited(
                                          "list": "test", "version": "3"})
     assert again.status_code == 409 and "Nothing was done" in again.text
     assert not node.blocked(REJECTED_NAME)
+
+
+def test_removing_an_account_or_its_password_ends_its_sessions(node: Node) -> None:
+    carol, other = "carol", "carol's first password"
+    assert user_add(node.config, carol, other).returncode == 0
+    first = Browser(node, "127.0.0.21")
+    second = Browser(node, "127.0.0.22")
+    try:
+        assert first.login(carol, other).status_code == 303
+        assert first.get("/admin/").status_code == 200
+        # a new password: the session made with the old one ends, the old one is refused
+        changed = user_add(node.config, carol, "carol's second password", "--replace")
+        assert changed.returncode == 0, changed.stderr
+        assert _to_login(first.get("/admin/"))
+        assert first.login(carol, other).status_code == 401
+        assert second.login(carol, "carol's second password").status_code == 303
+        assert second.get("/admin/lists").status_code == 200
+        # removed: its session ends at the next request and it cannot log in again
+        removed = subprocess.run([sys.executable, "-m", "netfilter.cli", "user", "remove",
+                                  carol, "--config", str(node.config)],
+                                 capture_output=True, text=True, timeout=60)
+        assert removed.returncode == 0, removed.stderr
+        assert _to_login(second.get("/admin/lists"))
+        assert second.login(carol, "carol's second password").status_code == 401
+        again = subprocess.run([sys.executable, "-m", "netfilter.cli", "user", "remove",
+                                carol, "--config", str(node.config)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+        assert "no such account" in again.stderr
+    finally:
+        first.close()
+        second.close()

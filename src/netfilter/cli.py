@@ -221,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_user(args: argparse.Namespace) -> int:
-    """`user add|list`: a mistake (the config, the name, the password) exits 2."""
+    """`user add|remove|list`: a mistake (the config, the name, the password) exits 2."""
     from netfilter.web.usercmd import run
 
     try:

@@ -75,6 +75,7 @@ class Accounts:
         self.path = path
         self.hasher = PasswordHasher()
         self._dummy = self.hasher.hash(secrets.token_hex(16))
+        self._seen: tuple[tuple[int, int, int], dict[str, str]] | None = None
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Accounts:
@@ -99,6 +100,31 @@ class Accounts:
     def names(self) -> list[str]:
         return sorted(self._read())
 
+    def credential(self, name: str) -> str | None:
+        """`name`'s stored hash (None: no such account, or the file is unreadable). A
+        session keeps the one it logged in with, so removing an account or giving it a
+        new password ends its sessions. Re-read only when the file changed: it is asked
+        at every dashboard request."""
+        try:
+            st = self.path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+        if self._seen is None or self._seen[0] != stamp:
+            try:
+                self._seen = (stamp, self._read())
+            except NetfilterError:
+                return None
+        return self._seen[1].get(name)
+
+    def remove(self, name: str) -> None:
+        """Take account `name` away (its sessions end at their next request)."""
+        accounts = self._read()
+        if name not in accounts:
+            raise NetfilterError(name, f"no such account in {self.path}")
+        del accounts[name]
+        self._write(accounts)
+
     def add(self, name: str, password: str, *, replace: bool = False) -> bool:
         """Make account `name` (an existing one is refused unless `replace`: then it gets
         the new password); True when new."""
@@ -113,13 +139,16 @@ class Accounts:
             raise NetfilterError(name, f"the account exists already in {self.path} "
                                        "(--replace sets a new password)")
         accounts[name] = self.hasher.hash(password)
+        self._write(accounts)
+        return new
+
+    def _write(self, accounts: dict[str, str]) -> None:
         body = json.dumps({"accounts": dict(sorted(accounts.items()))}, indent=1)
         try:
             _write_private(self.path, (body + "\n").encode())
         except OSError as e:
             raise NetfilterError(self.path, f"cannot write the accounts file: "
                                             f"{e.strerror or e}") from None
-        return new
 
     def verify(self, name: str, password: str) -> bool:
         """Whether `password` is `name`'s; an unknown name costs a hash all the same."""

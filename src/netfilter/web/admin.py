@@ -171,6 +171,7 @@ class Session:
     user: str
     token: str
     expires: float
+    credential: str = ""  # the account's hash at login: a new password or removal ends it
 
 
 @dataclass
@@ -180,9 +181,10 @@ class Sessions:
     clock: Callable[[], float] = time.monotonic
     live: OrderedDict[str, Session] = field(default_factory=OrderedDict)
 
-    def new(self, user: str) -> tuple[str, Session]:
+    def new(self, user: str, credential: str = "") -> tuple[str, Session]:
         sid = secrets.token_urlsafe(24)
-        session = Session(user, secrets.token_urlsafe(24), self.clock() + SESSION_LIFETIME)
+        session = Session(user, secrets.token_urlsafe(24), self.clock() + SESSION_LIFETIME,
+                          credential)
         self.live[sid] = session
         while len(self.live) > MAX_SESSIONS:
             self.live.popitem(last=False)
@@ -338,7 +340,12 @@ class AdminSite:
         except (BadSignature, UnicodeDecodeError):
             return None
         session = self.sessions.get(sid)
-        return None if session is None else (sid, session)
+        if session is None:
+            return None
+        if self.accounts.credential(session.user) != session.credential:
+            self.sessions.end(sid)  # the account was removed or given a new password
+            return None
+        return sid, session
 
     @staticmethod
     def _same_origin(request: Request) -> bool:
@@ -468,7 +475,7 @@ class AdminSite:
             return self._login_form(request, "Wrong account name or password.", 401)
         self.by_client.forgive(client)
         self.by_account.forgive(name)
-        sid, _session = self.sessions.new(name)
+        sid, _session = self.sessions.new(name, self.accounts.credential(name) or "")
         log.info("admin: %s logged in", name)
         response = RedirectResponse(PREFIX, status_code=303, headers=HEADERS)
         self._cookie(response, request, COOKIE, self.signer.sign(sid).decode(),

@@ -1,6 +1,8 @@
 """`netfilter user add NAME --config FILE`: make a dashboard account, or set a new
-password for one. The password is read from stdin (one line; twice at a terminal, which
-does not echo it), never from an argument a process listing would show."""
+password for one (its sessions end); `user remove NAME` takes one away (its sessions
+end at their next request); `user list` names them. The password is read from stdin
+(one line; twice at a terminal, which does not echo it), never from an argument a
+process listing would show."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add.add_argument("--config", required=True, help="the node's configuration")
     add.add_argument("--replace", action="store_true",
                      help="the account exists: give it this new password")
+    remove = usub.add_parser("remove", help="take an account away; its sessions end")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--config", required=True, help="the node's configuration")
     listed = usub.add_parser("list", help="the account names")
     listed.add_argument("--config", required=True, help="the node's configuration")
     return user
@@ -52,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.user_cmd == "list":
         for name in accounts.names():
             print(name)
+        return 0
+    if args.user_cmd == "remove":
+        accounts.remove(args.name)
+        print(f"removed account {args.name} from {accounts.path}")
         return 0
     new = accounts.add(args.name, _password(), replace=args.replace)
     print(f"{'added' if new else 'new password for'} account {args.name} in {accounts.path}")

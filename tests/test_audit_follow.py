@@ -91,7 +91,7 @@ class Log:
             db.execute("DELETE FROM leaves WHERE idx >= ?", (keep,))
             db.execute("DELETE FROM checkpoints")
         db.close()
-        self.store = AuditStore(self.path, create=False)
+        self.store = AuditStore(self.path, create=False, read_only=False)  # the forger
         self.compact = CompactRange()
         self.compact.extend(self.store.leaf_hashes(0, keep))
         self.grow(count, tag="rewritten")

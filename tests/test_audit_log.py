@@ -615,7 +615,7 @@ def _rewritten(base_log: Path, key: PrivateKey, tmp_path: Path) -> tuple[Path, b
     """The node key's holder rewrites event 5 and re-signs every checkpoint: only an
     auditor's older checkpoint shows it. Returns the log and that older checkpoint."""
     path = copy_log(base_log, tmp_path / "r.sqlite")
-    store = AuditStore(path, create=False)
+    store = AuditStore(path, create=False, read_only=False)  # the forger writes
     cp = next(c for c in store.checkpoints() if c.size == 25)
     db = sqlite3.connect(path, isolation_level=None)
     _alter_with_hash(db)
@@ -838,7 +838,7 @@ def test_sigkill_leaves_committed_batches_intact(tmp_path: Path) -> None:
             if line.endswith("\n"):  # a line cut by the kill is not a report
                 t, k, first, n = line.split()
                 reported.append((t, int(k), int(first), int(n)))
-    store = AuditStore(path, create=False)  # opens after four kills
+    store = AuditStore(path, create=False, read_only=False)  # opens after four kills
     leaves = list(store.leaves())
     msg = f"seed {seed}"
     assert [leaf.index for leaf in leaves] == list(range(store.size())), msg

@@ -241,7 +241,7 @@ def _rewrite(path: Path, key: PrivateKey) -> None:
     data = event.to_json().encode()
     change(path, ("UPDATE leaves SET event = ?, hash = ?, day = ? WHERE idx = 2",
                   (data, leaf_hash(data), event.time[:10])), "DELETE FROM checkpoints")
-    store = AuditStore(path, create=False)
+    store = AuditStore(path, create=False, read_only=False)  # the forger writes
     compact = merkle.CompactRange()
     compact.extend(store.leaf_hashes(0, 20))
     signed = sign_checkpoint(Checkpoint(ORIGIN, 20, compact.root()), Signer(ORIGIN, key))
@@ -276,7 +276,8 @@ def test_events_after_the_latest_checkpoint_are_named(node: Node, base: Path,
                                                       tmp_path: Path) -> None:
     appended = copy_log(base, tmp_path / "appended.sqlite")
     now = iso(datetime.now(UTC))
-    AuditStore(appended, create=False).append([row(now, f"LATE-{i}") for i in range(3)])
+    late = AuditStore(appended, create=False, read_only=False)
+    late.append([row(now, f"LATE-{i}") for i in range(3)])
     cut = change(copy_log(base, tmp_path / "cut.sqlite"), "DELETE FROM leaves WHERE idx >= 10",
                  "DELETE FROM checkpoints WHERE size > 8")
     bare = change(copy_log(base, tmp_path / "bare.sqlite"), "DELETE FROM checkpoints")
@@ -492,3 +493,21 @@ def test_export_refusals_are_one_line(node: Node, base: Path, tmp_path: Path) ->
         assert len(lines) == 1 and needle in lines[0], (needle, lines)
     assert not (tmp_path / "x.sqlite").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_reading_an_auditors_copy_changes_nothing_in_it(node: Node, base: Path,
+                                                        tmp_path: Path) -> None:
+    """An auditor's copy is evidence: verify, prove and checkpoint read it and leave every
+    byte as it was, even a copy in rollback-journal mode of a log from before cosignatures
+    were kept (once switched to WAL and given the missing table on open)."""
+    (tmp_path / "evidence").mkdir()
+    copy = copy_log(base, tmp_path / "evidence" / "audit.sqlite")
+    change(copy, "DROP TABLE cosignatures", "PRAGMA journal_mode=DELETE")
+    before = copy.read_bytes()
+    for args in (("verify", "--log", copy, "--trust", node.pub),
+                 ("prove", "--log", copy, "--index", "3"),
+                 ("checkpoint", "--log", copy)):
+        result = run(*args)
+        assert result.returncode == 0, result
+    assert copy.read_bytes() == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["audit.sqlite"]

@@ -118,7 +118,7 @@ def test_public_page_shows_lists_counts_checkpoint_and_nothing_personal(node: No
     # the log does hold the client and the name (the premise of the privacy check)
     assert wait_for(lambda: node.logged(CLIENT) and node.logged(BLOCKED), 10)
     assert wait_for(node.checkpointed, 10)
-    store = AuditStore(node.audit, create=False)  # a witness cosigned the latest
+    store = AuditStore(node.audit, create=False, read_only=False)  # a witness cosigned
     latest = store.latest_checkpoint()
     assert latest is not None
     store.add_cosignature(latest.size, WITNESS, f"\u2014 {WITNESS} AAAA")

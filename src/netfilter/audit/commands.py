@@ -67,9 +67,10 @@ def _log_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _store(path: Path) -> AuditStore:
+def _store(path: Path, *, writes: bool = False) -> AuditStore:
+    """The log, opened read only unless the command `writes` to it (cosign)."""
     try:
-        return AuditStore(path, create=False)
+        return AuditStore(path, create=False, read_only=not writes)
     except sqlite3.Error as e:
         raise NetfilterError(path, f"cannot open the audit log ({e})") from e
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     path = _log_path(args)
     if args.audit_cmd == "export":
         return _export(path, Path(args.out), args.mode)
-    store = _store(path)
+    store = _store(path, writes=args.audit_cmd == "cosign")
     if args.audit_cmd == "checkpoint":
         latest = store.latest_checkpoint()
         if latest is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from netfilter.errors import NetfilterError
 
@@ -138,9 +140,11 @@ class AuditStore:
     """One SQLite file; a connection per thread (sqlite3 objects are not shareable)."""
 
     def __init__(self, path: str | Path, *, create: bool = True,
-                 group: str | None = None) -> None:
+                 group: str | None = None, read_only: bool | None = None) -> None:
         """`create`: a node's own store (made, and its modes narrowed); without it, an
-        existing log is only opened (an auditor's copy). `group` may read the log (0640)."""
+        existing log is only opened (an auditor's copy, the node's web pages), and read
+        only unless `read_only=False` (the node's `audit cosign` storing a witness's
+        cosignature). `group` may read the log (0640)."""
         self.path = Path(path)
         self.keys_path = keys_path(self.path)
         if not create and not self.path.exists():
@@ -152,13 +156,19 @@ class AuditStore:
             _narrow(self.path, 0o640 if gid is not None else 0o600, gid)
             _narrow(self.keys_path, 0o600, None)
         self._create = create
+        self._read_only = not create if read_only is None else read_only
+        if self._read_only and create:
+            raise ValueError("a store made by this process is written")
         self._local = threading.local()
-        with self._connection() as db:
-            db.executescript(SCHEMA)
+        db = self._connection()
         if create:
+            with db:
+                db.executescript(SCHEMA)
             self._move_keys_out()
 
     def _open(self, path: Path) -> sqlite3.Connection:
+        if self._read_only:
+            return self._open_read_only(path)
         try:
             db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
             _set_wal(db)
@@ -166,6 +176,26 @@ class AuditStore:
             # What retention removes (bodies, day keys) is overwritten, not left in free
             # pages; appends free nothing, so they do not pay for it.
             db.execute("PRAGMA secure_delete=ON")
+        except sqlite3.Error as e:
+            raise NetfilterError(path, f"cannot open the audit log ({e})") from e
+        return db
+
+    @staticmethod
+    def _open_read_only(path: Path) -> sqlite3.Connection:
+        """An existing log opened for reading only (an auditor's copy, the node's pages):
+        nothing in the file changes, not even its journal mode. Tables a log of an older
+        version lacks are stood in for by empty temporary ones."""
+        try:
+            db = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True,
+                                 timeout=30.0, isolation_level=None)
+            present = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "leaves" not in present:
+                raise NetfilterError(path, "not an audit log (no leaves table)")
+            for statement in SCHEMA.split(";"):
+                found = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", statement)
+                if found and found.group(1) not in present:
+                    db.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
         except sqlite3.Error as e:
             raise NetfilterError(path, f"cannot open the audit log ({e})") from e
         return db

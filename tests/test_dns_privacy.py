@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dns.message
@@ -87,12 +87,15 @@ def _traffic(node: Netfilter, upstream: StubUpstream) -> list[int]:
     answer = dns.query.udp(dns.message.make_query(f"q7cln-py.{CLEAN}", "A"), HOST,
                            port=node.port, timeout=TIMEOUT + 2, source=CLIENT)
     assert answer.rcode() == dns.rcode.NOERROR, answer
+    def said(line: str) -> Callable[[], bool]:
+        return lambda: line in node.log()
+
     for mode, line in (("silent", "did not answer within"),
                        ("down", "unreachable (ICMP error)")):
         upstream.switch(mode)
         ask(f"q7flt-{mode}-{CLEAN}", "SERVFAIL")
         ask(f"q7flt-{mode}.{BLOCKED}", "NXDOMAIN")  # blocks never need the upstream
-        assert wait_for(lambda said=line: said in node.log(), 3), (mode, node.log())
+        assert wait_for(said(line), 3), (mode, node.log())
         upstream.switch("answer")
     return ports
 

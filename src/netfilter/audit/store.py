@@ -219,7 +219,8 @@ class AuditStore:
                 [(first + i, h, e, d) for i, (h, e, d) in enumerate(leaves)])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back itself on some errors (disk full):
+                db.execute("ROLLBACK")  # a ROLLBACK then would hide the error's cause
             raise
         return int(first)
 

@@ -281,7 +281,8 @@ class AuditStore:
                     " AND event IS NOT NULL", [(now, idx) for idx in found]).rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # as in append: keep the error's own cause
+                    db.execute("ROLLBACK")
                 raise
             start = found[-1] + 1
 

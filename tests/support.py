@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 __all__ = ["DEMO_ALLOW", "DEMO_LIST", "DEMO_PUB", "HOST", "REPO", "ChildProcess", "connect_from",
-           "free_port", "hold_write_lock", "listening", "read_events", "require_tools",
+           "fill_disk", "free_port", "hold_write_lock", "listening", "read_events", "require_tools",
            "small_tmpfs", "wait_for"]
 
 HOST = "127.0.0.1"
@@ -178,6 +178,21 @@ def small_tmpfs(directory: Path, megabytes: int) -> Iterator[Path]:
         yield directory
     finally:
         subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write a file on `disk` (a small tmpfs) until the disk is full; the file, to be
+    removed when the disk should take writes again."""
+    filler = disk / "filler"
+    try:
+        with filler.open("wb") as f:
+            for _ in range(10000):
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+    assert filler.exists()
+    return filler
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from tests.dns_support import (
     require_tools,
     start_all,
 )
-from tests.support import hold_write_lock, small_tmpfs
+from tests.support import fill_disk, hold_write_lock, small_tmpfs
 
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 202)]  # many keys: aggregation cannot absorb them
 
@@ -86,20 +86,6 @@ def metrics(port: int) -> dict[str, float]:
             for sample in family.samples}
 
 
-def fill(disk: Path) -> Path:
-    """Write a file until the disk is full."""
-    filler = disk / "filler"
-    try:
-        with filler.open("wb") as f:
-            for _ in range(10000):
-                f.write(b"\0" * 4096)
-                f.flush()
-    except OSError:
-        pass
-    assert filler.exists()
-    return filler
-
-
 def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
                                                       small_disk: Path) -> None:
     require_tools("unbound")
@@ -118,7 +104,7 @@ def test_locked_store_and_full_disk_never_stop_answers(tmp_path: Path,
         holder = hold_write_lock(store_path, 6)
         tally.run(5.0)  # the store's write lock is held by another process
         assert holder.wait(30) == 0
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         tally.run(5.0)  # the disk is full
         filler.unlink()
         tally.run(3.0)  # writes go through again

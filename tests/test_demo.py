@@ -65,9 +65,10 @@ class DemoRun:
         self.cwd, self.env = cwd, env
         self.out_path, self.err_path = cwd / "demo.stdout", cwd / "demo.stderr"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            # a session of its own: SIGINT goes to the group, as Ctrl-C in a terminal
             self.proc = subprocess.Popen([sys.executable, "-m", "netfilter.cli", "serve"],
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         cwd=cwd, env=env)
+                                         cwd=cwd, env=env, start_new_session=True)
 
     def output(self) -> str:
         return self.out_path.read_text(encoding="utf-8", errors="replace")
@@ -101,9 +102,14 @@ class DemoRun:
         return subprocess.run([*words, *extra], capture_output=True, text=True, cwd=self.cwd,
                               env=self.env, timeout=30, check=False)
 
-    def stop(self) -> int:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM to serve (as systemd's KillMode=mixed), or SIGINT to its whole
+        process group, the mitmdump child too (as Ctrl-C); then a bounded wait."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if sig == signal.SIGINT:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(STOP_BOUND)
             except subprocess.TimeoutExpired:
@@ -149,9 +155,14 @@ def _check_blocked(run: DemoRun, cmds: dict[str, list[str]]) -> None:
         assert "mitmproxy is not installed" in run.output()
 
 
-def _check_log(run: DemoRun, cmds: dict[str, list[str]]) -> None:
-    """After SIGTERM: exit 0, and the printed `audit verify` passes on a final checkpoint."""
-    assert run.stop() == 0, run.logs()
+def _check_log(run: DemoRun, cmds: dict[str, list[str]],
+               sig: signal.Signals = signal.SIGTERM) -> None:
+    """After `sig`: exit 0, every port bindable again, and the printed `audit verify`
+    passes on a final checkpoint."""
+    assert run.stop(sig) == 0, run.logs()
+    for part, port in PORTS.items():  # its sockets are closed (its children's too)
+        kinds = [socket.SOCK_STREAM] + ([socket.SOCK_DGRAM] if part == "dns" else [])
+        assert all(_port_free(port, kind) for kind in kinds), f"{part} port {port} still bound"
     verify = run.run(cmds["audit"])
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.startswith("OK") and "WARN" not in verify.stdout, verify.stdout
@@ -177,9 +188,11 @@ def test_demo_serves_everything_it_prints(tmp_path: Path, upstream: Unbound) -> 
     assert (state / "node.key").exists() and (state / "demo.yaml").exists()
 
 
-def test_demo_without_network_still_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_demo_without_network_still_blocks(tmp_path: Path, sig: signal.Signals) -> None:
     """No upstream at all (as with no network): blocked names and URLs still answered,
-    clean names SERVFAIL, and the output says so; state under $XDG_STATE_HOME."""
+    clean names SERVFAIL, and the output says so; state under $XDG_STATE_HOME. Stopped
+    by SIGTERM or by SIGINT (Ctrl-C), it stops cleanly either way."""
     xdg = tmp_path / "xdg"
     run = _start(tmp_path / "work", _clean_env(
         XDG_STATE_HOME=str(xdg), **{demo_module.UPSTREAM_ENV: ""}))
@@ -189,9 +202,10 @@ def test_demo_without_network_still_blocks(tmp_path: Path) -> None:
         _check_blocked(run, cmds)
         clean = run.run(cmds["dig-clean"], "+tries=1", "+time=5").stdout
         assert "status: SERVFAIL" in clean, clean
-    finally:
+    except BaseException:
         run.stop()
-    _check_log(run, cmds)
+        raise
+    _check_log(run, cmds, sig)
     assert cmds["audit"][-1] == str(xdg / "netfilter" / "node.pub")
     assert stat.S_IMODE((xdg / "netfilter").stat().st_mode) == 0o700
     assert not (tmp_path / "work" / "var").exists()

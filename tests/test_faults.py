@@ -14,9 +14,14 @@ log line); a config edited wrong, then SIGHUP: refused in one line, the old conf
 The audit store held locked by another process: every DNS and proxy block is answered,
 and the audit counters say what the log could not take.
 
-
-The audit log's other faults have tests of their own, not repeated here: the disk full
-(tests/test_audit_never_waited.py) and `kill -9` under load (tests/test_audit_crash_loss.py).
+Two cases run a service of their own (same parts, same config), as they would spoil the
+shared one: the audit store's disk full (a small tmpfs, filled; root only): DNS and proxy
+blocks answered, the failed appends and the shed events counted in /metrics and said in
+the log, the log verifying once the disk has room; and `kill -9` while blocked queries
+flow, then a start on the same state: the proxy child does not outlive serve, the log
+verifies, and every block answered up to KILL_MARGIN before the kill is in it or counted
+as shed. (tests/test_audit_never_waited.py and tests/test_audit_crash_loss.py test the
+same faults on a DNS-only node, in more detail.)
 """
 
 from __future__ import annotations
@@ -51,12 +56,15 @@ import netfilter.serve
 from netfilter.keys import PrivateKey, generate_keypair, load_private_key
 from netfilter.listfile import build_bundle
 from tests.fault_support import FaultyOrigin, StubUpstream
+from tests.flood import Flood, flood
 from tests.support import (
     HOST,
     ChildProcess,
+    fill_disk,
     free_port,
     hold_write_lock,
     read_events,
+    small_tmpfs,
     wait_for,
 )
 
@@ -64,6 +72,11 @@ TIMEOUT = 1.0  # dns.timeout of the service
 SLACK = 0.6  # on top of it, for a loaded 2-core machine
 DNS_CLIENT = "127.0.0.77"  # the clients' addresses, never to be seen in the log
 PROXY_CLIENT = "127.0.0.78"
+FLOODERS = ("127.0.0.2", "127.0.0.3")  # the clients of the kill -9 case
+# what a kill -9 may lose: blocks answered in the last moments before it; the relay's
+# per-second counts, the appender's linger (0.25 s) and a commit, as in
+# tests/test_audit_crash_loss.py
+KILL_MARGIN = 2.25
 HAS_PROXY = importlib.util.find_spec("mitmproxy") is not None
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 needs_proxy = pytest.mark.skipif(not HAS_PROXY, reason="mitmproxy (the proxy extra) is "
@@ -207,6 +220,29 @@ def _bundle(directory: Path, text: str, key: PrivateKey, version: int, name: str
     return out
 
 
+def every_part(directory: Path, bundle: Path, trust: Path, upstream: StubUpstream,
+               audit: Path | None = None, checkpoint_interval: float = 3600) -> dict[str, Any]:
+    """The config of a service with every part (the proxy where mitmproxy is installed),
+    on free loopback ports; its state in `directory`, its audit log at `audit`."""
+    config: dict[str, Any] = {
+        "node": {"id": "faults.test", "key": str(directory / "node.key")},
+        "lists": [{"path": str(bundle), "trust": [str(trust)], "action": "nxdomain"}],
+        # the answer cache off: these tests watch each query meet the faulty upstream
+        "dns": {"listen": [f"{HOST}:{free_port()}"], "upstreams": [upstream.address],
+                "timeout": TIMEOUT, "cache_size": 0},
+        "stoppage": {"listen": f"{HOST}:{free_port()}"},
+        "audit": {"path": str(audit or directory / "audit.sqlite"), "client": "truncated",
+                  "checkpoint_interval": checkpoint_interval, "aggregate_window": 0,
+                  "queue_size": 64},
+        "metrics": {"listen": f"{HOST}:{free_port()}"},
+    }
+    if HAS_PROXY:
+        config["proxy"] = {"listen": f"{HOST}:{free_port()}", "intercept": "none",
+                           "confdir": str(directory / "mitmproxy"),
+                           "allowed_destinations": ["127.0.0.0/8"]}
+    return config
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory,
         authority: tuple[Path, Path]) -> Iterator[Rig]:
@@ -219,22 +255,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory,
     stranger = load_private_key(generate_keypair(directory / "stranger")[0])
     upstream = StubUpstream()
     origin = FaultyOrigin()
-    config: dict[str, Any] = {
-        "node": {"id": "faults.test", "key": str(directory / "node.key")},
-        "lists": [{"path": str(bundle), "trust": [str(authority[1])], "action": "nxdomain"}],
-        # the answer cache off: these tests watch each query meet the faulty upstream
-        "dns": {"listen": [f"{HOST}:{free_port()}"], "upstreams": [upstream.address],
-                "timeout": TIMEOUT, "cache_size": 0},
-        "stoppage": {"listen": f"{HOST}:{free_port()}"},
-        "audit": {"path": str(directory / "audit.sqlite"), "client": "truncated",
-                  "checkpoint_interval": 3600, "aggregate_window": 0, "queue_size": 64},
-        "metrics": {"listen": f"{HOST}:{free_port()}"},
-    }
-    if HAS_PROXY:
-        config["proxy"] = {"listen": f"{HOST}:{free_port()}", "intercept": "none",
-                           "confdir": str(directory / "mitmproxy"),
-                           "allowed_destinations": ["127.0.0.0/8"]}
-    service = Service(directory, config)
+    service = Service(directory, every_part(directory, bundle, authority[1], upstream))
     try:
         service.start()
         yield Rig(service, upstream, origin, bundle, bundle.read_bytes(),
@@ -250,8 +271,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(autouse=True)
-def healthy(rig: Rig) -> Iterator[None]:
-    """Every case starts and ends with working upstreams and the service alive."""
+def healthy(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every case on the rig starts and ends with working upstreams and the service
+    alive (the cases with a service of their own leave the rig alone)."""
+    if "rig" not in request.fixturenames:
+        yield
+        return
+    rig: Rig = request.getfixturevalue("rig")
     rig.upstream.switch("answer")
     rig.origin.switch("up")
     yield
@@ -681,3 +707,168 @@ def test_the_relay_recovers_after_the_upstream_was_down(rig: Rig) -> None:
     rig.upstream.switch("answer")
     for _ in range(3):  # one at a time: a relayed name, again and again
         assert [a.rcode for a in ask(port, [WARM])] == [dns.rcode.NOERROR]
+
+
+# ---------------------------------------------------------------- the audit store's
+# disk full, and kill -9 under load: each on a service of its own (the rig's log and
+# process stay as the cases above expect them)
+
+
+def lone_service(directory: Path, authority: tuple[Path, Path], upstream: StubUpstream,
+                 audit: Path | None = None, checkpoint_interval: float = 3600) -> Service:
+    """A service with every part (not started), on the old list, state in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle = _bundle(directory, OLD_LIST, load_private_key(authority[0]), 1, "faults")
+    return Service(directory, every_part(directory, bundle, authority[1], upstream, audit,
+                                         checkpoint_interval))
+
+
+def audit_verify(service: Service) -> subprocess.CompletedProcess[str]:
+    """`netfilter audit verify` on the service's log, trusting its node key."""
+    key = Path(service.config["node"]["key"])
+    return subprocess.run([sys.executable, "-m", "netfilter.cli", "audit", "verify", "--log",
+                           service.config["audit"]["path"], "--trust",
+                           str(key.with_suffix(".pub"))],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_full_audit_disk_never_stops_answers(tmp_path: Path,
+                                             authority: tuple[Path, Path]) -> None:
+    """The audit store's disk full (a small tmpfs, filled): every DNS and proxy block is
+    answered, the log says so in its own lines, the metrics count the failed appends and
+    the shed events; once the disk has room, the log takes writes again and verifies."""
+    upstream = StubUpstream()
+    with small_tmpfs(tmp_path / "disk", 32) as disk:
+        service = lone_service(tmp_path / "node", authority, upstream, disk / "audit.sqlite")
+        try:
+            service.start()
+            assert ask(service.dns_port, ["blocked.example"])[0].rcode == dns.rcode.NXDOMAIN
+            before, mark = service.scrape(), service.mark()
+            filler = fill_disk(disk)
+            audit, blocked, proxied = "netfilter_audit_", 0, 0
+
+            def moved(samples: Samples) -> bool:
+                return all(value(samples, f"{audit}{name}_total")
+                           > value(before, f"{audit}{name}_total")
+                           for name in ("shed", "append_failures"))
+
+            # blocks until the log both failed to append and shed (bounded in count)
+            while blocked < 20000 and not (blocked % 400 == 0 and moved(service.scrape())):
+                names = [f"n{blocked + i}.blocked.example" for i in range(20)]
+                answers = ask(service.dns_port, names)
+                assert all(a.rcode == dns.rcode.NXDOMAIN for a in answers), answers
+                blocked += len(names)
+                if HAS_PROXY and proxied < 20:
+                    assert service.fetch(f"http://partly.example/dir/{proxied}.html")[0] == 451
+                    proxied += 1
+            during = service.scrape()
+            assert moved(during), f"{blocked} blocks, and the audit metrics did not move"
+            assert service.stop_page("x.blocked.example") == 451
+            assert service.get("/healthz") == (200, "ok\n")
+            lines = service.since(mark)
+            # the line names the cause (SQLite's own words)
+            assert any("audit: append failed (database or disk is full)" in line
+                       for line in lines), lines
+            shedding = [line for line in lines if "events shed since" in line]
+            assert 1 <= len(shedding) <= 2, lines  # loud, and rate-limited
+            assert not any(DNS_CLIENT in line or PROXY_CLIENT in line for line in lines)
+            filler.unlink()  # room again: the log takes writes, and says what it shed
+            assert wait_for(lambda: value(service.scrape(), f"{audit}appended_total")
+                            > value(during, f"{audit}appended_total"), 15)
+            assert wait_for(lambda: any(e["type"] == "shed" for e in read_events(
+                disk / "audit.sqlite")), 15)
+        finally:
+            status = service.stop()
+            upstream.close()
+            print(f"----- serve.log -----\n{service.log()[-5000:]}", file=sys.stderr)
+        assert status == 0 and "Traceback" not in service.log()
+        verify = audit_verify(service)
+        assert verify.returncode == 0 and verify.stdout.startswith("OK"), \
+            verify.stdout + verify.stderr
+
+
+def logged_blocks(events: list[dict[str, Any]]) -> int:
+    """The blocks a log's events hold: the relay's come as one event with a count per
+    (answer, client) and second."""
+    return sum(int(e.get("count") or 1) for e in events if e["type"] == "block")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, Z, ...); "gone" once it is no more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _pid_gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by whoever inherited it counts as exited)."""
+    return _state(pid) in ("gone", "Z", "X")
+
+
+def test_kill_9_under_load_then_restart(tmp_path: Path,
+                                        authority: tuple[Path, Path]) -> None:
+    """`kill -9` of the service while blocked queries flow from two clients, then a
+    start on the same state: it serves again, `netfilter audit verify` passes, and every
+    block answered up to KILL_MARGIN before the kill is in the log or counted as shed."""
+    upstream = StubUpstream()
+    service = lone_service(tmp_path, authority, upstream, checkpoint_interval=1)
+    audit = Path(service.config["audit"]["path"])
+    results: list[Flood] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=lambda s=s: results.append(
+        flood(service.dns_port, 30.0, source=s, stop=stop))) for s in FLOODERS]
+    child: int | None = None
+    try:
+        service.start()
+        found = re.search(r"mitmdump pid (\d+)", service.log())
+        child = int(found.group(1)) if found else None
+        for c in clients:
+            c.start()
+        # under load for longer than a kill may lose, and the log has taken a good
+        # many blocks, the relay's counts among them (bounded wait)
+        time.sleep(KILL_MARGIN + 1.0)
+        assert wait_for(lambda: logged_blocks(read_events(audit)) >= 20000, 20), \
+            service.log()[-3000:]
+        assert service.proc is not None
+        killed_at = time.monotonic()
+        os.kill(service.proc.pid, signal.SIGKILL)
+        service.proc.wait(10)
+        stop.set()
+        for c in clients:
+            c.join(15)
+        if child is not None:  # the proxy child goes with it, freeing its port
+            assert wait_for(lambda: _pid_gone(child), 10), \
+                f"mitmdump outlived serve (state {_state(child)})"
+        answered = Flood(answers=sorted(t for r in results for t in r.answers))
+        sent = sum(r.sent for r in results)
+        assert all(set(r.rcodes) <= {dns.rcode.NXDOMAIN} for r in results), results
+        # a start on the same state (config, node key, audit log): it serves again
+        service.log_path = tmp_path / "serve-again.log"
+        service.start()
+        assert ask(service.dns_port, [WARM])[0].rcode == dns.rcode.NOERROR
+        if HAS_PROXY:
+            assert service.fetch("http://partly.example/dir/x.html")[0] == 451
+            answered.answers.append(time.monotonic())  # that block is logged too
+            sent += 1
+    finally:
+        stop.set()
+        status = service.stop()
+        upstream.close()
+        if child is not None and not _pid_gone(child):
+            os.kill(child, signal.SIGKILL)
+        print(f"----- serve-again.log -----\n{service.log()[-5000:]}", file=sys.stderr)
+    assert status == 0 and "Traceback" not in service.log()
+    verify = audit_verify(service)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("OK") and "WARN" not in verify.stdout, verify.stdout
+    events = read_events(audit)
+    logged = logged_blocks(events)
+    shed = sum(int(e.get("count", 0)) for e in events if e["type"] == "shed")
+    before_kill = answered.answered_before(killed_at - KILL_MARGIN)
+    print(f"kill -9 under load: {len(answered.answers)} blocks answered ({before_kill} "
+          f"{KILL_MARGIN} s before the kill), {logged} logged, {shed} shed")
+    assert before_kill > 2000, "too little load to say anything"
+    assert before_kill <= logged + shed, "blocks answered before the kill are missing"
+    assert logged <= sent  # never a block the service was not asked for

@@ -249,7 +249,8 @@ class AuditStore:
                 [(first + i, h, e, d) for i, (h, e, d) in enumerate(leaves)])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back itself on some errors (disk full):
+                db.execute("ROLLBACK")  # a ROLLBACK then would hide the error's cause
             raise
         return int(first)
 
@@ -310,7 +311,8 @@ class AuditStore:
                     " AND event IS NOT NULL", [(now, idx) for idx in found]).rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # as in append: keep the error's own cause
+                    db.execute("ROLLBACK")
                 raise
             start = found[-1] + 1
 

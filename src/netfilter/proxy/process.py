@@ -25,8 +25,18 @@ log = logging.getLogger(__name__)
 START_BOUND = 30.0
 # mitmdump's terminal log formats with mitmproxy.log.MitmFormatter; under
 # `netfilter --log-format json` (NETFILTER_LOG_FORMAT, inherited) the child's lines
-# are JSON too, so a log collector reads one format from every process.
-_LAUNCH = """import os
+# are JSON too, so a log collector reads one format from every process. The child dies
+# with serve however serve exits (PR_SET_PDEATHSIG; a kill -9 included), so no orphan
+# keeps the proxy's port from the next start.
+PARENT_ENV = "NETFILTER_PROXY_PARENT"
+_LAUNCH = f"""import ctypes, os, signal
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+parent = os.environ.pop("{PARENT_ENV}", "")
+if parent and os.getppid() != int(parent):  # serve was gone before the prctl
+    raise SystemExit(1)
 if os.environ.get("NETFILTER_LOG_FORMAT") == "json":
     import mitmproxy.log
     from netfilter.logsetup import JsonFormatter
@@ -62,7 +72,7 @@ class ProxyProcess:
         fd = self.counters.child_fd()
         self.proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.DEVNULL, pass_fds=(fd,),
-            env={**os.environ, METRICS_ENV: str(fd)})
+            env={**os.environ, METRICS_ENV: str(fd), PARENT_ENV: str(os.getpid())})
         self.counters.started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_BOUND

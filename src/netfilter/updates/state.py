@@ -242,7 +242,8 @@ class VersionState:
                     verdict = Judgement.SAME if digest == row[1] else Judgement.CONFLICT
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back itself (disk
+                    self._db.execute("ROLLBACK")  # full): keep the error's own cause
                 raise
         return verdict
 
@@ -299,7 +300,8 @@ class VersionState:
                     (held.list_id, held.version, held.digest, operator, at))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back itself (disk
+                    self._db.execute("ROLLBACK")  # full): keep the error's own cause
                 raise
 
     def rejected(self, list_id: str, version: int) -> Rejected | None:

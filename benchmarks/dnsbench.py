@@ -162,7 +162,9 @@ def netfilter_config(workload: Workload, path: Path, *, listen_port: int | None,
         "node": {"id": "dns-bench", "key": str(path.parent / f"{stem}-node.key")},
         "lists": [{"path": str(workload.bundle), "trust": [str(workload.public_key)],
                    "action": "stoppage"}],
-        "dns": {"upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0},
+        # one process: these figures are one Python process's (test_dns_workers.py
+        # sets dns.workers to compare 1 and 2)
+        "dns": {"upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0, "workers": 1},
         # Aggregation windows of 1 s: a run's block counts reach the log within about
         # two seconds (the C relay hands its counts over every second), for the checks.
         "audit": {"path": str(audit_path(path)), "client": "none", "aggregate_window": 1.0},

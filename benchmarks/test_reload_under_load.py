@@ -208,8 +208,8 @@ class Node(ChildProcess):
         config = {
             "node": {"id": "swap-bench", "key": str(directory / "node.key")},
             "lists": [{"path": str(bundle), "trust": [str(trust)], "action": "nxdomain"}],
-            "dns": {"listen": [f"{HOST}:{self.dns_port}"],
-                    "upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0},
+            "dns": {"listen": [f"{HOST}:{self.dns_port}"],  # one process, one engine
+                    "upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0, "workers": 1},
             "proxy": {"listen": f"{HOST}:{self.proxy_port}", "intercept": "none",
                       "confdir": str(confdir),
                       "allowed_destinations": ["127.0.0.0/8", "*.example"]},

@@ -230,7 +230,8 @@ def _config_variant(name: str, directory: Path, bundle: Path, trust: Path, block
     config: dict[str, object] = {
         "node": {"id": "startup-bench", "key": str(directory / "node.key")},
         "lists": [{"path": str(bundle), "trust": [str(trust)], "action": "stoppage"}],
-        "dns": {"listen": [f"{HOST}:{ports['dns']}"], "upstreams": [upstream]},
+        # one DNS process, as when the recorded figures were taken
+        "dns": {"listen": [f"{HOST}:{ports['dns']}"], "upstreams": [upstream], "workers": 1},
         "stoppage": {"listen": f"{HOST}:{ports['stoppage']}"},
         "audit": {"path": str(directory / "audit.sqlite"), "client": "none"},
         "metrics": {"listen": f"{HOST}:{ports['metrics']}"},

@@ -280,8 +280,8 @@ class Node(ChildProcess):
                        "source": str(source)}],
             "updates": {"interval": UPDATE_INTERVAL, "jitter": 0, "retry_min": 1,
                         "retry_max": 2, "max_entry_change": MAX_ENTRY_CHANGE},
-            "dns": {"listen": [f"{HOST}:{self.dns_port}"],
-                    "upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0},
+            "dns": {"listen": [f"{HOST}:{self.dns_port}"],  # one process, one engine
+                    "upstreams": [f"{HOST}:{upstream_port}"], "timeout": 2.0, "workers": 1},
             "proxy": {"listen": f"{HOST}:{self.proxy_port}", "intercept": "none",
                       "confdir": str(confdir),
                       "allowed_destinations": ["127.0.0.0/8", "*.example"]},

@@ -229,7 +229,10 @@ class Netfilter(_Process):
                  env: dict[str, str] | None = None, ipv6: bool = False,
                  audit: dict[str, Any] | None = None, **dns_settings: Any) -> None:
         """`env`: extra environment; `ipv6`: listen on [::1] too, same port; `audit`:
-        more keys of the audit section (e.g. `aggregate_window: 0`)."""
+        more keys of the audit section (e.g. `aggregate_window: 0`). One DNS process
+        unless `workers` is given: what these tests read (the server's counters in its
+        log, its caches and limits) is then the whole node's (tests/test_dns_workers.py
+        covers several)."""
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, free_port())
         self.env = env or {}
@@ -241,7 +244,8 @@ class Netfilter(_Process):
             "node": {"id": "dns-test"},
             "lists": list(lists),
             "local": local or {},
-            "dns": {"listen": self._listen(), "upstreams": list(upstreams), **dns_settings},
+            "dns": {"listen": self._listen(), "upstreams": list(upstreams), "workers": 1,
+                    **dns_settings},
             "audit": {"path": str(directory / "audit.sqlite"), "client": audit_client,
                       **(audit or {})},
         }

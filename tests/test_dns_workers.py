@@ -81,9 +81,11 @@ def _alive(pid: int) -> bool:
 
 
 class Served:
-    """`netfilter serve dns` with `dns.workers: 2`, a directory source for list swaps."""
+    """`netfilter serve dns` with `dns.workers: 2` (or `dns` as given), a directory
+    source for list swaps."""
 
-    def __init__(self, tmp_path: Path, first: Path, trust: Path) -> None:
+    def __init__(self, tmp_path: Path, first: Path, trust: Path,
+                 dns: dict[str, object] | None = None) -> None:
         self.node, self.source = tmp_path / "node", tmp_path / "published"
         (self.node / "lists").mkdir(parents=True)
         self.source.mkdir()
@@ -96,7 +98,7 @@ class Served:
                        "action": "nxdomain", "source": str(self.source)}],
             "updates": {"interval": 1, "jitter": 0, "retry_min": 1, "retry_max": 2},
             "dns": {"listen": [f"{HOST}:{self.dns_port}"], "upstreams": [f"{HOST}:9"],
-                    "workers": 2},
+                    **({"workers": 2} if dns is None else dns)},
             "audit": {"path": "audit.sqlite", "client": "none", "checkpoint_interval": 1},
             "metrics": {"listen": f"{HOST}:{self.metrics_port}"},
         }), encoding="utf-8")
@@ -124,6 +126,57 @@ def served(tmp_path: Path, build: BuildBundle, authority: tuple[Path, Path]) -> 
     if server.proc.poll() is None:
         server.proc.kill()
         server.proc.wait(30)
+
+
+def test_by_default_one_worker_per_core(tmp_path: Path, build: BuildBundle,
+                                        authority: tuple[Path, Path]) -> None:
+    """No `dns.workers`: one process per core this process may use (the first one
+    serves too), each answering."""
+    server = Served(tmp_path, build(version=1), authority[1], dns={})
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert len(server.workers()) == cores - 1, (cores, server.workers())
+        assert _rcode(server.dns_port, "blocked.example") == dns.rcode.NXDOMAIN
+        assert f"{cores - 1} worker process(es)" in server.log.read_text() or cores == 1
+    finally:
+        server.stop()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the server has kept this connection (no FIN or RST from it)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def test_a_clients_connections_keep_to_the_nodes_cap(tmp_path: Path, build: BuildBundle,
+                                                     authority: tuple[Path, Path]) -> None:
+    """`dns.tcp_per_client` holds for the node, not per worker: the workers share it,
+    so a client that opens many connections (each on a new source port, spread over
+    both processes by the kernel) keeps at most that many open."""
+    cap, opened = 4, 12
+    server = Served(tmp_path, build(version=1), authority[1],
+                    dns={"workers": 2, "tcp_per_client": cap})
+    held: list[socket.socket] = []
+    try:
+        wire = dns.message.make_query("blocked.example", "A")
+        for _ in range(opened):
+            sock = socket.create_connection((HOST, server.dns_port), timeout=5)
+            held.append(sock)
+            dns.query.send_tcp(sock, wire)
+            answer, _ = dns.query.receive_tcp(sock, time.time() + 5)
+            assert answer.rcode() == dns.rcode.NXDOMAIN
+        time.sleep(0.5)  # the FINs of the connections that made room
+        still = sum(_still_open(sock) for sock in held)
+        assert 1 <= still <= cap, (still, cap)
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
 
 
 def test_config_check_refuses_a_bad_worker_count(tmp_path: Path) -> None:

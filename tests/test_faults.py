@@ -227,9 +227,10 @@ def every_part(directory: Path, bundle: Path, trust: Path, upstream: StubUpstrea
     config: dict[str, Any] = {
         "node": {"id": "faults.test", "key": str(directory / "node.key")},
         "lists": [{"path": str(bundle), "trust": [str(trust)], "action": "nxdomain"}],
-        # the answer cache off: these tests watch each query meet the faulty upstream
+        # the answer cache off: these tests watch each query meet the faulty upstream;
+        # one DNS process, whose log lines they count (each worker reports on its own)
         "dns": {"listen": [f"{HOST}:{free_port()}"], "upstreams": [upstream.address],
-                "timeout": TIMEOUT, "cache_size": 0},
+                "timeout": TIMEOUT, "cache_size": 0, "workers": 1},
         "stoppage": {"listen": f"{HOST}:{free_port()}"},
         "audit": {"path": str(audit or directory / "audit.sqlite"), "client": "truncated",
                   "checkpoint_interval": checkpoint_interval, "aggregate_window": 0,

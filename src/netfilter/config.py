@@ -174,8 +174,9 @@ class DnsSettings(_Section):
     canaries: bool = Field(False, strict=True)  # true or false, nothing else
     # Processes serving UDP and TCP on the dns.listen addresses (SO_REUSEPORT; the kernel
     # spreads clients over them), each with its own engine on the shared list files and
-    # its own relay cache and TCP slots; 0: one per core. DoT and DoH stay in the first.
-    workers: int = Field(1, ge=0, le=64, strict=True)
+    # an even share of the relay cache and the TCP limits above, so the node keeps to
+    # them; 0 (the default): one per core. DoT and DoH stay in the first.
+    workers: int = Field(0, ge=0, le=64, strict=True)
 
     @model_validator(mode="after")
     def _routing_needs_an_address(self) -> DnsSettings:

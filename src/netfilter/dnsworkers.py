@@ -11,11 +11,12 @@ A worker is a DNS server on an engine of its own: the list files are memory-mapp
 so the pages are shared; its events go to the node's one audit store (sqlite
 serializes the appends of every writer into one tree; the first process signs the
 checkpoints, so a stop signs the last one once). Its relay cache, TCP slots and
-per-client limits are its own and bounded as in one process: the node's bounds are N
-times one worker's. Settings arrive on the worker's stdin, one JSON line each: the
-first to start, each next one after a list swap or config re-read (the engine of the
-first process reloads first; a refused reload reaches no worker). The worker's
-counters reach the node's /metrics as the proxy child's do (childmetrics.py).
+per-client limits are its own, each an N-th of what `dns` says (`worker_share`), so
+that the node as a whole keeps to the settings whatever N is. Settings arrive on the
+worker's stdin, one JSON line each: the first to start, each next one after a list
+swap or config re-read (the engine of the first process reloads first; a refused
+reload reaches no worker). The worker's counters reach the node's /metrics as the
+proxy child's do (childmetrics.py).
 
 A worker that exits is started again on the same sockets (queries queue in their
 buffers meanwhile) after a back-off that doubles up to BACKOFF_MAX, with one log line
@@ -53,13 +54,15 @@ if TYPE_CHECKING:
     from netfilter.dns.server import DnsServer, Listening
     from netfilter.engine import Engine
 
-__all__ = ["AppenderLog", "DnsTotals", "DnsWorkers", "bind_workers", "worker_count"]
+__all__ = ["AppenderLog", "DnsTotals", "DnsWorkers", "bind_workers", "worker_count",
+           "worker_share"]
 
 log = logging.getLogger(__name__)
 ENV_FDS = "NETFILTER_DNS_WORKER_FDS"  # "udp,tcp;udp,tcp": one pair per dns.listen address
 ENV_INDEX = "NETFILTER_DNS_WORKER"
 ENV_PARENT = "NETFILTER_DNS_WORKER_PARENT"
 ENV_LEVEL = "NETFILTER_DNS_WORKER_LOG_LEVEL"
+ENV_COUNT = "NETFILTER_DNS_WORKER_COUNT"  # processes that share the node's bounds
 START_BOUND = 30.0  # seconds a worker has to answer its first counters request
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart, doubled per quick exit
 STEADY = 60.0  # seconds up after which an exit starts the back-off from its minimum
@@ -70,6 +73,22 @@ _PR_SET_PDEATHSIG = 1
 def worker_count(settings: DnsSettings) -> int:
     """Processes to serve on: `dns.workers`, or one per core this process may use."""
     return settings.workers or len(os.sched_getaffinity(0))
+
+
+def worker_share(settings: DnsSettings, count: int) -> DnsSettings:
+    """What one of `count` processes serving `settings` may hold: TCP connections (all
+    clients, and per client) and relay cache entries, each an even share rounded down
+    (at least 1 connection), so that the node's sum never exceeds what the operator
+    set. The kernel spreads a client's connections over the processes by port, so a
+    client may meet its share's cap in one process a little before the node's cap;
+    its own idlest connection then makes room, as at the node's cap."""
+    if count <= 1:
+        return settings
+    return settings.model_copy(update={
+        "tcp_max_connections": max(1, settings.tcp_max_connections // count),
+        "tcp_per_client": max(1, settings.tcp_per_client // count),
+        "cache_size": (max(1, settings.cache_size // count) if settings.cache_size
+                       else 0)})
 
 
 def bind_workers(first: Sequence[Listening], count: int) -> list[list[Listening]]:
@@ -149,7 +168,7 @@ class DnsWorkers:
         fds = [(b.udp.fileno(), b.tcp.fileno()) for b in worker.sockets]
         env = {**os.environ, METRICS_ENV: str(fd), ENV_INDEX: str(worker.index),
                ENV_FDS: ";".join(f"{udp},{tcp}" for udp, tcp in fds),
-               ENV_PARENT: str(os.getpid()),
+               ENV_PARENT: str(os.getpid()), ENV_COUNT: str(len(self.workers) + 1),
                ENV_LEVEL: str(logging.getLogger("netfilter").getEffectiveLevel())}
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "netfilter.dnsworkers", stdin=asyncio.subprocess.PIPE,
@@ -375,7 +394,7 @@ def _inherited(value: str) -> list[Listening]:
     return bound
 
 
-async def _serve(index: int, settings: Settings, engine: Engine,
+async def _serve(index: int, count: int, settings: Settings, engine: Engine,
                  sockets: list[Listening]) -> None:
     from netfilter.childmetrics import export_from_environment
     from netfilter.dns.canaries import Canaries
@@ -385,7 +404,7 @@ async def _serve(index: int, settings: Settings, engine: Engine,
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     assert settings.dns is not None
-    server = DnsServer(engine, settings.dns, sockets=sockets,
+    server = DnsServer(engine, worker_share(settings.dns, count), sockets=sockets,
                        canaries=Canaries.for_settings(settings))
     in_force = settings
     reloads: list[Settings | None] = []  # in order; one runs at a time
@@ -407,7 +426,7 @@ async def _serve(index: int, settings: Settings, engine: Engine,
         ok = not future.cancelled() and future.exception() is None and future.result()
         if ok and new is not None and new.dns is not None:
             in_force = new
-            server.settings = new.dns
+            server.settings = worker_share(new.dns, count)
         if reloads:
             run_next()
 
@@ -441,6 +460,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the parent stops us
     setup(int(os.environ.get(ENV_LEVEL, logging.WARNING)), chosen_format())
     index = int(os.environ.get(ENV_INDEX, "0"))
+    count = int(os.environ.get(ENV_COUNT, "1"))
     try:
         settings = decode_settings(sys.stdin.buffer.readline())
         sockets = _inherited(os.environ.pop(ENV_FDS))
@@ -454,7 +474,7 @@ def main() -> int:
 
         runner = uvloop.run
     try:
-        runner(_serve(index, settings, engine, sockets))
+        runner(_serve(index, count, settings, engine, sockets))
     except NetfilterError as e:
         log.error("dns: worker %d: %s", index, e)
         return 1

@@ -317,7 +317,7 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     from netfilter.dns.canaries import Canaries
     from netfilter.dns.encrypted import EncryptedDns
     from netfilter.dns.server import DnsServer
-    from netfilter.dnsworkers import DnsWorkers
+    from netfilter.dnsworkers import DnsWorkers, worker_share
     from netfilter.icap import IcapServer
     from netfilter.proxy.process import ProxyProcess
     from netfilter.stoppage import Renderer
@@ -355,7 +355,8 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
     def hand_over(applied: Settings) -> None:
         for _, server in servers:
             if isinstance(server, DnsServer) and applied.dns is not None:
-                server.settings = applied.dns  # block answers read it per query
+                # block answers read it per query
+                server.settings = worker_share(applied.dns, dns_processes)
             elif isinstance(server, DnsWorkers):
                 server.reload(applied)  # each worker reloads its engine, then serves it
             elif isinstance(server, StopPageServer) and applied.stoppage is not None:
@@ -389,9 +390,10 @@ async def _run(settings: Settings, parts: list[str], engine: Engine, listeners: 
         reloading.add_done_callback(apply)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    dns_processes = 1 + len(listeners.dns_workers)  # the node's DNS bounds split over them
     if settings.dns is not None and "dns" in parts:
-        dns = DnsServer(engine, settings.dns, sockets=listeners.dns,
-                        canaries=Canaries.for_settings(settings))
+        dns = DnsServer(engine, worker_share(settings.dns, dns_processes),
+                        sockets=listeners.dns, canaries=Canaries.for_settings(settings))
         servers.append(("dns", dns))
         if listeners.dns_workers:  # dns.workers: the other processes on the same addresses
             servers.append(("dns", DnsWorkers(settings, listeners.dns_workers)))

@@ -25,6 +25,8 @@ import dns.rcode
 import pytest
 import yaml
 
+from netfilter.config import DnsSettings
+from netfilter.dnsworkers import worker_share
 from tests.conftest import SOURCE, BuildBundle
 from tests.support import HOST, free_port, read_events, wait_for
 
@@ -140,6 +142,21 @@ def test_by_default_one_worker_per_core(tmp_path: Path, build: BuildBundle,
         assert f"{cores - 1} worker process(es)" in server.log.read_text() or cores == 1
     finally:
         server.stop()
+
+
+def test_the_nodes_bounds_are_shared_out() -> None:
+    """Each of N processes gets an N-th, rounded down, of the node-wide bounds, and at
+    least one connection; a cache switched off stays off; per-connection limits stay."""
+    settings = DnsSettings(tcp_max_connections=512, tcp_per_client=5, cache_size=65536,
+                           tcp_pipeline=100)
+    share = worker_share(settings, 2)
+    assert (share.tcp_max_connections, share.tcp_per_client, share.cache_size) == (
+        256, 2, 32768)
+    assert share.tcp_pipeline == 100 and share.tcp_max_buffer == settings.tcp_max_buffer
+    assert worker_share(settings, 1) == settings
+    tiny = worker_share(DnsSettings(tcp_per_client=1, cache_size=0), 4)
+    assert (tiny.tcp_per_client, tiny.cache_size) == (1, 0)
+    assert worker_share(DnsSettings(cache_size=3), 4).cache_size == 1
 
 
 def _still_open(sock: socket.socket) -> bool:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from netfilter.web.app import build_app
 from netfilter.web.server import SMALL, Limits, Listener, Standalone, bind_tcp
 
-__all__ = ["LIMITS", "TileServer", "TilesApp", "serve_tiles", "tile_resource", "tile_routes",
+__all__ = ["LIMITS", "TileServer", "TilesApp", "serve_tiles", "tile_resource",
            "tiles_listener"]
 
 LIMITS = SMALL
@@ -79,17 +78,6 @@ def tile_response(root: Path, path: str) -> Response:
     for name, value in [*headers, ("X-Content-Type-Options", "nosniff")]:
         response.headers.append(name, value)
     return response
-
-
-def tile_routes(directory: Path, prefix: str = "") -> list[Route]:
-    """Routes serving `directory` below `prefix` ("" or "/something"), for an app that
-    serves other things too."""
-    root = directory.resolve()
-
-    async def tile(request: Request) -> Response:
-        return tile_response(root, "/" + request.path_params["path"])
-
-    return [Route(prefix + "/{path:path}", tile, methods=["GET", "HEAD"])]
 
 
 def tiles_listener(directory: Path, sock: socket.socket, limits: Limits = LIMITS) -> Listener:

@@ -10,6 +10,7 @@ import contextlib
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from tests.squid_support import (
     set_listen,
     squid_directory,
 )
-from tests.support import HOST, read_events, wait_for
+from tests.support import HOST, connect_from, read_events, wait_for
 
 BLOCKED = b"GET http://partly.example/dir/secret.html HTTP/1.1\r\nHost: partly.example\r\n" \
           b"Accept: text/html\r\n\r\n"
@@ -193,6 +194,173 @@ def test_a_silent_client_is_closed_after_the_header_timeout(icap: Running) -> No
         sock.sendall(b"REQMOD icap://h/reqmod ICAP/1.0\r\n")  # and never the rest
         assert sock.recv(100) == b""  # closed by the server, not by our 10 s timeout
     assert icap.server.stats["timeouts"] == 1
+
+
+def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    """`count` ICAP answers read off a kept-alive connection (each a head, and its
+    chunked body when the Encapsulated field names one)."""
+    data, out = b"", []
+    while len(out) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            encapsulated = fields(data[:end + 4]).get("encapsulated", "")
+            stop = end + 4 if "null-body" in encapsulated else \
+                data.find(b"\r\n0\r\n\r\n", end) + 7
+            if stop >= end + 4:
+                out.append(data[:stop])
+                data = data[stop:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, (out, data)
+        data += chunk
+    assert not data, data
+    return out
+
+
+def keepalive(http: bytes) -> bytes:
+    """A REQMOD for `http` that keeps the connection open."""
+    return reqmod(http).replace(b"Connection: close\r\n", b"")
+
+
+def test_pipelined_requests_are_answered_in_order(icap: Running) -> None:
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.sendall(keepalive(BLOCKED) + keepalive(CLEAN) + keepalive(BLOCKED)
+                     + keepalive(CLEAN))
+        blocked, clean, blocked2, clean2 = read_answers(sock, 4)
+        assert b"\r\n\r\nHTTP/1.1 451 " in blocked and b"DEMO-0003" in blocked
+        assert clean.startswith(b"ICAP/1.0 204 No Content\r\n")
+        assert b"\r\n\r\nHTTP/1.1 451 " in blocked2
+        assert clean2.startswith(b"ICAP/1.0 204 No Content\r\n")
+        # and the connection stays open for more
+        sock.sendall(reqmod(CLEAN))
+        assert sock.recv(65536).startswith(b"ICAP/1.0 204")
+    assert icap.server.stats["requests"] == 5
+
+
+def test_a_request_sent_byte_by_byte_is_served(icap: Running) -> None:
+    data = reqmod(CLEAN, body=b"hello world", extra="")
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for n in range(len(data)):
+            sock.sendall(data[n:n + 1])
+            time.sleep(0.001)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    assert out.startswith(b"ICAP/1.0 200 OK\r\n")
+    assert out.split(b"\r\n\r\n", 1)[1] == CLEAN + b"b\r\nhello world\r\n0\r\n\r\n"
+
+
+def test_a_body_in_many_chunks_is_echoed_and_drained(icap: Running) -> None:
+    pieces = [bytes([65 + n % 26]) * (n * 997 % 70_000 + 1) for n in range(12)]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    head = reqmod(CLEAN, body=b"", extra="").removesuffix(b"0\r\n\r\n")
+    echoed = exchange(icap.port, head + body)
+    assert echoed.split(b"\r\n\r\n", 1)[1] == CLEAN + body
+    # blocked, the body is drained and the stop page answers
+    head = reqmod(BLOCKED, body=b"").removesuffix(b"0\r\n\r\n")
+    assert b"\r\n\r\nHTTP/1.1 451 " in exchange(icap.port, head + body)
+
+
+@pytest.mark.parametrize(("chunk", "answer"), [
+    (b"zz\r\n", b""),  # no number: a broken connection, closed without an answer
+    (b"1" * 300 + b"\r\n", b"ICAP/1.0 400"),  # chunk-size line too long
+    (b"3\r\nabcXY0\r\n\r\n", b"ICAP/1.0 400"),  # a chunk not followed by CRLF
+])
+def test_a_broken_chunked_body_closes_the_connection(icap: Running, chunk: bytes,
+                                                     answer: bytes) -> None:
+    head = reqmod(CLEAN, body=b"", extra="Preview: 0\r\n").removesuffix(b"0\r\n\r\n")
+    reply = exchange(icap.port, head + chunk)
+    assert reply.startswith(answer) if answer else reply == b""
+    assert exchange(icap.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 204")
+
+
+def test_a_head_sent_slower_than_the_header_timeout_is_cut_off(icap: Running) -> None:
+    """header_timeout bounds a whole head, not each byte: a client that trickles
+    bytes (each well within the timeout) is closed once the head has taken longer."""
+    data = reqmod(CLEAN)
+    start = time.monotonic()
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)  # one byte at a time never fills a buffer
+
+        def closed() -> bool:
+            try:
+                return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except ConnectionError:
+                return True
+
+        sent = 0
+        while sent < len(data) and not closed():
+            try:
+                sock.sendall(data[sent:sent + 1])
+            except ConnectionError:
+                break
+            sent += 1
+            time.sleep(0.1)  # a byte every 0.1 s (timeout 1 s): the head takes ~10 s
+        elapsed = time.monotonic() - start
+    assert 5 < sent < len(data) and 0.9 < elapsed < 3.0, (sent, elapsed)
+    assert wait_for(lambda: icap.server.stats["timeouts"] == 1, bound=5.0)
+
+
+def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(icap: Running) -> None:
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.sendall(keepalive(CLEAN))
+        assert sock.recv(65536).startswith(b"ICAP/1.0 204")
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server
+        assert 0.5 < time.monotonic() - start < 5.0
+    assert icap.server.stats["timeouts"] == 1
+
+
+def test_connections_at_once_are_capped(tmp_path: Path) -> None:
+    running = Running(write_config(tmp_path), max_connections=2, header_timeout=5.0)
+    try:
+        held = [connect_from(running.port, f"127.0.0.{n + 2}") for n in range(2)]
+        try:
+            assert wait_for(lambda: sum(running.server._clients.values()) == 2, bound=5.0)
+            assert exchange(running.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 503")
+            assert running.server.stats["refused_busy"] == 1
+        finally:
+            for sock in held:
+                sock.close()
+        assert wait_for(lambda: not running.server._clients, bound=5.0)
+        assert exchange(running.port, reqmod(CLEAN)).startswith(b"ICAP/1.0 204")
+    finally:
+        running.close()
+
+
+def test_a_client_that_does_not_read_is_not_read_from(icap: Running) -> None:
+    """Flow control: echoing a body to a client that takes nothing, the server stops
+    reading (its memory stays bounded) and drops the client after header_timeout."""
+    head = reqmod(CLEAN, body=b"", extra="").removesuffix(b"0\r\n\r\n")
+    piece = b"x" * 65536
+    with socket.create_connection((HOST, icap.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(head)
+        sock.settimeout(0.5)
+        sent = 0
+        with contextlib.suppress(OSError):  # a full window (timeout), or a reset
+            while sent < 256 * 1024 * 1024:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+        assert sent < 64 * 1024 * 1024, sent  # it stopped reading long before
+        assert wait_for(lambda: icap.server.stats["timeouts"] == 1, bound=5.0)
+        assert wait_for(lambda: not icap.server._clients, bound=5.0)
+
+
+def test_stop_aborts_open_connections(tmp_path: Path) -> None:
+    running = Running(write_config(tmp_path), header_timeout=60.0, idle_timeout=60.0)
+    with socket.create_connection((HOST, running.port), timeout=10) as sock:
+        sock.sendall(keepalive(CLEAN))
+        assert sock.recv(65536).startswith(b"ICAP/1.0 204")
+        start = time.monotonic()
+        running.close()
+        assert time.monotonic() - start < 5.0
+        with contextlib.suppress(ConnectionResetError):  # or a reset: either way, gone
+            assert sock.recv(100) == b""
 
 
 # ---------------------------------------------------------------- Squid through ICAP

@@ -29,7 +29,7 @@ ICAP_REASONS = {
     500: "Server Error",
     503: "Service Overloaded", 505: "ICAP Version Not Supported",
 }
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+_TOKEN_TEXT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 _SECTION = re.compile(r"\s*(req-hdr|res-hdr|req-body|res-body|null-body|opt-body)=([0-9]{1,9})\s*")
 
 
@@ -42,16 +42,28 @@ class IcapError(Exception):
         self.reason = reason
 
 
-def _fields(lines: Iterable[bytes], what: str) -> dict[str, list[str]]:
+_WHITESPACE = " \t\r\n\x0b\x0c"  # what bytes.strip strips (str.strip strips more)
+
+
+def _fields(text: str, what: str) -> dict[str, list[str]]:
+    """Header fields from the lines of a head after its first, decoded as latin-1
+    (names must be tokens, so ASCII)."""
+    if not text:
+        return {}
+    lines = text.split("\r\n")
+    if len(lines) > MAX_FIELDS:
+        raise IcapError(400, f"more than {MAX_FIELDS} {what} header fields")
     out: dict[str, list[str]] = {}
-    for n, line in enumerate(lines):
-        if n >= MAX_FIELDS:
-            raise IcapError(400, f"more than {MAX_FIELDS} {what} header fields")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN(name):
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN_TEXT(name):
             raise IcapError(400, f"malformed {what} header field")
-        out.setdefault(name.decode("ascii").lower(), []).append(
-            value.strip().decode("latin-1"))
+        key = name.lower()
+        values = out.get(key)
+        if values is None:
+            out[key] = [value.strip(_WHITESPACE)]
+        else:
+            values.append(value.strip(_WHITESPACE))
     return out
 
 
@@ -71,19 +83,19 @@ class IcapRequest:
 def parse_icap_head(head: bytes) -> IcapRequest:
     """`METHOD icap://host[:port]/service ICAP/1.0` and fields (head without the blank
     line that ends it)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN(parts[0]):
+    first, _, rest_of_head = head.decode("latin-1").partition("\r\n")
+    parts = first.split(" ")
+    if len(parts) != 3 or not _TOKEN_TEXT(parts[0]):
         raise IcapError(400, "malformed ICAP request line")
     method, uri, version = parts
-    if version != b"ICAP/1.0":
+    if version != "ICAP/1.0":
         raise IcapError(505, "only ICAP/1.0 is spoken")
-    if not uri.lower().startswith(b"icap://"):
+    if uri[:7].lower() != "icap://":
         raise IcapError(400, "the request URI is not icap://")
     rest = uri[7:]
-    slash = rest.find(b"/")
-    service = "/" if slash < 0 else rest[slash:].partition(b"?")[0].decode("latin-1")
-    return IcapRequest(method.decode("ascii"), service, _fields(lines[1:], "ICAP"))
+    slash = rest.find("/")
+    service = "/" if slash < 0 else rest[slash:].partition("?")[0]
+    return IcapRequest(method, service, _fields(rest_of_head, "ICAP"))
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,25 @@ class Encapsulated:
     body_offset: int
 
 
+_encapsulated: dict[str, Encapsulated] = {}  # a client sends few distinct values
+_ENCAPSULATED_CACHE = 1024  # values (of 64 characters at most) kept parsed
+
+
 def parse_encapsulated(value: str | None) -> Encapsulated:
     """The Encapsulated field of a REQMOD request (RFC 3507 4.4.1)."""
     if value is None:
         raise IcapError(400, "no Encapsulated header field")
+    known = _encapsulated.get(value)
+    if known is None:
+        known = _parse_encapsulated(value)
+        if len(value) <= 64:
+            if len(_encapsulated) >= _ENCAPSULATED_CACHE:
+                _encapsulated.clear()
+            _encapsulated[value] = known
+    return known
+
+
+def _parse_encapsulated(value: str) -> Encapsulated:
     sections: list[tuple[str, int]] = []
     for item in value.split(","):
         m = _SECTION.fullmatch(item)
@@ -133,15 +160,13 @@ class HttpHead:
 
 def parse_http_request(head: bytes) -> HttpHead:
     """`METHOD target HTTP/1.x` and fields (without the blank line)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN(parts[0]) or not parts[2].startswith(b"HTTP/"):
+    first, _, rest = head.decode("latin-1").partition("\r\n")
+    parts = first.split(" ")
+    if len(parts) != 3 or not _TOKEN_TEXT(parts[0]) or not parts[2].startswith("HTTP/"):
         raise IcapError(400, "malformed encapsulated HTTP request line")
-    try:
-        target = parts[1].decode("ascii")
-    except UnicodeDecodeError:
-        raise IcapError(400, "a non-ASCII HTTP request target") from None
-    return HttpHead(parts[0].decode("ascii"), target, _fields(lines[1:], "HTTP"))
+    if not parts[1].isascii():
+        raise IcapError(400, "a non-ASCII HTTP request target")
+    return HttpHead(parts[0], parts[1], _fields(rest, "HTTP"))
 
 
 _date: tuple[int, str] = (0, "")

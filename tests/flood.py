@@ -47,7 +47,11 @@ def flood(port: int, seconds: float, *, name: str = "x.blocked.example",
             for _ in range(window):
                 qid = (qid + 1) & 0xFFFF
                 struct.pack_into("!H", wire, 0, qid)
-                sock.send(wire)
+                try:
+                    sock.send(wire)
+                except ConnectionRefusedError:  # nothing listens (killed): wait, go on
+                    time.sleep(0.05)
+                    break
                 result.sent += 1
             for _ in range(window):
                 try:

@@ -11,6 +11,7 @@ some from 127.0.0.2 and others of 127/8 (Linux loopback is all of it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
 import os
@@ -64,7 +65,7 @@ def _start(server: TileServer) -> Iterator[TileServer]:
         assert not thread.is_alive()
 
 
-LIMITS = Limits(64, 8, 1.0, 1.0, max_requests=100)
+LIMITS = Limits(64, 8, 1.0, 1.0, max_requests=100, answer_timeout=1.0)
 
 
 class WebTiles:
@@ -219,6 +220,34 @@ def test_logs_nothing_per_request(served: TileServer | WebTiles, caplog: pytest.
     assert not [r for r in caplog.records if "127.0.0" in r.getMessage()]
     out, err = capfd.readouterr()
     assert "127.0.0" not in out + err
+
+
+def test_a_client_that_stops_reading_loses_its_connection(served: TileServer | WebTiles,
+                                                          tiles: Path) -> None:
+    """A client asks for a large file and reads nothing: once our send buffer has been
+    full for `answer_timeout` the connection is reset and its slot freed (a close
+    would wait on the client for ever)."""
+    size = 8 << 20
+    (tiles / "large").write_bytes(bytes(range(256)) * (size // 256))
+    assert _get(served.server_address[1], "/checkpoint")[0] == 200  # serving
+    assert wait_for(lambda: len(served.slots) == 0, 2.0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    try:
+        sock.connect(("127.0.0.1", served.server_address[1]))
+        sock.sendall(b"GET /large HTTP/1.1\r\nHost: tiles.example\r\n\r\n")
+        assert wait_for(lambda: len(served.slots) == 1, 2.0)
+        time.sleep(0.5)
+        assert len(served.slots) == 1  # still taking (or not) its answer
+        assert wait_for(lambda: len(served.slots) == 0, 5.0)
+        sock.settimeout(5)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # what the kernels still held
+                received += len(chunk)
+        assert received < size  # the answer was cut off, not finished
+    finally:
+        sock.close()
 
 
 def test_idle_connections_hold_no_thread_and_are_closed(served: TileServer | WebTiles) -> None:

@@ -17,6 +17,12 @@ A request body goes to the stack only where the route wants it (`keeps_body`), a
 `max_body` bytes; the stop page never reads one, so its bodies are dropped here. When
 the stack closes a connection, the guard half-closes and drains briefly first: closing
 with unread data would reset the connection and could lose the answer.
+
+A client that stops reading its answer (our send buffer full for `answer_timeout`) is
+dropped; a connection evicted or timed out while answers it has not taken are queued
+is reset at once, and one closed after its last answer gets `answer_timeout` to take
+what is queued: a close would otherwise wait for the client to read, holding the slot
+for as long as it likes.
 """
 
 from __future__ import annotations
@@ -71,6 +77,20 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _end(transport: asyncio.Transport) -> None:
+    """Close; at once (a reset) when answers are still queued for a client that does
+    not take them, whose close would otherwise wait on it."""
+    if transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    with contextlib.suppress(Exception):  # lost already: nothing to do
+        transport.abort()
 
 
 class _Timer:
@@ -130,7 +150,8 @@ class Guard(asyncio.Protocol):
     def __init__(self, inner: Callable[[], asyncio.Protocol], slots: Slots,
                  stats: Counter[str], *, keeps_body: Callable[[Request], bool],
                  registry: set[Guard], max_body: int = MAX_BODY,
-                 answer_silent: bool = False, max_requests: int = 0) -> None:
+                 answer_silent: bool = False, max_requests: int = 0,
+                 answer_timeout: float = 30.0) -> None:
         self._make_inner = inner
         self._slots = slots
         self._stats = stats
@@ -139,6 +160,8 @@ class Guard(asyncio.Protocol):
         self._max_body = max_body
         self._answer_silent = answer_silent  # a 408 also to one that sent nothing
         self._max_requests = max_requests  # per connection; 0: as many as it likes
+        self._answer_timeout = answer_timeout
+        self._stalled: asyncio.TimerHandle | None = None  # while the client reads nothing
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._slot: Slot | None = None
@@ -213,18 +236,32 @@ class Guard(asyncio.Protocol):
         self._registry.discard(self)
         if self._timer is not None:
             self._timer.cancel()
+        if self._stalled is not None:
+            self._stalled.cancel()
         if self._slot is not None:
             self._slots.release(self._slot)
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self._stalled is None:
+            self._stalled = asyncio.get_running_loop().call_later(
+                self._answer_timeout, self._not_reading)
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         if self._inner is not None:
             self._inner.resume_writing()
+
+    def _not_reading(self) -> None:
+        self._stats["answer_timeout"] += 1
+        self.closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     # ------------------------------------------------------------ heads
 
@@ -356,7 +393,7 @@ class Guard(asyncio.Protocol):
     def _abort(self) -> None:
         self.closing = True
         if self._transport is not None:
-            self._transport.close()
+            _end(self._transport)
 
     def linger(self) -> None:
         """Half-close and drain briefly, then close (see the module)."""
@@ -370,7 +407,17 @@ class Guard(asyncio.Protocol):
         with contextlib.suppress(Exception):
             if transport.can_write_eof():
                 transport.write_eof()
-        asyncio.get_running_loop().call_later(LINGER_TIME, transport.close)
+        asyncio.get_running_loop().call_later(LINGER_TIME, self._finish)
+
+    def _finish(self) -> None:
+        """Close after lingering: what is queued still goes out to a client that reads
+        it, within `answer_timeout`; then the connection is reset."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._answer_timeout, _abort, transport)
 
     def shutdown(self) -> None:
         """The server stops: end this connection now."""

@@ -49,6 +49,9 @@ class Limits:
     max_body: int = MAX_BODY
     answer_silent: bool = False  # a 408 also to a connection that sent nothing in time
     max_requests: int = 0  # per connection, the last answered with Connection: close; 0: any
+    # seconds a client may leave an answer unread (our send buffer full) before its
+    # connection is dropped: a reader that stops would otherwise hold its slot for ever
+    answer_timeout: float = 30.0
 
 
 # the node's small read-only listeners (metrics, audit tiles): fewer clients than the
@@ -118,7 +121,8 @@ class WebServer:
                 return Guard(inner, slots, listener.stats, keeps_body=listener.keeps_body,
                              registry=self._guards, max_body=listener.limits.max_body,
                              answer_silent=listener.limits.answer_silent,
-                             max_requests=listener.limits.max_requests)
+                             max_requests=listener.limits.max_requests,
+                             answer_timeout=listener.limits.answer_timeout)
 
             if self._clock is None:
                 self._tick()

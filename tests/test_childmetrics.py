@@ -14,6 +14,7 @@ from netfilter.childmetrics import (
     ANSWER_BOUND,
     ENV,
     ChildCounters,
+    add_snapshots,
     export_counters,
     merged,
 )
@@ -117,3 +118,30 @@ def test_a_bad_descriptor_is_one_warning(value: str, monkeypatch: pytest.MonkeyP
     assert ENV not in os.environ
     assert len(caplog.records) == (0 if value == "" else 1)
 
+
+
+def test_an_earlier_runs_counts_are_carried_but_not_its_gauges() -> None:
+    """What a restarted worker's earlier run counted is added to what it counts now:
+    plain counters, histogram buckets and sums, rows per key; gauges and anything that
+    is not a count are the live run's."""
+    carried = {"engine": {"sink_failures": 2, "blocks_pending": 7},
+               "dns": {"blocked": 10, "servfail": 1},
+               "latency": {"counts": [1, 2, 3], "sum": 0.5},
+               "matches": [["dns", "l1", "csam", "nxdomain", 4]],
+               "upstreams": [["127.0.0.1:53", 1, 2]],
+               "upstream_ok": False}
+    live = {"engine": {"sink_failures": 0, "blocks_pending": 1},
+            "dns": {"blocked": 3},
+            "latency": {"counts": [0, 1, 1], "sum": 0.25},
+            "matches": [["dns", "l1", "csam", "nxdomain", 1], ["dns", "l2", "csam", "refused", 5]],
+            "upstreams": [["127.0.0.1:53", 0, 1]],
+            "upstream_ok": True}
+    total = add_snapshots(carried, live, {"engine": frozenset({"blocks_pending"})})
+    assert total["engine"] == {"sink_failures": 2, "blocks_pending": 1}
+    assert total["dns"] == {"blocked": 13, "servfail": 1}
+    assert total["latency"] == {"counts": [1, 3, 4], "sum": 0.75}
+    assert sorted(total["matches"]) == [["dns", "l1", "csam", "nxdomain", 5],
+                                        ["dns", "l2", "csam", "refused", 5]]
+    assert total["upstreams"] == [["127.0.0.1:53", 1, 3]]
+    assert total["upstream_ok"] is True
+    assert add_snapshots({}, live, {}) == live

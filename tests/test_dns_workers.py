@@ -287,9 +287,24 @@ def test_two_workers_share_lists_audit_and_metrics(served: Served, build: BuildB
     assert "Traceback" not in text, text
 
 
+def _counted(port: int) -> tuple[float, float]:
+    """The node's DNS blocks, and worker 1's, as /metrics has them now."""
+    values = _metrics(port)
+    return (values['netfilter_requests_total{frontend="dns",verdict="block"}'],
+            values['netfilter_dns_worker_requests_total{verdict="block",worker="1"}'])
+
+
 def test_a_dead_worker_is_started_again_and_readyz_says_so(served: Served) -> None:
+    """...and what it had counted stays counted: neither the node's sums nor its own
+    series go back (a counter that falls is a reset to Prometheus)."""
     metrics_port = served.metrics_port
     assert _readyz(metrics_port)[0] == 200
+    for _ in range(SPREAD):
+        assert _rcode(served.dns_port, "blocked.example") == dns.rcode.NXDOMAIN
+    # blocks the relay answers from its cache are handed over each second
+    assert wait_for(lambda: _counted(metrics_port)[0] == SPREAD, 5), _counted(metrics_port)
+    node, its = _counted(metrics_port)
+    assert 0 < its < SPREAD, (node, its)
     (pid,) = served.workers()
     os.kill(pid, signal.SIGKILL)
     seen: list[tuple[int, str]] = []
@@ -306,6 +321,7 @@ def test_a_dead_worker_is_started_again_and_readyz_says_so(served: Served) -> No
     assert _rcode(served.dns_port, "blocked.example") == dns.rcode.NXDOMAIN
     values = _metrics(metrics_port)
     assert values['netfilter_dns_worker_restarts_total{worker="1"}'] == 1
+    assert _counted(metrics_port) >= (node + 1, its), (_counted(metrics_port), node, its)
     lines = [line for line in served.log.read_text().splitlines() if "exited with" in line]
     assert len(lines) == 1, lines
 

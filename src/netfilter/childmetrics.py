@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from netfilter.engine import Engine
 
-__all__ = ["ENV", "ChildCounters", "engine_counters", "export_counters", "export_from_environment",
-           "merged"]
+__all__ = ["ENV", "ChildCounters", "add_snapshots", "engine_counters", "export_counters",
+           "export_from_environment", "merged"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,55 @@ class ChildCounters:
             if isinstance(row, list) and len(row) == 5 and isinstance(row[4], int):
                 counts[(str(row[0]), str(row[1]), str(row[2]), str(row[3]))] += row[4]
         return counts
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _add_rows(carried: list[Any], live: list[Any]) -> list[Any]:
+    """Rows such as [name, errors, timeouts] or [frontend, list, category, action,
+    count]: summed per their text fields."""
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for row in (*carried, *live):
+        if not isinstance(row, list):
+            continue
+        key = tuple(x for x in row if not _is_number(x))
+        numbers = [x for x in row if _is_number(x)]
+        had = out.get(key)
+        out[key] = numbers if had is None or len(had) != len(numbers) else [
+            a + b for a, b in zip(had, numbers, strict=True)]
+    return [[*key, *numbers] for key, numbers in out.items()]
+
+
+def add_snapshots(carried: Snapshot, live: Snapshot,
+                  gauges: Mapping[str, frozenset[str]]) -> Snapshot:
+    """`live` plus what `carried` counted (an earlier run of the same child): numbers
+    and histograms summed, rows summed per key; a part's `gauges`, and anything not a
+    count, as `live` has them."""
+    out = dict(live)
+    for name, before in carried.items():
+        now = live.get(name)
+        if isinstance(before, dict):
+            now = now if isinstance(now, dict) else {}
+            skip = gauges.get(name, frozenset())
+            part = dict(now)
+            for key, value in before.items():
+                if key in skip:
+                    continue
+                current = now.get(key, 0 if _is_number(value) else None)
+                if _is_number(value) and _is_number(current):
+                    part[key] = value + current
+                elif (isinstance(value, list) and isinstance(current, list)
+                      and len(value) == len(current)
+                      and all(map(_is_number, (*value, *current)))):
+                    part[key] = [a + b for a, b in zip(value, current, strict=True)]
+                elif current is None and isinstance(value, list):
+                    part[key] = value
+            out[name] = part
+        elif isinstance(before, list):
+            out[name] = _add_rows(before, now if isinstance(now, list) else [])
+    return out
 
 
 def merged(own: Callable[[], Mapping[str, int | float]],

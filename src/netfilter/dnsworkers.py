@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from netfilter.audit.log import AuditLog
 from netfilter.audit.store import StoredCheckpoint
 from netfilter.childmetrics import ENV as METRICS_ENV
-from netfilter.childmetrics import ChildCounters, Snapshot, engine_counters
+from netfilter.childmetrics import ChildCounters, Snapshot, add_snapshots, engine_counters
 from netfilter.config import DnsSettings, Settings
 from netfilter.errors import NetfilterError
 from netfilter.latency import BUCKETS, LatencyHistogram
@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from netfilter.dns.server import DnsServer, Listening
     from netfilter.engine import Engine
 
-__all__ = ["AppenderLog", "DnsTotals", "DnsWorkers", "bind_workers", "worker_count",
-           "worker_share"]
+__all__ = ["AppenderLog", "DnsTotals", "DnsWorkers", "WorkerCounters", "bind_workers",
+           "worker_count", "worker_share"]
 
 log = logging.getLogger(__name__)
 ENV_FDS = "NETFILTER_DNS_WORKER_FDS"  # "udp,tcp;udp,tcp": one pair per dns.listen address
@@ -68,6 +68,36 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart, doubled per qu
 STEADY = 60.0  # seconds up after which an exit starts the back-off from its minimum
 STOP_BOUND = 15.0  # seconds a worker has to stop after SIGTERM, then it is killed
 _PR_SET_PDEATHSIG = 1
+
+
+# the gauges among a worker's counters: never carried over a restart
+GAUGES = {"engine": frozenset({"blocks_pending", "windows_open"}),
+          "audit": frozenset({"queued"})}
+
+
+class WorkerCounters(ChildCounters):
+    """A worker's counters as the node adds them up: its last answer (a scrape it
+    misses, or its death, freezes them rather than dropping them), plus what its
+    earlier runs had counted, carried over a restart, so that the node's sums and the
+    worker's own series never go back (Prometheus would take that for a reset)."""
+
+    def __init__(self, earlier: WorkerCounters | None = None) -> None:
+        super().__init__()
+        self.carried: Snapshot = {} if earlier is None else earlier.latest()
+        self._good: Snapshot = {}
+
+    def refresh(self) -> None:
+        super().refresh()
+        answer = super().latest()
+        if answer:
+            self._good = answer
+
+    def answered(self) -> bool:
+        """Whether the worker answered the last refresh (it serves)."""
+        return bool(super().latest())
+
+    def latest(self) -> Snapshot:
+        return add_snapshots(self.carried, self._good, GAUGES)
 
 
 def worker_count(settings: DnsSettings) -> int:
@@ -131,7 +161,7 @@ class _Worker:
         self.index = index
         self.sockets = sockets
         self.proc: asyncio.subprocess.Process | None = None
-        self.counters = ChildCounters()
+        self.counters = WorkerCounters()
         self.up = False  # answered since it was (re)started
         self.restarts = 0
         self.started_at = 0.0
@@ -162,7 +192,7 @@ class DnsWorkers:
 
     async def _spawn(self, worker: _Worker) -> None:
         worker.counters.close()
-        worker.counters = ChildCounters()
+        worker.counters = WorkerCounters(worker.counters)
         worker.up = False
         fd = worker.counters.child_fd()
         fds = [(b.udp.fileno(), b.tcp.fileno()) for b in worker.sockets]
@@ -195,7 +225,7 @@ class DnsWorkers:
                 raise NetfilterError("dns.workers", f"worker {worker.index} exited with "
                                                     f"{code} (its reason is logged above)")
             await loop.run_in_executor(None, worker.counters.refresh)
-            if worker.counters.latest():
+            if worker.counters.answered():
                 worker.up = True
                 return
         raise NetfilterError("dns.workers", f"worker {worker.index} did not answer within "
@@ -250,14 +280,14 @@ class DnsWorkers:
                 worker.up = False
 
     def counters(self) -> list[ChildCounters]:
-        """The counters of the running workers, as of the last refresh."""
-        return [w.counters for w in self.workers if w.running()]
+        """Every worker's counters as of the last refresh it answered, with what its
+        earlier runs counted (a worker down keeps its last figures)."""
+        return [w.counters for w in self.workers]
 
-    def per_worker(self) -> Iterable[tuple[int, ChildCounters | None, bool, int]]:
-        """(index, its counters or None when down, up, restarts) per worker."""
+    def per_worker(self) -> Iterable[tuple[int, ChildCounters, bool, int]]:
+        """(index, its counters, up, restarts) per worker."""
         for w in self.workers:
-            up = w.up and w.running()
-            yield w.index, (w.counters if w.running() else None), up, w.restarts
+            yield w.index, w.counters, w.up and w.running(), w.restarts
 
     async def stop(self) -> None:
         self._stopping = True
@@ -285,8 +315,8 @@ class DnsWorkers:
 
 class DnsTotals:
     """The node's DNS counters for metrics: the first process's server plus every
-    running worker's counters as of the last refresh (a worker that restarts starts
-    from zero, so the sums can fall then, as a restarted process's would)."""
+    worker's counters as of the last refresh it answered, with what its earlier runs
+    counted (WorkerCounters), so the sums never fall."""
 
     def __init__(self, server: DnsServer, workers: DnsWorkers) -> None:
         self.server = server
@@ -341,8 +371,8 @@ class DnsTotals:
     def upstream_answering(self) -> bool:
         """As DnsServer's, over every process: False when any says no upstream answers."""
         own = self.server.upstream_answering()
-        return own and all(child.latest().get("upstream_ok", True) is not False
-                           for child in self.workers.counters())
+        return own and all(w.counters.latest().get("upstream_ok", True) is not False
+                           for w in self.workers.workers if w.running())
 
 
 # ---------------------------------------------------------------- in a worker

@@ -283,11 +283,10 @@ def _dns_workers(server: DnsServer, workers: DnsWorkers) -> Iterator[Metric]:
     up.add_metric(["0"], 1)
     restarts.add_metric(["0"], 0)
     for index, child, serving, count in workers.per_worker():
-        if child is not None:
-            answered = dns_verdicts({k: int(v) for k, v in child.part("dns").items()},
-                                    {k: int(v) for k, v in child.part("dns_relay").items()})
-            for verdict, value in answered.items():
-                requests.add_metric([str(index), verdict], value)
+        answered = dns_verdicts({k: int(v) for k, v in child.part("dns").items()},
+                                {k: int(v) for k, v in child.part("dns_relay").items()})
+        for verdict, value in answered.items():
+            requests.add_metric([str(index), verdict], value)
         up.add_metric([str(index)], 1 if serving else 0)
         restarts.add_metric([str(index)], count)
     yield from (requests, up, restarts)
@@ -355,7 +354,8 @@ def for_node(engine: Engine, parts: Iterable[object] = (),
             proxy = part.counters  # type: ignore[attr-defined]
 
     def children() -> list[ChildCounters]:
-        """The other processes' counters: the proxy's, the running DNS workers'."""
+        """The other processes' counters: the proxy's, the DNS workers' (with what
+        their earlier runs counted)."""
         return ([proxy] if proxy is not None else []) + (
             workers.counters() if workers is not None else [])
 

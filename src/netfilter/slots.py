@@ -24,8 +24,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-__all__ = ["Deadline", "HeadReader", "Slot", "Slots", "Watch", "client_key",
-           "protocol_factory"]
+__all__ = ["Deadline", "HeadReader", "Slot", "Slots", "Watch", "client_key", "close_within",
+           "end_connection", "protocol_factory"]
 
 
 class Watch(Protocol):
@@ -235,3 +235,23 @@ class Slots:
                     when = deadline.when()
                     deadline.reschedule(soon if when is None else min(when, soon))
         self._busy = busy
+
+
+def end_connection(transport: asyncio.Transport) -> None:
+    """End a connection now: a close, or a reset when answers are still queued for a
+    client that does not take them (a close would wait on it, holding its slot)."""
+    with contextlib.suppress(Exception):  # lost already: nothing to end
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+
+def close_within(transport: asyncio.Transport, seconds: float) -> asyncio.TimerHandle | None:
+    """Close once what is queued has gone out, and reset the connection if the client
+    has not taken it within `seconds` (the timer, to cancel when the connection is
+    lost first; None when nothing was queued)."""
+    transport.close()
+    if not transport.get_write_buffer_size():
+        return None
+    return asyncio.get_running_loop().call_later(seconds, end_connection, transport)

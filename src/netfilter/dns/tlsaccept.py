@@ -12,13 +12,13 @@ client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from netfilter.dns.streamslots import Held, StreamSlots
+from netfilter.slots import end_connection
 
 __all__ = ["Session", "TlsAcceptor"]
 
@@ -118,10 +118,8 @@ class TlsAcceptor:
             self.fault(f"{self.prefix} connection", error)  # than FaultLog allows
         finally:
             self.slots.release(held)
-            tls = connection.transport
-            if tls is not None:
-                with contextlib.suppress(Exception):
-                    tls.abort() if tls.get_write_buffer_size() else tls.close()
+            if connection.transport is not None:
+                end_connection(connection.transport)
 
     async def stop(self) -> None:
         for task in self.accepting:

@@ -59,6 +59,7 @@ from netfilter.icap.protocol import (
     parse_http_request,
     parse_icap_head,
 )
+from netfilter.slots import close_within
 from netfilter.stoppage import Renderer
 
 __all__ = ["MAX_HEAD", "SERVICE", "IcapServer"]
@@ -396,8 +397,7 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        t.close()
-        self.killer = self.loop.call_later(self.settings.header_timeout, t.abort)
+        self.killer = close_within(t, self.settings.header_timeout)
 
     def abort(self) -> None:
         self.state = _CLOSED

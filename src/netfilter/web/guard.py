@@ -36,7 +36,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, cast
 
-from netfilter.slots import Slot, Slots
+from netfilter.slots import Slot, Slots, close_within, end_connection
 from netfilter.web.head import (
     MAX_HEAD,
     Refused,
@@ -77,20 +77,6 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _end(transport: asyncio.Transport) -> None:
-    """Close; at once (a reset) when answers are still queued for a client that does
-    not take them, whose close would otherwise wait on it."""
-    if transport.get_write_buffer_size():
-        transport.abort()
-    else:
-        transport.close()
-
-
-def _abort(transport: asyncio.Transport) -> None:
-    with contextlib.suppress(Exception):  # lost already: nothing to do
-        transport.abort()
 
 
 class _Timer:
@@ -259,9 +245,7 @@ class Guard(asyncio.Protocol):
 
     def _not_reading(self) -> None:
         self._stats["answer_timeout"] += 1
-        self.closing = True
-        if self._transport is not None:
-            self._transport.abort()
+        self.shutdown()
 
     # ------------------------------------------------------------ heads
 
@@ -393,7 +377,7 @@ class Guard(asyncio.Protocol):
     def _abort(self) -> None:
         self.closing = True
         if self._transport is not None:
-            _end(self._transport)
+            end_connection(self._transport)
 
     def linger(self) -> None:
         """Half-close and drain briefly, then close (see the module)."""
@@ -412,12 +396,8 @@ class Guard(asyncio.Protocol):
     def _finish(self) -> None:
         """Close after lingering: what is queued still goes out to a client that reads
         it, within `answer_timeout`; then the connection is reset."""
-        transport = self._transport
-        if transport is None:
-            return
-        transport.close()
-        if transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(self._answer_timeout, _abort, transport)
+        if self._transport is not None:
+            close_within(self._transport, self._answer_timeout)
 
     def shutdown(self) -> None:
         """The server stops: end this connection now."""

@@ -84,20 +84,21 @@ class WorkerCounters(ChildCounters):
     def __init__(self, earlier: WorkerCounters | None = None) -> None:
         super().__init__()
         self.carried: Snapshot = {} if earlier is None else earlier.latest()
-        self._good: Snapshot = {}
+        self._total = add_snapshots(self.carried, {}, GAUGES)
 
     def refresh(self) -> None:
+        """Ask the worker; its answer, if any, added up once for the scrape's reads."""
         super().refresh()
         answer = super().latest()
         if answer:
-            self._good = answer
+            self._total = add_snapshots(self.carried, answer, GAUGES)
 
     def answered(self) -> bool:
         """Whether the worker answered the last refresh (it serves)."""
         return bool(super().latest())
 
     def latest(self) -> Snapshot:
-        return add_snapshots(self.carried, self._good, GAUGES)
+        return self._total
 
 
 def worker_count(settings: DnsSettings) -> int:

@@ -80,12 +80,13 @@ REFERENCE_GATED = "Squid + c-icap echo (gated by host; reference)"
 
 CLEAN_HOSTS = ("clean.test", "clean.example")
 PARTLY = "partly.example"  # a host with URL-level entries: the gate sends it to ICAP
+CYCLES = {"mixed": (50, 5), "rare": (200, 100)}  # URLs, and one in how many to PARTLY
 
 
 def urls(port: int, cycle: str) -> list[str]:
     """The cycle's URLs: "mixed" (1 in 5 to PARTLY, 1 blocked in 50) or "rare" (1 in
     100 to PARTLY: 1 clean page and 1 blocked URL in 200)."""
-    size, step = {"mixed": (50, 5), "rare": (200, 100)}[cycle]
+    size, step = CYCLES[cycle]
     out = []
     for i in range(size):
         if i == size // 2:
@@ -279,7 +280,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield Fleet(squids, adapters)
 
 
-@pytest.mark.parametrize("cycle_name", ["mixed", "rare"])
+@pytest.mark.parametrize("cycle_name", list(CYCLES))
 def test_squid_throughput_with_netfilter_vs_bare(fleet: Fleet, figures: Figures,
                                                  tmp_path: Path, cycle_name: str) -> None:
     origin = Origin().start()
@@ -287,8 +288,7 @@ def test_squid_throughput_with_netfilter_vs_bare(fleet: Fleet, figures: Figures,
     table, cpu_table = TABLE.format(cycle_name), CPU_TABLE.format(cycle_name)
     try:
         cycle = urls(origin.port, cycle_name)
-        assert sum(PARTLY in u for u in cycle) * {"mixed": 5, "rare": 100}[cycle_name] \
-            == len(cycle)
+        assert sum(PARTLY in u for u in cycle) * CYCLES[cycle_name][1] == len(cycle)
         script = lua(cycle, tmp_path / "cycle.lua")
         for squid in squids.values():  # warm: helpers started, connections open
             run_wrk(squid, script)

@@ -28,6 +28,7 @@ import yaml
 from netfilter.config import DnsSettings
 from netfilter.dnsworkers import worker_share
 from tests.conftest import SOURCE, BuildBundle
+from tests.dns_tls_support import closed_by_server
 from tests.support import HOST, free_port, read_events, wait_for
 
 NEW_NAME = "newly.test"
@@ -159,17 +160,6 @@ def test_the_nodes_bounds_are_shared_out() -> None:
     assert worker_share(DnsSettings(cache_size=3), 4).cache_size == 1
 
 
-def _still_open(sock: socket.socket) -> bool:
-    """Whether the server has kept this connection (no FIN or RST from it)."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
 def test_a_clients_connections_keep_to_the_nodes_cap(tmp_path: Path, build: BuildBundle,
                                                      authority: tuple[Path, Path]) -> None:
     """`dns.tcp_per_client` holds for the node, not per worker: the workers share it,
@@ -188,7 +178,7 @@ def test_a_clients_connections_keep_to_the_nodes_cap(tmp_path: Path, build: Buil
             answer, _ = dns.query.receive_tcp(sock, time.time() + 5)
             assert answer.rcode() == dns.rcode.NXDOMAIN
         time.sleep(0.5)  # the FINs of the connections that made room
-        still = sum(_still_open(sock) for sock in held)
+        still = sum(not closed_by_server(sock, bound=0.05) for sock in held)
         assert 1 <= still <= cap, (still, cap)
     finally:
         for sock in held:
